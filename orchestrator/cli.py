@@ -1,0 +1,242 @@
+"""The ``foldtune`` command: thin entry points over trainers/ and orchestrator/.
+
+Every known failure (bad data, bad config, missing weights, a corrupt checkpoint) ends as one readable
+``error:`` message and exit code 2, never a traceback from deep inside a library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def default_cache_dir() -> Path:
+    """Where decoded-image caches live; shared by every run on the machine (FOLDTUNE_CACHE overrides)."""
+    return Path(os.environ.get("FOLDTUNE_CACHE", Path.home() / ".cache" / "foldtune")) / "images"
+
+
+def _age_edges(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--age-edges wants two ages like 30,60, got {text!r}") from None
+    return low, high
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from trainers.data import read_eval, read_train, summarize
+    from trainers.labels import AgeBands
+
+    data = read_train(Path(args.data), AgeBands(args.age_edges), relabel=args.relabel)
+    print(summarize(data))
+    if (Path(args.data) / "eval" / "info.csv").exists():
+        eval_table = read_eval(Path(args.data))
+        print(f"eval: {len(eval_table)} images listed in eval/info.csv, all present")
+    return 0
+
+
+def cmd_folds(args: argparse.Namespace) -> int:
+    from trainers.data import read_train
+    from trainers.folds import fold_summary, make_folds, write_folds
+    from trainers.labels import AgeBands
+
+    data = read_train(Path(args.data), AgeBands(args.age_edges), relabel=args.relabel)
+    folds = make_folds(data.table, k=args.k, seed=args.seed)
+    out = Path(args.out or Path(args.data) / f"folds_k{args.k}_seed{args.seed}.csv")
+    write_folds(folds, out)
+    print(fold_summary(folds, data.table))
+    print(f"fold file written: {out}")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from trainers.demo import write_demo_data
+
+    summary = write_demo_data(Path(args.out), persons=args.persons, eval_persons=args.eval_persons, seed=args.seed)
+    print(summary)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from trainers.config import ConfigError, TrainConfig
+    from trainers.data import read_train
+    from trainers.fit import fit
+    from trainers.folds import make_folds
+    from trainers.labels import AgeBands
+
+    config_path = Path(args.config)
+    try:
+        values = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {config_path}: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config {config_path} must be a mapping of TrainConfig keys")
+    cfg = TrainConfig.from_dict(values)
+    data = read_train(Path(args.data), AgeBands(tuple(cfg.age_edges)), relabel=args.relabel)
+    folds = make_folds(data.table, k=cfg.k, seed=cfg.folds_seed)
+    run_dir = Path(args.out or Path("runs") / "train" / config_path.stem).absolute()
+    result = fit(cfg, data.table, folds, run_dir, Path(args.cache_dir or default_cache_dir()))
+    print(f"run folder: {run_dir}")
+    return 0 if result.status != "diverged" else 1
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from orchestrator.search import run_search
+
+    summary = run_search(
+        data_root=Path(args.data),
+        space_path=Path(args.space),
+        trials=args.trials,
+        name=args.name,
+        resume=args.resume,
+        address=args.address,
+        storage=Path(args.storage) if args.storage else None,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+    )
+    return 0 if summary is not None else 1
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from orchestrator.ensemble import run_ensemble
+
+    run_ensemble(
+        data_root=Path(args.data),
+        search=args.search,
+        storage=Path(args.storage) if args.storage else None,
+        top=args.top,
+        tta=tuple(v for v in args.tta.split(",") if v) if args.tta is not None else None,
+        out=Path(args.out) if args.out else None,
+        batch_size=args.batch_size,
+    )
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from orchestrator.ensemble import score_submission
+
+    print(score_submission(Path(args.submission), Path(args.answers)))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from orchestrator.tracking import launch_ui
+
+    return launch_ui(port=args.port, host=args.host)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foldtune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", required=True, help="data root holding train/ and eval/")
+        p.add_argument("--relabel", help="CSV of label fixes applied before splitting")
+        p.add_argument("--age-edges", type=_age_edges, default=(30, 60), help="age band edges, default 30,60")
+
+    p = sub.add_parser("check-data", help="validate a data root and print its summary")
+    data_args(p)
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("folds", help="write the person-level stratified k-fold file")
+    data_args(p)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", help="fold file path (default: DATA/folds_k{K}_seed{SEED}.csv)")
+    p.set_defaults(func=cmd_folds)
+
+    p = sub.add_parser("demo-data", help="generate the built-in demo data set in the competition layout")
+    p.add_argument("out")
+    p.add_argument("--persons", type=int, default=300)
+    p.add_argument("--eval-persons", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("train", help="train one configuration on all k folds (no Ray)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--config", required=True, help="YAML of TrainConfig keys")
+    p.add_argument("--relabel")
+    p.add_argument("--out", help="run folder (default runs/train/<config name>)")
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("search", help="Ray Tune + Optuna search over k-fold trials, logged to MLflow")
+    p.add_argument("--data", required=True)
+    p.add_argument("--space", required=True, help="search space YAML (see search_spaces/)")
+    p.add_argument("--trials", type=int)
+    p.add_argument("--name", help="search name (default: the space's name)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="join a Ray cluster (or RAY_ADDRESS)")
+    p.add_argument("--storage", help="folder for search results (default ./runs; shared storage on a cluster)")
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--gpus-per-trial", type=float)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("ensemble", help="soft-vote the best fold models with TTA and write the submission")
+    p.add_argument("--data", required=True)
+    p.add_argument("--search", required=True, help="search name")
+    p.add_argument("--storage")
+    p.add_argument("--top", type=int, help="take the N best trials instead of greedy selection")
+    p.add_argument("--tta", help="comma-separated TTA views (hflip,scale,shift); '' for none")
+    p.add_argument("--out", help="submission CSV (default <search folder>/submission.csv)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("score", help="score a submission against an answers CSV")
+    p.add_argument("submission")
+    p.add_argument("answers")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("ui", help="start the MLflow UI over the tracking store")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is meant for the user; imported lazily so the CLI starts fast."""
+    from trainers.cache import CacheError
+    from trainers.config import ConfigError
+    from trainers.data import DataError
+    from trainers.fit import TrainingError
+    from trainers.predict import CheckpointError
+
+    errors: list[type[BaseException]] = [CacheError, ConfigError, DataError, TrainingError, CheckpointError]
+    try:
+        from trainers.weights import WeightsError
+
+        errors.append(WeightsError)
+    except ImportError:
+        pass
+    try:
+        from orchestrator.errors import OrchestratorError
+
+        errors.append(OrchestratorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if isinstance(error, user_errors()):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Errors the orchestrator raises for the user to act on (the CLI prints them without a traceback)."""
+
+
+class OrchestratorError(RuntimeError):
+    """A search, ensemble or UI problem the user can fix; the message says what to do."""

@@ -1,0 +1,125 @@
+"""The training configuration: one plain dataclass, validated once at the edge.
+
+A run's resolved config is saved beside its results (``config.yaml``), so any result can be reproduced, and
+the search reads the same field names from ``search_spaces/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSSES = ("focal", "ce")
+HEADS = ("single", "multitask")
+TTA_VIEWS = ("hflip", "scale", "shift")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must fix; the message names the key and the allowed values."""
+
+
+@dataclass
+class TrainConfig:
+    """Every hyperparameter of one k-fold training run (all k fold models share it)."""
+
+    backbone: str = "resnet10t"
+    pretrained: bool | str = False  # False, True (timm hub / HF cache), a file path, or "package:<dist>"
+    head: str = "single"  # "single" 18-way, or "multitask" mask/gender/age heads
+    task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # multitask loss weights (mask, gender, age)
+    image_size: tuple[int, int] = (128, 96)  # (height, width) fed to the network and stored in the cache
+    crop: tuple[float, float, float, float] | None = None  # face box (top, bottom, left, right) fractions
+    batch_size: int = 32
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    loss: str = "focal"
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    class_alpha: bool = False  # per-class alpha (inverse frequency) in the loss
+    weighted_sampler: bool = False  # class-balanced WeightedRandomSampler for training batches
+    freeze_depth: int = 0
+    drop_rate: float = 0.0
+    k: int = 5
+    folds_seed: int = 42
+    seed: int = 42
+    patience: int = 5  # early stopping on mean validation macro F1; 0 disables
+    drop_ages: tuple[int, ...] = ()  # ages removed from TRAINING only (validation keeps them)
+    augment: dict[str, float] = field(
+        default_factory=lambda: {"hflip": 0.5, "shift_scale_rotate": 0.5, "color_jitter": 0.5}
+    )
+    tta: tuple[str, ...] = ("hflip",)
+    age_edges: tuple[int, int] = (30, 60)
+    num_workers: int = 0
+    device: str = "auto"
+    amp: bool = True  # CUDA only: bf16 where supported, else fp16 with loss scaling
+    channels_last: bool = True  # CUDA only
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"config key '{key}': {message}")
+
+        need(isinstance(self.backbone, str) and bool(self.backbone), "backbone", "must be a timm model name")
+        need(self.head in HEADS, "head", f"must be one of {list(HEADS)}, got {self.head!r}")
+        need(self.loss in LOSSES, "loss", f"must be one of {list(LOSSES)}, got {self.loss!r}")
+        need(self.device in DEVICES, "device", f"must be one of {list(DEVICES)}, got {self.device!r}")
+        need(
+            len(self.image_size) == 2 and all(int(s) >= 16 for s in self.image_size),
+            "image_size",
+            f"must be [height, width] of at least 16 pixels each, got {self.image_size!r}",
+        )
+        need(int(self.batch_size) >= 1, "batch_size", f"must be >= 1, got {self.batch_size!r}")
+        need(int(self.epochs) >= 1, "epochs", f"must be >= 1, got {self.epochs!r}")
+        need(float(self.lr) > 0, "lr", f"must be > 0, got {self.lr!r}")
+        need(float(self.focal_gamma) >= 0, "focal_gamma", f"must be >= 0, got {self.focal_gamma!r}")
+        need(0 <= float(self.label_smoothing) < 1, "label_smoothing", "must be in [0, 1)")
+        need(int(self.freeze_depth) >= 0, "freeze_depth", f"must be >= 0, got {self.freeze_depth!r}")
+        need(int(self.k) >= 2, "k", f"must be >= 2 folds, got {self.k!r}")
+        need(int(self.patience) >= 0, "patience", f"must be >= 0, got {self.patience!r}")
+        need(len(self.task_weights) == 3, "task_weights", "must be three weights [mask, gender, age]")
+        bad_views = [v for v in self.tta if v not in TTA_VIEWS]
+        need(not bad_views, "tta", f"unknown views {bad_views}; allowed: {list(TTA_VIEWS)}")
+        if self.crop is not None:
+            top, bottom, left, right = self.crop
+            need(0 <= top < bottom <= 1 and 0 <= left < right <= 1, "crop", "must be fractions top<bottom, left<right")
+        need(
+            len(self.age_edges) == 2 and self.age_edges[0] < self.age_edges[1],
+            "age_edges",
+            "must be two increasing ages, e.g. [30, 60]",
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a YAML/JSON mapping; unknown keys are an error that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        values = dict(values)
+        for key in ("image_size", "task_weights", "drop_ages", "tta", "age_edges", "crop"):
+            if values.get(key) is not None and not isinstance(values[key], str):
+                values[key] = tuple(values[key])
+        for key in ("tta",):
+            if isinstance(values.get(key), str):
+                values[key] = tuple(v for v in values[key].split(",") if v)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(str(error)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-friendly values (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]

@@ -1,0 +1,259 @@
+"""Person-level stratified folds: one fold file shared by every trial, so all trials compare fairly.
+
+All seven pictures of a person land in the same fold (a person on both sides of a split would leak their
+face into validation). Persons are spread with ``StratifiedGroupKFold`` stratified on gender x age band,
+the two person-level parts of the class; the mask part is balanced by construction (every person has the
+same seven pictures). The fold file is a CSV ``rel_path,person_id,fold``, one row per image.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from trainers.data import DataError, Problem, read_csv_records
+from trainers.labels import GENDER_NAMES, NUM_AGE, AgeBands, class_names
+
+FOLD_COLUMNS = ("rel_path", "person_id", "fold")
+
+
+class FoldWarning(UserWarning):
+    """The split works but is weaker than asked for (e.g. a stratum with fewer persons than folds)."""
+
+
+def _stratum_name(stratum: int) -> str:
+    return f"{GENDER_NAMES[stratum // NUM_AGE]}/age band {stratum % NUM_AGE}"
+
+
+def _require_columns(frame: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(
+            Problem("error", what, f"missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
+        )
+
+
+def _persons(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per person (sorted by id, so folds do not depend on the table's row order)."""
+    _require_columns(table, ("rel_path", "person_id", "gender", "age_band"), "table")
+    if table.empty:
+        raise DataError(Problem("error", "table", "no images; read the data first"))
+    doubled_images = table["rel_path"][table["rel_path"].duplicated()].tolist()
+    if doubled_images:
+        raise DataError(Problem("error", "table", f"images listed twice, e.g. {doubled_images[0]}"))
+    persons = table.drop_duplicates(["person_id", "gender", "age_band"])
+    doubled = persons["person_id"][persons["person_id"].duplicated()].tolist()
+    if doubled:
+        raise DataError(
+            Problem(
+                "error",
+                "table",
+                f"person(s) {', '.join(map(str, doubled[:10]))} have images with different gender or age "
+                "band; fix the labels (a relabel overlay applies to the whole person)",
+            )
+        )
+    persons = persons.sort_values("person_id", kind="stable")
+    return persons.assign(stratum=persons["gender"].astype(int) * NUM_AGE + persons["age_band"].astype(int))
+
+
+def make_folds(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
+    """Assign every image to one of ``k`` folds by person; columns ``rel_path, person_id, fold``.
+
+    Rows follow the table's order. A stratum with fewer persons than ``k`` gives a FoldWarning, not an
+    error; when every stratum is that small the split falls back to unstratified (also a FoldWarning).
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+        raise DataError(Problem("error", "k", f"k={k!r} folds is not possible; use an integer of at least 2"))
+    persons = _persons(table)
+    if k > len(persons):
+        raise DataError(
+            Problem(
+                "error",
+                "k",
+                f"k={k} folds but only {len(persons)} person(s); use k <= {len(persons)} or add data",
+            )
+        )
+    strata = persons["stratum"].to_numpy(dtype=np.int64)
+    counts = Counter(strata.tolist())
+    small = sorted(s for s, n in counts.items() if n < k)
+    names = ", ".join(f"{_stratum_name(s)} ({counts[s]} person(s))" for s in small)
+    if small and len(small) == len(counts):
+        warnings.warn(
+            f"every gender x age band stratum has fewer persons than k={k} ({names}); "
+            "the folds are not stratified, only grouped by person",
+            FoldWarning,
+            stacklevel=2,
+        )
+        strata = np.zeros_like(strata)
+    elif small:
+        warnings.warn(
+            f"stratum/strata {names} have fewer persons than k={k}; some folds will have none of them",
+            FoldWarning,
+            stacklevel=2,
+        )
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    person_fold = np.full(len(persons), -1, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        groups = np.arange(len(persons))
+        for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(persons)), strata, groups)):
+            person_fold[held_out] = fold
+    sizes = np.bincount(person_fold, minlength=k)
+    if (person_fold < 0).any() or (sizes == 0).any():
+        raise DataError(
+            Problem("error", "k", f"k={k} left a fold without persons ({sizes.tolist()}); use a smaller k")
+        )
+    fold_of = dict(zip(persons["person_id"].tolist(), person_fold.tolist(), strict=True))
+    folds = pd.DataFrame(
+        {
+            "rel_path": table["rel_path"].astype(str).to_numpy(),
+            "person_id": table["person_id"].astype(str).to_numpy(),
+            "fold": [fold_of[p] for p in table["person_id"].tolist()],
+        }
+    )
+    folds["rel_path"] = folds["rel_path"].astype(str)
+    folds["person_id"] = folds["person_id"].astype(str)
+    folds["fold"] = folds["fold"].astype(np.int64)
+    assert_no_leak(folds)
+    return folds
+
+
+def assert_no_leak(folds: pd.DataFrame) -> None:
+    """Refuse a split that puts one person (or one image) in more than one fold."""
+    _require_columns(folds, FOLD_COLUMNS, "folds")
+    per_person = folds.groupby("person_id", sort=True)["fold"].nunique()
+    leaking = per_person[per_person > 1].index.tolist()
+    problems = []
+    if leaking:
+        shown = ", ".join(map(str, leaking[:10])) + (
+            f" and {len(leaking) - 10} more" if len(leaking) > 10 else ""
+        )
+        problems.append(
+            Problem(
+                "error",
+                "folds",
+                f"{len(leaking)} person(s) are in more than one fold: {shown}; "
+                "a person's images must share one fold; rebuild the folds with `foldtune folds`",
+            )
+        )
+    doubled = folds["rel_path"][folds["rel_path"].duplicated()].tolist()
+    if doubled:
+        problems.append(
+            Problem(
+                "error",
+                "folds",
+                f"{len(doubled)} image(s) listed twice, e.g. {doubled[0]}; rebuild the folds",
+            )
+        )
+    if problems:
+        raise DataError(problems)
+
+
+def write_folds(folds: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the fold file atomically (temp file in the same folder, then rename); returns the path."""
+    assert_no_leak(folds)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", newline="", encoding="utf-8") as out:
+            folds.loc[:, list(FOLD_COLUMNS)].to_csv(out, index=False, lineterminator="\n")
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_folds(path: str | os.PathLike) -> pd.DataFrame:
+    """Read and check a fold file; any bad row, missing column or leak is a DataError naming it."""
+    path = Path(path)
+    problems: list[Problem] = []
+    records = read_csv_records(path, str(path), FOLD_COLUMNS, problems)
+    if records is None:
+        raise DataError(problems)
+    for line, record in records:
+        where = f"{path} line {line}"
+        if not record["rel_path"] or not record["person_id"]:
+            problems.append(Problem("error", where, "rel_path and person_id must not be empty"))
+        if not record["fold"].isdigit():
+            problems.append(
+                Problem(
+                    "error", where, f"fold {record['fold']!r} is not a whole number >= 0; rebuild the folds"
+                )
+            )
+    if not records:
+        problems.append(Problem("error", str(path), "has no rows; rebuild the folds with `foldtune folds`"))
+    if problems:
+        raise DataError(problems)
+    folds = pd.DataFrame(
+        {
+            "rel_path": pd.Series([r["rel_path"] for _, r in records], dtype=str),
+            "person_id": pd.Series([r["person_id"] for _, r in records], dtype=str),
+            "fold": np.array([int(r["fold"]) for _, r in records], dtype=np.int64),
+        }
+    )
+    present = sorted(set(folds["fold"].tolist()))
+    if present != list(range(len(present))) or len(present) < 2:
+        raise DataError(
+            Problem(
+                "error",
+                str(path),
+                f"folds {present} are not 0..k-1 with k >= 2; rebuild the folds with `foldtune folds`",
+            )
+        )
+    try:
+        assert_no_leak(folds)
+    except DataError as exc:
+        raise DataError([Problem(p.severity, f"{path}", p.message) for p in exc.problems]) from None
+    return folds
+
+
+def fold_summary(folds: pd.DataFrame, table: pd.DataFrame, age_bands: AgeBands = AgeBands()) -> str:
+    """Per fold: persons, images and class balance, so a lopsided split is seen before training."""
+    _require_columns(folds, FOLD_COLUMNS, "folds")
+    _require_columns(table, ("rel_path", "label"), "table")
+    merged = folds.merge(table[["rel_path", "label"]], on="rel_path", how="outer", indicator=True)
+    only_folds = merged.loc[merged["_merge"] == "left_only", "rel_path"].tolist()
+    only_table = merged.loc[merged["_merge"] == "right_only", "rel_path"].tolist()
+    if only_folds or only_table:
+        raise DataError(
+            Problem(
+                "error",
+                "folds",
+                f"the fold file does not match the data ({len(only_folds)} image(s) only in the folds, "
+                f"e.g. {only_folds[:1]}; {len(only_table)} only in the data, e.g. {only_table[:1]}); "
+                "rebuild the folds with `foldtune folds`",
+            )
+        )
+    merged["label"] = merged["label"].astype(int)
+    merged["fold"] = merged["fold"].astype(int)
+    k = int(merged["fold"].max()) + 1
+    header = f"{'':<26}" + "".join(f"{f'fold {f}':>14}" for f in range(k))
+    lines = [
+        f"{k} folds, {merged['person_id'].nunique()} persons, {len(merged)} images",
+        header,
+        f"{'persons':<26}"
+        + "".join(f"{merged.loc[merged['fold'] == f, 'person_id'].nunique():>14}" for f in range(k)),
+        f"{'images':<26}" + "".join(f"{int((merged['fold'] == f).sum()):>14}" for f in range(k)),
+    ]
+    counts = merged.groupby(["label", "fold"]).size()
+    fold_sizes = merged.groupby("fold").size()
+    for label, name in enumerate(class_names(age_bands)):
+        cells = []
+        for f in range(k):
+            count = int(counts.get((label, f), 0))
+            cells.append(f"{count:>6} {count / max(int(fold_sizes.get(f, 0)), 1):>6.1%}")
+        lines.append(f"{label:>2} {name:<23}" + "".join(f"{c:>14}" for c in cells))
+    folds_with = Counter(label for label, _ in counts.index.tolist())
+    thin = [name for label, name in enumerate(class_names(age_bands)) if 0 < folds_with[label] < k]
+    if thin:
+        lines.append(f"note: class(es) missing from some folds: {', '.join(thin)}")
+    return "\n".join(lines)

@@ -1,0 +1,288 @@
+"""The timm model factory: any timm backbone, a single 18-class head or three task heads, freeze depth.
+
+Two heads, one interface for everything after the forward pass:
+
+- head="single": the timm model itself with an 18-class classifier; `model(x)` returns logits (N, 18).
+- head="multitask": `MultiTaskNet`, the timm backbone as a feature extractor (`num_classes=0`) plus three
+  linear heads; `model(x)` returns a dict of logits {"mask": (N, 3), "gender": (N, 2), "age": (N, 3)}.
+
+`class_log_probs(output, head)` turns either output into log-probabilities over the 18 classes, so
+metrics, OOF files, TTA and the ensemble never care which head produced them.
+
+Freezing is generic: timm models describe their own layer groups through `group_matcher(coarse=True)`
+(stem first, then one group per stage; the classifier and other head layers match nothing). We use those
+groups instead of a per-family table of module names, so new timm families work without code here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models._manipulate import group_with_matcher
+from torch import Tensor, nn
+
+from trainers.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK, decode
+
+HEADS = ("single", "multitask")
+TASK_SIZES = {"mask": NUM_MASK, "gender": NUM_GENDER, "age": NUM_AGE}
+
+# A parameter name no group pattern can match: timm files unmatched names (the head) into a last group of
+# their own, so the group holding this name is the head group, whatever the head's layers are called.
+_UNMATCHED_SENTINEL = "\x00foldtune-matches-nothing"
+
+
+class ModelError(ValueError):
+    """A model cannot be built or frozen as configured; the message says what to change."""
+
+
+class MultiTaskNet(nn.Module):
+    """A timm backbone (pooled features) with three linear heads: mask (3), gender (2) and age band (3).
+
+    `forward(x)` returns a dict {"mask": (N, 3), "gender": (N, 2), "age": (N, 3)} of raw logits. Predicting
+    the three factors separately shares data across the 18 classes (an old woman without a mask teaches the
+    age head about old women with masks too). Combine them with `class_log_probs(output, "multitask")`.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        # head_hidden_size is the width of what forward() returns when it differs from num_features (e.g.
+        # MobileNetV3's conv_head after pooling); older timm models only define num_features
+        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.heads = nn.ModuleDict({task: nn.Linear(width, size) for task, size in TASK_SIZES.items()})
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = self.backbone(x)
+        return {task: head(features) for task, head in self.heads.items()}
+
+
+def _check_backbone_name(backbone: str) -> None:
+    if ":" in backbone:  # hf-hub:org/name or local-dir:path, resolved by timm itself
+        return
+    if timm.is_model(backbone):
+        return
+    arch = backbone.split(".", 1)[0]
+    suggestions = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else "; see timm.list_models()"
+    raise ModelError(f"unknown timm backbone {backbone!r}{hint}")
+
+
+def build_model(
+    backbone: str,
+    head: str = "single",
+    num_classes: int = NUM_CLASSES,
+    pretrained_kwargs: dict | None = None,
+    drop_rate: float = 0.0,
+    model_kwargs: dict | None = None,
+) -> nn.Module:
+    """Create a timm backbone with the requested head.
+
+    `pretrained_kwargs` (from trainers.weights) go to `timm.create_model` as they are; without them the
+    weights are random (pretrained=False), which is what tests and offline runs want. `model_kwargs` are
+    further architecture arguments, e.g. `{"img_size": (256, 192)}` for a ViT fed non-224 images.
+    `drop_rate` is the dropout before the classifier (for multitask: on the shared features).
+    """
+    if head not in HEADS:
+        raise ModelError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if head == "multitask" and num_classes != NUM_CLASSES:
+        raise ModelError(
+            f"the multitask head always predicts {NUM_CLASSES} classes, got num_classes={num_classes}"
+        )
+    if not 0.0 <= drop_rate < 1.0:
+        raise ModelError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    _check_backbone_name(backbone)
+
+    kwargs = {"pretrained": False, **(pretrained_kwargs or {}), **(model_kwargs or {})}
+    clashes = sorted({"num_classes", "drop_rate"} & kwargs.keys())
+    if clashes:
+        raise ModelError(
+            f"pass {', '.join(clashes)} as build_model arguments, not in pretrained/model kwargs"
+        )
+    kwargs["num_classes"] = num_classes if head == "single" else 0
+    kwargs["drop_rate"] = drop_rate
+    try:
+        model = timm.create_model(backbone, **kwargs)
+    except Exception as exc:  # timm raises many kinds (TypeError for a bad kwarg, OSError for weights, ...)
+        raise ModelError(
+            f"could not build timm model {backbone!r} with {kwargs}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return MultiTaskNet(model) if head == "multitask" else model
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The timm model inside (itself for the single head), e.g. for `timm.data.resolve_data_config`."""
+    return model.backbone if isinstance(model, MultiTaskNet) else model
+
+
+@functools.lru_cache(maxsize=8)
+def _task_index_of_class(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """For every class 0..17, its mask, gender and age-band index (trainers.labels order) on `device`."""
+    return tuple(
+        torch.as_tensor(part, dtype=torch.long, device=device) for part in decode(np.arange(NUM_CLASSES))
+    )
+
+
+def class_log_probs(model_output: Tensor | Mapping[str, Tensor], head: str) -> Tensor:
+    """Log-probabilities (N, 18), float32, from the raw output of either head.
+
+    Multitask: log p(class) = log p(mask) + log p(gender) + log p(age band), i.e. the three factors are
+    treated as independent given the image; the result still sums to 1 over the 18 classes.
+    """
+    if head == "single":
+        if (
+            not isinstance(model_output, Tensor)
+            or model_output.ndim != 2
+            or model_output.shape[1] != NUM_CLASSES
+        ):
+            raise ModelError(
+                f"single head output must be a (N, {NUM_CLASSES}) tensor, got {_describe(model_output)}"
+            )
+        return F.log_softmax(model_output.float(), dim=1)
+    if head == "multitask":
+        if not isinstance(model_output, Mapping) or set(model_output) != set(TASK_SIZES):
+            raise ModelError(
+                f"multitask output must be a dict with keys {tuple(TASK_SIZES)}, "
+                f"got {_describe(model_output)}"
+            )
+        mask_lp, gender_lp, age_lp = (F.log_softmax(model_output[task].float(), dim=1) for task in TASK_SIZES)
+        mask_of, gender_of, age_of = _task_index_of_class(mask_lp.device)
+        return mask_lp[:, mask_of] + gender_lp[:, gender_of] + age_lp[:, age_of]
+    raise ModelError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a dict with keys {sorted(value)}"
+    return type(value).__name__
+
+
+@dataclass(frozen=True)
+class FreezeReport:
+    """What `freeze_stages` did. Parameter counts are numbers of scalar weights (numel), not tensors.
+
+    `frozen_modules` are the outermost modules whose parameters are all frozen; `apply_freeze_train_mode`
+    keeps them in eval mode so their BatchNorm statistics and dropout / drop-path stay fixed too.
+    """
+
+    depth: int
+    max_depth: int
+    frozen_params: int
+    trainable_params: int
+    total_params: int
+    frozen_modules: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return (
+            f"freeze depth {self.depth}/{self.max_depth}: {self.frozen_params:,} of {self.total_params:,} "
+            f"parameters frozen, {self.trainable_params:,} trainable"
+        )
+
+
+def stage_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names per layer group of the backbone: [stem, stage 1, ..., stage K], head layers excluded.
+
+    Names are as in `model.named_parameters()` (prefixed `backbone.` for a MultiTaskNet).
+    """
+    target, prefix = _freeze_target(model)
+    matcher_fn = getattr(target, "group_matcher", None)
+    if matcher_fn is None:
+        raise ModelError(
+            f"{type(target).__name__} does not describe its stages (no timm group_matcher); "
+            "use freeze depth 0"
+        )
+    try:
+        matcher = matcher_fn(coarse=True)
+    except NotImplementedError as exc:
+        raise ModelError(f"{type(target).__name__} does not describe its stages; use freeze depth 0") from exc
+    names = [name for name, _ in target.named_parameters()] + [_UNMATCHED_SENTINEL]
+    grouped = group_with_matcher(((name, name) for name in names), matcher)
+    groups = [grouped[group_id] for group_id in sorted(grouped)]
+    return [[prefix + name for name in group] for group in groups if _UNMATCHED_SENTINEL not in group]
+
+
+def count_stages(model: nn.Module) -> int:
+    """How many stages can be frozen after the stem (the largest valid freeze depth)."""
+    return max(len(stage_groups(model)) - 1, 0)
+
+
+def _freeze_target(model: nn.Module) -> tuple[nn.Module, str]:
+    if isinstance(model, MultiTaskNet):
+        return model.backbone, "backbone."
+    return model, ""
+
+
+def freeze_stages(model: nn.Module, depth: int) -> FreezeReport:
+    """Freeze the stem and the first `depth` stages (depth 0: train everything); every other parameter trains.
+
+    Idempotent: parameters outside the frozen groups get requires_grad=True again, so calling it twice with
+    different depths behaves like calling it once with the last. Call `apply_freeze_train_mode` instead of
+    `model.train()` so frozen BatchNorm layers keep their running statistics.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 0:
+        raise ModelError(f"freeze depth must be a non-negative integer, got {depth!r}")
+    depth = int(depth)
+    if depth == 0:
+        try:
+            max_depth = count_stages(model)
+        except ModelError:
+            max_depth = 0  # a model without stage information can still train unfrozen
+        frozen_names: set[str] = set()
+    else:
+        groups = stage_groups(model)
+        max_depth = max(len(groups) - 1, 0)
+        if depth > max_depth:
+            raise ModelError(
+                f"freeze depth {depth} is larger than the {max_depth} stages of "
+                f"{type(backbone_of(model)).__name__}; use 0..{max_depth}"
+            )
+        frozen_names = {name for group in groups[: depth + 1] for name in group}
+
+    frozen = trainable = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen_names)
+        if name in frozen_names:
+            frozen += param.numel()
+        else:
+            trainable += param.numel()
+    if trainable == 0:
+        raise ModelError(f"freeze depth {depth} leaves no trainable parameter; use at most {max_depth - 1}")
+    return FreezeReport(
+        depth=depth,
+        max_depth=max_depth,
+        frozen_params=frozen,
+        trainable_params=trainable,
+        total_params=frozen + trainable,
+        frozen_modules=_outermost_frozen_modules(model),
+    )
+
+
+def _outermost_frozen_modules(model: nn.Module) -> tuple[str, ...]:
+    """Modules that own parameters, all frozen, and whose parent is not such a module."""
+    outermost: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(parent + ".") or parent == "" for parent in outermost):
+            continue
+        params = list(module.parameters())
+        if params and not any(param.requires_grad for param in params):
+            outermost.append(name)
+    return tuple(outermost)
+
+
+def apply_freeze_train_mode(model: nn.Module, report: FreezeReport) -> nn.Module:
+    """`model.train()`, then eval mode for the frozen modules (BatchNorm statistics, dropout, drop-path).
+
+    The trainer calls this wherever it would call `model.train()`; `model.eval()` for validation is unchanged.
+    """
+    model.train()
+    for name in report.frozen_modules:
+        model.get_submodule(name).eval()
+    return model

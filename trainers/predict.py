@@ -1,0 +1,131 @@
+"""Inference: batched, streamed from a memory-mapped array, TTA averaged in probability space.
+
+Used by the trainer for validation and out-of-fold predictions and by the ensemble for the submission,
+so a fold model scores its validation images exactly the way it will score the test images.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainers.labels import NUM_CLASSES
+from trainers.models import build_model, class_log_probs
+from trainers.transforms import normalize_batch, tta_views
+
+CHECKPOINT_FORMAT = "foldtune-checkpoint-1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' takes CUDA when present; asking for CUDA without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, amp: bool):
+    """bf16 autocast where the GPU supports it, else fp16; nothing on the CPU (plain fp32 there)."""
+    if device.type != "cuda" or not amp:
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def predict_proba(
+    model: torch.nn.Module,
+    head: str,
+    images: np.ndarray,
+    rows: np.ndarray | None,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    batch_size: int = 64,
+    tta: tuple[str, ...] | list[str] = (),
+    amp: bool = True,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """Class probabilities (N, 18) for ``images[rows]``; with TTA, the mean of the views' probabilities."""
+    model.eval()
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    out = np.empty((len(rows), NUM_CLASSES), dtype=np.float32)
+    for start in range(0, len(rows), batch_size):
+        batch_rows = rows[start : start + batch_size]
+        # sorted reads are sequential on the memory map; the order is restored below
+        order = np.argsort(batch_rows, kind="stable")
+        batch = torch.from_numpy(np.ascontiguousarray(images[batch_rows[order]]))
+        x = normalize_batch(batch.to(device, non_blocking=True), mean, std, channels_last)
+        probs = torch.zeros(len(batch_rows), NUM_CLASSES, device=device)
+        views = tta_views(x, tuple(tta))
+        with autocast_for(device, amp):
+            for view in views:
+                probs += class_log_probs(model(view), head).float().exp()
+        probs /= len(views)
+        result = np.empty_like(probs.cpu().numpy())
+        result[order] = probs.cpu().numpy()
+        out[start : start + len(batch_rows)] = result
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A fold model rebuilt from its checkpoint, with what is needed to feed it."""
+
+    model: torch.nn.Module
+    head: str
+    backbone: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: tuple[int, int]
+    crop: tuple[float, ...] | None
+    meta: dict[str, Any]
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a foldtune fold checkpoint safely (``weights_only=True``); clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is missing; re-run the search or pick another trial")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for truncated / foreign files
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a foldtune checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); delete it and re-run that trial"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a foldtune checkpoint (format {CHECKPOINT_FORMAT})")
+    if payload.get("num_classes") != NUM_CLASSES:
+        raise CheckpointError(
+            f"checkpoint {path} predicts {payload.get('num_classes')} classes, not {NUM_CLASSES}; it belongs to "
+            "another task"
+        )
+    model = build_model(payload["backbone"], head=payload["head"], num_classes=NUM_CLASSES)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint {path} does not match backbone {payload['backbone']!r} ({str(error).splitlines()[0]})"
+        ) from None
+    model.to(device).eval()
+    return LoadedModel(
+        model=model,
+        head=payload["head"],
+        backbone=payload["backbone"],
+        mean=tuple(payload["mean"]),
+        std=tuple(payload["std"]),
+        image_size=tuple(payload["image_size"]),
+        crop=tuple(payload["crop"]) if payload.get("crop") else None,
+        meta={k: v for k, v in payload.items() if k != "state_dict"},
+    )

@@ -1,0 +1,95 @@
+"""Augmentation pipelines: albumentations for training, tensor ops for normalisation and TTA.
+
+Images arrive from the decode-once cache already cropped and resized, as uint8 HWC arrays. The training
+pipeline (albumentations, per image, on the CPU) keeps them uint8; normalisation happens on the batch
+on the device, so the host moves 4x fewer bytes. Validation is normalisation only. TTA views are batched
+tensor ops, so they run on the GPU beside the model.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+AUGMENT_KEYS = ("hflip", "shift_scale_rotate", "color_jitter", "coarse_dropout")
+
+
+def train_pipeline(augment: dict[str, float], seed: int | None = None) -> A.Compose:
+    """Training augmentation from the config's ``augment`` mapping of name -> probability."""
+    unknown = sorted(set(augment) - set(AUGMENT_KEYS))
+    if unknown:
+        from trainers.config import ConfigError
+
+        raise ConfigError(f"config key 'augment': unknown augmentation(s) {unknown}; known: {list(AUGMENT_KEYS)}")
+    steps: list[A.BasicTransform] = []
+    if augment.get("hflip", 0) > 0:
+        steps.append(A.HorizontalFlip(p=augment["hflip"]))
+    if augment.get("shift_scale_rotate", 0) > 0:
+        steps.append(
+            A.Affine(
+                scale=(0.92, 1.08),
+                translate_percent=(-0.05, 0.05),
+                rotate=(-8, 8),
+                border_mode=0,
+                p=augment["shift_scale_rotate"],
+            )
+        )
+    if augment.get("color_jitter", 0) > 0:
+        steps.append(
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=augment["color_jitter"])
+        )
+    if augment.get("coarse_dropout", 0) > 0:
+        steps.append(A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
+                                     hole_width_range=(0.05, 0.15), p=augment["coarse_dropout"]))
+    return A.Compose(steps, seed=seed)
+
+
+def normalize_batch(
+    batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW normalised with the backbone's mean/std (on whatever device batch is on)."""
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    x = (x - mean_t) / std_t
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def _zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Centre zoom by ``factor`` (>1 zooms in), same output size."""
+    theta = torch.tensor([[1 / factor, 0, 0], [0, 1 / factor, 0]], device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """Translate by fractions of the image size, border pixels repeated."""
+    theta = torch.tensor([[1, 0, -2 * dx], [0, 1, -2 * dy]], device=x.device, dtype=x.dtype)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def tta_views(x: torch.Tensor, views: tuple[str, ...] | list[str]) -> list[torch.Tensor]:
+    """The original batch plus one batch per TTA view (hflip, scale = 1.1x zoom, shift = 4% right/down)."""
+    out = [x]
+    for view in views:
+        if view == "hflip":
+            out.append(torch.flip(x, dims=[3]))
+        elif view == "scale":
+            out.append(_zoom(x, 1.1))
+        elif view == "shift":
+            out.append(_shift(x, 0.04, 0.04))
+        else:
+            raise ValueError(f"unknown TTA view {view!r}; known: hflip, scale, shift")
+    return out
+
+
+def augment_batch(pipeline: A.Compose, images: np.ndarray) -> np.ndarray:
+    """Apply the training pipeline to each uint8 HWC image of a batch."""
+    return np.stack([pipeline(image=np.ascontiguousarray(img))["image"] for img in images])
