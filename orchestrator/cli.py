@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -41,14 +42,18 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 def cmd_folds(args: argparse.Namespace) -> int:
     from trainers.data import read_train
-    from trainers.folds import fold_summary, make_folds, write_folds
+    from trainers.folds import FoldWarning, fold_summary, make_folds, write_folds
     from trainers.labels import AgeBands
 
     data = read_train(Path(args.data), AgeBands(args.age_edges), relabel=args.relabel)
-    folds = make_folds(data.table, k=args.k, seed=args.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FoldWarning)
+        folds = make_folds(data.table, k=args.k, seed=args.seed)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     out = Path(args.out or Path(args.data) / f"folds_k{args.k}_seed{args.seed}.csv")
     write_folds(folds, out)
-    print(fold_summary(folds, data.table))
+    print(fold_summary(folds, data.table, data.age_bands))
     print(f"fold file written: {out}")
     return 0
 
@@ -56,7 +61,9 @@ def cmd_folds(args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from trainers.demo import write_demo_data
 
-    summary = write_demo_data(Path(args.out), persons=args.persons, eval_persons=args.eval_persons, seed=args.seed)
+    summary = write_demo_data(
+        Path(args.out), persons=args.persons, eval_persons=args.eval_persons, seed=args.seed
+    )
     print(summary)
     return 0
 
@@ -172,8 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int)
     p.add_argument("--name", help="search name (default: the space's name)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="join a Ray cluster (or RAY_ADDRESS)")
-    p.add_argument("--storage", help="folder for search results (default ./runs; shared storage on a cluster)")
+    p.add_argument(
+        "--address", default=os.environ.get("RAY_ADDRESS"), help="join a Ray cluster (or RAY_ADDRESS)"
+    )
+    p.add_argument(
+        "--storage", help="folder for search results (default ./runs; shared storage on a cluster)"
+    )
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--gpus-per-trial", type=float)
     p.set_defaults(func=cmd_search)
@@ -228,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -18,10 +18,8 @@ Why it works the way it does:
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +74,10 @@ class EnsembleResult:
     metrics: dict  # ensemble OOF metrics (scalars, per_class_f1)
     eval_probs: np.ndarray  # (N eval images, 18) ensemble probabilities, info.csv order
     image_ids: list[str]
+    oof_rel_path: np.ndarray  # training images (sorted rel_path) the OOF arrays below refer to
+    oof_labels: np.ndarray
+    oof_probs: np.ndarray  # (N train images, 18) ensemble OOF probabilities with the submission's TTA
+    member_oof_probs: dict[str, np.ndarray]  # trial id -> its OOF probabilities with its TTA
     mlflow_run_id: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # trial id -> why it is not a candidate
 
@@ -415,41 +417,34 @@ def _metric_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)
 
 
-def _tracking_target(summary: dict, search: str, tracking_uri: str | None) -> tuple[str, str, str | None]:
-    """(tracking URI, experiment name, search parent run id): the search's own, else the defaults."""
-    from orchestrator import tracking
-
-    uri = (tracking_uri or summary.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-           or tracking.default_tracking_uri())
-    experiment = summary.get("experiment_name") or tracking.experiment_name(search)
-    return str(uri), str(experiment), summary.get("parent_run_id")
+def _experiment_name(summary: dict, search: str) -> str:
+    """The search's MLflow experiment: as recorded in its summary, else the search name."""
+    return str(summary.get("experiment_name") or search)
 
 
 def _log_mlflow(
     result: EnsembleResult, summary: dict, search: str, tracking_uri: str | None, selection: dict
 ) -> str:
-    """One run named "ensemble" in the search's experiment, nested under the search's parent run."""
-    from mlflow.tracking import MlflowClient
+    """One run named "ensemble" in the search's experiment, nested under the search's parent run.
 
-    from orchestrator import tracking
+    Tracking URI: the argument, else the search's (summary.json), else MLFLOW_TRACKING_URI, else ./mlruns.
+    """
+    from orchestrator.tracking import TAG, SearchTracking
 
-    uri, experiment_name, parent_run_id = _tracking_target(summary, search, tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = tracking.ensure_experiment(client, experiment_name, uri)
-    tags = {"foldtune.stage": "ensemble", "foldtune.search": search}
+    tracking = SearchTracking(tracking_uri or summary.get("tracking_uri"), _experiment_name(summary, search))
+    parent_run_id = summary.get("parent_run_id")
+    tags = {f"{TAG}role": "ensemble", f"{TAG}search": search, f"{TAG}submission": str(result.submission.absolute())}
     if parent_run_id:
         tags[SEARCH_PARENT_TAG] = str(parent_run_id)
         tags["mlflow.parentRunId"] = str(parent_run_id)
-    run = client.create_run(experiment_id, run_name="ensemble", tags=tags)
-    run_id = run.info.run_id
+    run_id = tracking.client.create_run(tracking.experiment_id, run_name="ensemble", tags=tags).info.run_id
     try:
-        members = {m.trial_id: round(m.weight, 6) for m in result.members}
         params = {
             "selection": result.method,
-            "members": json.dumps(members)[:6000],
+            "members": json.dumps({m.trial_id: round(m.weight, 6) for m in result.members}),
             "n_members": len(result.members),
             "tta": ",".join(result.tta) if result.tta is not None else "own",
-            "member_tta": json.dumps({m.trial_id: list(m.tta) for m in result.members})[:6000],
+            "member_tta": json.dumps({m.trial_id: list(m.tta) for m in result.members}),
             **{key: value for key, value in selection.items() if value is not None},
         }
         metrics = {
@@ -457,24 +452,20 @@ def _log_mlflow(
             "oof_f1_no_tta": result.oof_f1_no_tta,
             "best_single_oof_f1": result.best_single_f1,
             **{f"oof_{key}": value for key, value in result.metrics["scalars"].items() if key != "f1"},
-            **{f"oof_class_f1/{i:02d}_{_metric_name(name)}": value
-               for i, (name, value) in enumerate(result.metrics["per_class_f1"].items())},
+            **{
+                f"oof_class_f1/{i:02d}_{_metric_name(name)}": value
+                for i, (name, value) in enumerate(result.metrics["per_class_f1"].items())
+            },
             **{f"member/{_metric_name(m.trial_id)}/oof_f1": m.oof_f1 for m in result.members},
             **{f"member/{_metric_name(m.trial_id)}/weight": m.weight for m in result.members},
         }
-        from mlflow.entities import Metric, Param
-
-        now = int(time.time() * 1000)
-        client.log_batch(
-            run_id,
-            metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items() if math.isfinite(value)],
-            params=[Param(key, str(value)) for key, value in params.items()],
-        )
-        for path in (result.submission, result.report_path, result.plot_path):
-            client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id, "FINISHED")
+        tracking.log_params(run_id, params)
+        tracking.log_metrics(run_id, metrics)
+        for path in (result.submission, result.report_path, result.plot_path, result.probs_path):
+            tracking.client.log_artifact(run_id, str(path))
+        tracking.finish(run_id, "FINISHED")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        tracking.finish(run_id, "FAILED")
         raise
     return run_id
 
@@ -633,7 +624,9 @@ def run_ensemble(
         best_single_trial=best.trial_id, best_single_f1=best.oof_f1,
         metrics={"scalars": flat_scalars(oof_metrics),
                  "per_class_f1": dict(zip(names, oof_metrics["per_class_f1"], strict=True))},
-        eval_probs=ensemble_eval, image_ids=image_ids, skipped=skipped,
+        eval_probs=ensemble_eval, image_ids=image_ids, oof_rel_path=candidates[0].rel_path, oof_labels=labels,
+        oof_probs=ensemble_oof, member_oof_probs={m.trial_id: p for m, p in zip(members, member_oof, strict=True)},
+        skipped=skipped,
     )
     selection = {"greedy_max_steps": greedy_steps if method == "greedy" else None,
                  "top": top, "candidates": len(candidates)}

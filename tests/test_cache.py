@@ -27,7 +27,9 @@ def test_cache_is_built_once_and_reused(paths, tmp_path):
     opened = cache.open_cache(first)
     assert opened.images.shape == (len(paths), 16, 12, 3) and opened.images.dtype == np.uint8
     assert isinstance(opened.images, np.memmap)
-    np.testing.assert_array_equal(opened.images[opened.rows([paths[4]])[0]], cache.decode_image(paths[4], (16, 12)))
+    np.testing.assert_array_equal(
+        opened.images[opened.rows([paths[4]])[0]], cache.decode_image(paths[4], (16, 12))
+    )
 
 
 def test_changed_image_or_size_builds_a_new_cache(paths, tmp_path):

@@ -186,6 +186,21 @@ def test_corrupt_image(tiny_dataset, content):
     assert len(read_train(tiny_dataset.root, check_images=False).table) == 42
 
 
+def test_corrupt_images_in_a_bigger_set_name_the_right_files(make_dataset):
+    dataset = make_dataset(n_persons=12, n_eval=70)  # enough images for the threaded check
+    dataset.image("000007", "mask3").write_bytes(b"junk")
+    dataset.image("000011", "normal").write_bytes(b"")
+    error = raises_data_error(dataset.root)
+    assert [p.where for p in error.problems] == [
+        f"train/images/{dataset.persons[6]['path']}/mask3.jpg",
+        f"train/images/{dataset.persons[10]['path']}/normal.jpg",
+    ]
+    (dataset.root / "eval" / "images" / dataset.eval_ids[40]).write_bytes(b"junk")
+    with pytest.raises(DataError) as caught:
+        read_eval(dataset.root)
+    assert [p.where for p in caught.value.problems] == ["eval/info.csv line 42"]
+
+
 def test_png_with_bad_checksum_is_caught(tiny_dataset):
     path = tiny_dataset.image("000001", "normal")
     png = path.with_suffix(".png")

@@ -16,8 +16,17 @@ from trainers.fit import EpochReport, TrainingError, fit
 from trainers.folds import make_folds
 from trainers.predict import CheckpointError, load_checkpoint, predict_proba
 
-TINY = dict(backbone="resnet10t", image_size=(32, 24), epochs=2, batch_size=16, k=2, lr=3e-3, patience=0,
-            seed=7, num_workers=0)
+TINY = dict(
+    backbone="resnet10t",
+    image_size=(32, 24),
+    epochs=2,
+    batch_size=16,
+    k=2,
+    lr=3e-3,
+    patience=0,
+    seed=7,
+    num_workers=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +43,9 @@ def trained(data, tmp_path_factory):
     base = tmp_path_factory.mktemp("fit")
     reports: list[EpochReport] = []
     decodes = cache.decode_count
-    result = fit(TrainConfig(**TINY), table, folds, base / "run", base / "cache", callback=reports.append, log=None)
+    result = fit(
+        TrainConfig(**TINY), table, folds, base / "run", base / "cache", callback=reports.append, log=None
+    )
     return result, reports, cache.decode_count - decodes, base
 
 
@@ -42,10 +53,20 @@ def test_run_writes_every_artifact(trained):
     result, reports, _, _ = trained
     assert result.status == "completed" and result.epochs_trained == 2
     run = result.run_dir
-    for name in ("config.yaml", "folds.csv", "metrics/epochs.csv", "metrics/per_class_f1.csv",
-                 "metrics/confusion_fold0.csv", "metrics/confusion_oof.csv", "plots/confusion.png",
-                 "plots/per_class_f1.png", "checkpoints/fold0.pt", "checkpoints/fold1.pt", "oof.npz",
-                 "result.json"):
+    for name in (
+        "config.yaml",
+        "folds.csv",
+        "metrics/epochs.csv",
+        "metrics/per_class_f1.csv",
+        "metrics/confusion_fold0.csv",
+        "metrics/confusion_oof.csv",
+        "plots/confusion.png",
+        "plots/per_class_f1.png",
+        "checkpoints/fold0.pt",
+        "checkpoints/fold1.pt",
+        "oof.npz",
+        "result.json",
+    ):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     assert not (run / "last.pt").exists()  # the resume state goes once the run has finished
     saved = json.loads((run / "result.json").read_text())
@@ -71,7 +92,9 @@ def test_oof_covers_every_training_image_exactly_once(trained, data):
     oof = np.load(result.run_dir / "oof.npz")
     assert sorted(oof["rel_path"].tolist()) == sorted(table["rel_path"].tolist())
     assert len(set(oof["rel_path"].tolist())) == len(table)
-    assert np.allclose(oof["probs"].sum(axis=1), 1, atol=1e-4) and np.allclose(oof["probs_tta"].sum(axis=1), 1, atol=1e-4)
+    assert np.allclose(oof["probs"].sum(axis=1), 1, atol=1e-4) and np.allclose(
+        oof["probs_tta"].sum(axis=1), 1, atol=1e-4
+    )
     fold_of = dict(zip(folds["rel_path"], folds["fold"], strict=True))
     assert [fold_of[p] for p in oof["rel_path"]] == oof["fold"].tolist()
 
@@ -86,11 +109,26 @@ def test_checkpoint_reloads_and_reproduces_validation_predictions(trained, data)
         assert loaded.backbone == "resnet10t" and loaded.meta["fold"] == fold
         in_fold = oof["fold"] == fold
         paths = table.set_index("rel_path").loc[oof["rel_path"][in_fold], "image_path"].tolist()
-        probs = predict_proba(loaded.model, loaded.head, image_cache.images, image_cache.rows(paths), loaded.mean,
-                              loaded.std, torch.device("cpu"))
+        probs = predict_proba(
+            loaded.model,
+            loaded.head,
+            image_cache.images,
+            image_cache.rows(paths),
+            loaded.mean,
+            loaded.std,
+            torch.device("cpu"),
+        )
         np.testing.assert_allclose(probs, oof["probs"][in_fold], atol=1e-5)
-        probs_tta = predict_proba(loaded.model, loaded.head, image_cache.images, image_cache.rows(paths),
-                                  loaded.mean, loaded.std, torch.device("cpu"), tta=("hflip",))
+        probs_tta = predict_proba(
+            loaded.model,
+            loaded.head,
+            image_cache.images,
+            image_cache.rows(paths),
+            loaded.mean,
+            loaded.std,
+            torch.device("cpu"),
+            tta=("hflip",),
+        )
         np.testing.assert_allclose(probs_tta, oof["probs_tta"][in_fold], atol=1e-5)
 
 
@@ -111,12 +149,26 @@ def test_resume_continues_after_the_saved_epoch_and_matches_an_uninterrupted_run
         raise Interrupt
 
     with pytest.raises(Interrupt):
-        fit(TrainConfig(**TINY), table, folds, tmp_path / "run", tmp_path / "cache", callback=stop_after_first_epoch,
-            log=None)
+        fit(
+            TrainConfig(**TINY),
+            table,
+            folds,
+            tmp_path / "run",
+            tmp_path / "cache",
+            callback=stop_after_first_epoch,
+            log=None,
+        )
     assert (tmp_path / "run" / "last.pt").exists()
     reports: list[EpochReport] = []
-    resumed = fit(TrainConfig(**TINY), table, folds, tmp_path / "run", tmp_path / "cache", callback=reports.append,
-                  log=None)
+    resumed = fit(
+        TrainConfig(**TINY),
+        table,
+        folds,
+        tmp_path / "run",
+        tmp_path / "cache",
+        callback=reports.append,
+        log=None,
+    )
     assert [r.epoch for r in reports] == [2]  # epoch 1 was not trained again
     assert resumed.best_f1 == pytest.approx(uninterrupted.best_f1)
     a = np.load(resumed.run_dir / "oof.npz")["probs"]
@@ -138,8 +190,14 @@ def test_resume_refuses_a_run_folder_of_another_config(data, tmp_path):
 
 def test_nan_loss_stops_the_run_with_a_clear_status(data, tmp_path):
     table, folds, _ = data
-    result = fit(TrainConfig(**{**TINY, "lr": 1e12, "epochs": 3, "loss": "ce"}), table, folds, tmp_path / "run",
-                 tmp_path / "cache", log=None)
+    result = fit(
+        TrainConfig(**{**TINY, "lr": 1e12, "epochs": 3, "loss": "ce"}),
+        table,
+        folds,
+        tmp_path / "run",
+        tmp_path / "cache",
+        log=None,
+    )
     assert result.status == "diverged"
     assert "lower lr" in result.message
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
@@ -148,8 +206,14 @@ def test_nan_loss_stops_the_run_with_a_clear_status(data, tmp_path):
 def test_drop_ages_leaves_validation_untouched(data, tmp_path):
     table, folds, _ = data
     dropped = sorted(table["age"].unique())[:3]
-    result = fit(TrainConfig(**{**TINY, "epochs": 1, "drop_ages": tuple(int(a) for a in dropped)}), table, folds,
-                 tmp_path / "run", tmp_path / "cache", log=None)
+    result = fit(
+        TrainConfig(**{**TINY, "epochs": 1, "drop_ages": tuple(int(a) for a in dropped)}),
+        table,
+        folds,
+        tmp_path / "run",
+        tmp_path / "cache",
+        log=None,
+    )
     oof = np.load(result.run_dir / "oof.npz")
     assert len(oof["rel_path"]) == len(table)  # dropped ages are still scored out of fold
 

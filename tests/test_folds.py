@@ -146,6 +146,12 @@ def test_k_below_two_is_refused(table60, k):
         make_folds(table60, k=k, seed=0)
 
 
+@pytest.mark.parametrize("seed", [None, -1, 2**32, 1.5])
+def test_seed_must_be_a_fixed_integer(table60, seed):
+    with pytest.raises(DataError, match=r"must be an integer 0..2\*\*32-1"):
+        make_folds(table60, k=5, seed=seed)
+
+
 def test_k_above_the_number_of_persons_is_refused(make_dataset):
     table = read_train(make_dataset(n_persons=4).root).table
     with pytest.raises(DataError, match=r"k=5 folds but only 4 person\(s\); use k <= 4"):

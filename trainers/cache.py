@@ -43,7 +43,9 @@ class ImageCache:
     def rows(self, image_paths: Sequence[str]) -> np.ndarray:
         """Row index of each image path; a path missing from the cache is an error naming it."""
         try:
-            return np.fromiter((self._row_of[str(p)] for p in image_paths), dtype=np.int64, count=len(image_paths))
+            return np.fromiter(
+                (self._row_of[str(p)] for p in image_paths), dtype=np.int64, count=len(image_paths)
+            )
         except KeyError as missing:
             raise CacheError(f"{missing.args[0]} is not in the image cache {self.path}; rebuild it") from None
 
@@ -100,7 +102,9 @@ def build_cache(
         if log:
             log(f"building image cache: {len(image_paths)} images at {height}x{width} -> {target}")
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(image_paths), height, width, 3))
+        array = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(image_paths), height, width, 3)
+        )
 
         def fill(item: tuple[int, str]) -> None:
             row, path = item
@@ -113,10 +117,12 @@ def build_cache(
             with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
                 list(pool.map(fill, enumerate(image_paths)))
             array.flush()
-            del array
             index_tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
-            index_tmp.write_text(json.dumps({"format": CACHE_FORMAT, "size": [height, width], "crop": crop,
-                                             "paths": image_paths}))
+            index_tmp.write_text(
+                json.dumps(
+                    {"format": CACHE_FORMAT, "size": [height, width], "crop": crop, "paths": image_paths}
+                )
+            )
             os.replace(index_tmp, index)
             os.replace(tmp, target)  # the .npy appears last: its presence means the cache is complete
         finally:
@@ -129,14 +135,18 @@ def open_cache(path: Path) -> ImageCache:
     path = Path(path)
     index = path.with_suffix(".json")
     if not path.exists() or not index.exists():
-        raise CacheError(f"image cache {path} (or its index {index.name}) is missing; it is rebuilt on the next run")
+        raise CacheError(
+            f"image cache {path} (or its index {index.name}) is missing; it is rebuilt on the next run"
+        )
     try:
         images = np.load(path, mmap_mode="r")
         paths = json.loads(index.read_text())["paths"]
     except (OSError, ValueError, KeyError) as error:
         raise CacheError(f"image cache {path} is unreadable ({error}); delete it to rebuild") from None
     if len(paths) != len(images):
-        raise CacheError(f"image cache {path} has {len(images)} images but its index lists {len(paths)}; delete it")
+        raise CacheError(
+            f"image cache {path} has {len(images)} images but its index lists {len(paths)}; delete it"
+        )
     return ImageCache(path=path, images=images, paths=paths)
 
 

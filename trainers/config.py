@@ -87,7 +87,11 @@ class TrainConfig:
         need(not bad_views, "tta", f"unknown views {bad_views}; allowed: {list(TTA_VIEWS)}")
         if self.crop is not None:
             top, bottom, left, right = self.crop
-            need(0 <= top < bottom <= 1 and 0 <= left < right <= 1, "crop", "must be fractions top<bottom, left<right")
+            need(
+                0 <= top < bottom <= 1 and 0 <= left < right <= 1,
+                "crop",
+                "must be fractions top<bottom, left<right",
+            )
         need(
             len(self.age_edges) == 2 and self.age_edges[0] < self.age_edges[1],
             "age_edges",

@@ -56,8 +56,12 @@ class EpochReport:
         out: dict[str, float] = dict(self.metrics)
         for fold, values in enumerate(self.fold_metrics):
             out.update({f"fold{fold}/{key}": value for key, value in values.items()})
-        out.update(epoch=self.epoch, best_f1=self.best_f1, best_epoch=self.best_epoch,
-                   epoch_seconds=self.epoch_seconds)
+        out.update(
+            epoch=self.epoch,
+            best_f1=self.best_f1,
+            best_epoch=self.best_epoch,
+            epoch_seconds=self.epoch_seconds,
+        )
         return out
 
 
@@ -175,8 +179,8 @@ def join_folds(table: pd.DataFrame, folds: pd.DataFrame, k: int) -> pd.DataFrame
     if missing.any():
         example = merged.loc[missing, "rel_path"].iloc[0]
         raise TrainingError(
-            f"{int(missing.sum())} images have no fold (e.g. {example}); the fold file belongs to other data: "
-            "re-create it with `foldtune folds`"
+            f"{int(missing.sum())} images have no fold (e.g. {example}); the fold file belongs to other "
+            "data: re-create it with `foldtune folds`"
         )
     merged["fold"] = merged["fold"].astype(int)
     found = sorted(merged["fold"].unique())
@@ -203,8 +207,8 @@ def _oom_error(cfg: TrainConfig) -> TrainingError:
     height, width = cfg.image_size
     return TrainingError(
         f"out of GPU memory training {cfg.backbone} at batch_size {cfg.batch_size} and image_size "
-        f"{height}x{width}: lower batch_size (e.g. {max(1, cfg.batch_size // 2)}) or image_size, or give each "
-        "trial a larger share of a GPU (resources.gpu)"
+        f"{height}x{width}: lower batch_size (e.g. {max(1, cfg.batch_size // 2)}) or image_size, or "
+        "give each trial a larger share of a GPU (resources.gpu)"
     )
 
 
@@ -247,8 +251,13 @@ def fit(
     fold_states: list[_Fold] = []
     for fold in range(cfg.k):
         seed_everything(cfg.seed + fold)
-        model = build_model(cfg.backbone, head=cfg.head, num_classes=NUM_CLASSES,
-                            pretrained_kwargs=pretrained_kwargs, drop_rate=cfg.drop_rate)
+        model = build_model(
+            cfg.backbone,
+            head=cfg.head,
+            num_classes=NUM_CLASSES,
+            pretrained_kwargs=pretrained_kwargs,
+            drop_rate=cfg.drop_rate,
+        )
         freeze = freeze_stages(model, cfg.freeze_depth)
         model.to(device)
         if channels_last:
@@ -257,24 +266,42 @@ def fit(
         val_mask = data["fold"].to_numpy() == fold
         train_labels = labels[train_mask]
         alpha = class_balanced_alpha(train_labels, NUM_CLASSES).to(device) if cfg.class_alpha else None
-        criterion = build_loss(cfg.loss, gamma=cfg.focal_gamma, alpha=alpha, label_smoothing=cfg.label_smoothing,
-                               head=cfg.head, task_weights=tuple(cfg.task_weights))
+        criterion = build_loss(
+            cfg.loss,
+            gamma=cfg.focal_gamma,
+            alpha=alpha,
+            label_smoothing=cfg.label_smoothing,
+            head=cfg.head,
+            task_weights=tuple(cfg.task_weights),
+        )
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
         steps_per_epoch = math.ceil(int(train_mask.sum()) / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _cosine_with_warmup(int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+            optimizer,
+            _cosine_with_warmup(int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch),
         )
         fp16 = use_cuda and cfg.amp and not torch.cuda.is_bf16_supported()
-        fold_states.append(_Fold(
-            index=fold, model=model, optimizer=optimizer, scheduler=scheduler,
-            scaler=torch.amp.GradScaler("cuda", enabled=fp16), freeze=freeze,
-            train_rows=all_rows[train_mask], train_labels=train_labels,
-            val_rows=all_rows[val_mask], val_labels=labels[val_mask],
-            val_positions=np.flatnonzero(val_mask), criterion=criterion,
-        ))
+        fold_states.append(
+            _Fold(
+                index=fold,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=torch.amp.GradScaler("cuda", enabled=fp16),
+                freeze=freeze,
+                train_rows=all_rows[train_mask],
+                train_labels=train_labels,
+                val_rows=all_rows[val_mask],
+                val_labels=labels[val_mask],
+                val_positions=np.flatnonzero(val_mask),
+                criterion=criterion,
+            )
+        )
     freeze = fold_states[0].freeze
-    log(f"{cfg.backbone}: {freeze.trainable_params:,} of {freeze.total_params:,} parameters trainable "
-        f"(freeze_depth {cfg.freeze_depth}); {cfg.k} folds on {device.type}")
+    log(
+        f"{cfg.backbone}: {freeze.trainable_params:,} of {freeze.total_params:,} parameters trainable "
+        f"(freeze_depth {cfg.freeze_depth}); {cfg.k} folds on {device.type}"
+    )
 
     history: list[dict] = []
     best_mean_f1, best_mean_epoch, start_epoch = -1.0, 0, 1
@@ -301,23 +328,44 @@ def fit(
         fold_metrics = []
         for fold_state in fold_states:
             try:
-                train_loss = _train_one_epoch(fold_state, cfg, cache_path, device, mean, std, channels_last, epoch)
-                probs = predict_proba(fold_state.model, cfg.head, cache.images, fold_state.val_rows, mean, std,
-                                      device, batch_size=max(cfg.batch_size, 64), amp=cfg.amp,
-                                      channels_last=channels_last)
+                train_loss = _train_one_epoch(
+                    fold_state, cfg, cache_path, device, mean, std, channels_last, epoch
+                )
+                probs = predict_proba(
+                    fold_state.model,
+                    cfg.head,
+                    cache.images,
+                    fold_state.val_rows,
+                    mean,
+                    std,
+                    device,
+                    batch_size=max(cfg.batch_size, 64),
+                    amp=cfg.amp,
+                    channels_last=channels_last,
+                )
             except torch.OutOfMemoryError:
                 raise _oom_error(cfg) from None
             if not math.isfinite(train_loss):
                 status = "diverged"
-                message = (f"training loss became {train_loss} at epoch {epoch} in fold {fold_state.index}: lower "
-                           f"lr (now {cfg.lr:g}) or check the data")
+                message = (
+                    f"training loss became {train_loss} at epoch {epoch} in fold {fold_state.index}: lower "
+                    f"lr (now {cfg.lr:g}) or check the data"
+                )
                 break
-            val_loss = float(-np.log(np.clip(probs[np.arange(len(probs)), fold_state.val_labels], 1e-7, 1)).mean())
-            scalars = flat_scalars(compute_metrics(fold_state.val_labels, probs, loss=val_loss), prefix="val_")
+            val_loss = float(
+                -np.log(np.clip(probs[np.arange(len(probs)), fold_state.val_labels], 1e-7, 1)).mean()
+            )
+            scalars = flat_scalars(
+                compute_metrics(fold_state.val_labels, probs, loss=val_loss), prefix="val_"
+            )
             scalars["train_loss"] = train_loss
             fold_metrics.append(scalars)
             if scalars["val_f1"] > fold_state.best_f1:
-                fold_state.best_f1, fold_state.best_epoch, fold_state.best_probs = scalars["val_f1"], epoch, probs
+                fold_state.best_f1, fold_state.best_epoch, fold_state.best_probs = (
+                    scalars["val_f1"],
+                    epoch,
+                    probs,
+                )
                 _save_checkpoint(fold_state, cfg, mean, std, epoch, run_dir)
         if status == "diverged":
             break
@@ -329,23 +377,42 @@ def fit(
         history.append({"epoch": epoch, "fold": "mean", **mean_metrics})
         write_csv_atomic(pd.DataFrame(history), run_dir / "metrics" / "epochs.csv")
         _save_resume_state(resume_path, fold_states, cfg, epoch, history, best_mean_f1, best_mean_epoch)
-        report = EpochReport(epoch, mean_metrics, fold_metrics, best_mean_f1, best_mean_epoch, run_dir,
-                             time.perf_counter() - started)
+        report = EpochReport(
+            epoch,
+            mean_metrics,
+            fold_metrics,
+            best_mean_f1,
+            best_mean_epoch,
+            run_dir,
+            time.perf_counter() - started,
+        )
         per_fold = " ".join(f"{m['val_f1']:.3f}" for m in fold_metrics)
-        log(f"epoch {epoch}/{cfg.epochs}  val_f1 {mean_metrics['val_f1']:.4f} "
+        log(
+            f"epoch {epoch}/{cfg.epochs}  val_f1 {mean_metrics['val_f1']:.4f} "
             f"(folds {per_fold})  val_loss {mean_metrics['val_loss']:.3f}"
             f"  train_loss {mean_metrics['train_loss']:.3f}  best {best_mean_f1:.4f}@{best_mean_epoch}"
-            f"  {report.epoch_seconds:.1f}s")
+            f"  {report.epoch_seconds:.1f}s"
+        )
         if callback is not None:
             callback(report)
         if cfg.patience and epoch - best_mean_epoch >= cfg.patience and epoch < cfg.epochs:
             status = "early_stopped"
-            message = f"no mean val_f1 gain for {cfg.patience} epochs; best {best_mean_f1:.4f} at epoch {best_mean_epoch}"
+            message = (
+                f"no mean val_f1 gain for {cfg.patience} epochs; "
+                f"best {best_mean_f1:.4f} at epoch {best_mean_epoch}"
+            )
             break
 
-    result = FitResult(status=status, message=message, best_f1=best_mean_f1, best_epoch=best_mean_epoch,
-                       epochs_trained=epoch, run_dir=run_dir,
-                       trainable_params=freeze.trainable_params, total_params=freeze.total_params)
+    result = FitResult(
+        status=status,
+        message=message,
+        best_f1=best_mean_f1,
+        best_epoch=best_mean_epoch,
+        epochs_trained=epoch,
+        run_dir=run_dir,
+        trainable_params=freeze.trainable_params,
+        total_params=freeze.total_params,
+    )
     if status != "diverged":
         _write_out_of_fold(fold_states, data, cfg, cache, device, mean, std, channels_last, run_dir, result)
         resume_path.unlink(missing_ok=True)
@@ -354,8 +421,16 @@ def fit(
     return result
 
 
-def _train_one_epoch(fold: _Fold, cfg: TrainConfig, cache_path: Path, device: torch.device,
-                     mean, std, channels_last: bool, epoch: int) -> float:
+def _train_one_epoch(
+    fold: _Fold,
+    cfg: TrainConfig,
+    cache_path: Path,
+    device: torch.device,
+    mean,
+    std,
+    channels_last: bool,
+    epoch: int,
+) -> float:
     """One pass over the fold's training images; returns the mean loss (nan/inf if it diverged)."""
     seed = cfg.seed * 100_003 + fold.index * 1009 + epoch
     dataset = _CachedImages(cache_path, fold.train_rows, fold.train_labels, cfg.augment, seed)
@@ -364,9 +439,16 @@ def _train_one_epoch(fold: _Fold, cfg: TrainConfig, cache_path: Path, device: to
         sampler = WeightedRandomSampler(weights, len(weights), generator=torch.Generator().manual_seed(seed))
     else:
         sampler = _SeededShuffle(len(dataset), seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        collate_fn=_identity_collate, drop_last=len(dataset) > cfg.batch_size,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=_identity_collate,
+        drop_last=len(dataset) > cfg.batch_size,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     model = fold.model
     model.train()
     apply_freeze_train_mode(model, fold.freeze)
@@ -409,63 +491,119 @@ def _save_checkpoint(fold: _Fold, cfg: TrainConfig, mean, std, epoch: int, run_d
     atomic_torch_save(payload, run_dir / "checkpoints" / f"fold{fold.index}.pt")
 
 
-def _save_resume_state(path: Path, folds: list[_Fold], cfg: TrainConfig, epoch: int, history: list[dict],
-                       best_mean_f1: float, best_mean_epoch: int) -> None:
-    atomic_torch_save({
-        "epoch": epoch,
-        "config": cfg.to_dict(),
-        "history": history,
-        "best_mean_f1": best_mean_f1,
-        "best_mean_epoch": best_mean_epoch,
-        "folds": [{
-            "model": f.model.state_dict(),
-            "optimizer": f.optimizer.state_dict(),
-            "scheduler": f.scheduler.state_dict(),
-            "scaler": f.scaler.state_dict(),
-            "best_f1": f.best_f1,
-            "best_epoch": f.best_epoch,
-            "best_probs": torch.from_numpy(f.best_probs) if f.best_probs is not None else None,
-        } for f in folds],
-    }, path)
+def _save_resume_state(
+    path: Path,
+    folds: list[_Fold],
+    cfg: TrainConfig,
+    epoch: int,
+    history: list[dict],
+    best_mean_f1: float,
+    best_mean_epoch: int,
+) -> None:
+    atomic_torch_save(
+        {
+            "epoch": epoch,
+            "config": cfg.to_dict(),
+            "history": history,
+            "best_mean_f1": best_mean_f1,
+            "best_mean_epoch": best_mean_epoch,
+            "folds": [
+                {
+                    "model": f.model.state_dict(),
+                    "optimizer": f.optimizer.state_dict(),
+                    "scheduler": f.scheduler.state_dict(),
+                    "scaler": f.scaler.state_dict(),
+                    "best_f1": f.best_f1,
+                    "best_epoch": f.best_epoch,
+                    "best_probs": torch.from_numpy(f.best_probs) if f.best_probs is not None else None,
+                }
+                for f in folds
+            ],
+        },
+        path,
+    )
 
 
-def _write_out_of_fold(folds: list[_Fold], data: pd.DataFrame, cfg: TrainConfig, cache, device, mean, std,
-                       channels_last: bool, run_dir: Path, result: FitResult) -> None:
+def _write_out_of_fold(
+    folds: list[_Fold],
+    data: pd.DataFrame,
+    cfg: TrainConfig,
+    cache,
+    device,
+    mean,
+    std,
+    channels_last: bool,
+    run_dir: Path,
+    result: FitResult,
+) -> None:
     """Every training image's probabilities from the fold model that never saw it, at its best epoch."""
     probs = np.zeros((len(data), NUM_CLASSES), dtype=np.float32)
     probs_tta = np.zeros_like(probs)
     names = class_names(AgeBands(tuple(cfg.age_edges)))
     per_class = {}
     for fold in folds:
-        best = torch.load(run_dir / "checkpoints" / f"fold{fold.index}.pt", map_location="cpu", weights_only=True)
+        best = torch.load(
+            run_dir / "checkpoints" / f"fold{fold.index}.pt", map_location="cpu", weights_only=True
+        )
         fold.model.load_state_dict(best["state_dict"])
         probs[fold.val_positions] = fold.best_probs
         probs_tta[fold.val_positions] = predict_proba(
-            fold.model, cfg.head, cache.images, fold.val_rows, mean, std, device,
-            batch_size=max(cfg.batch_size, 64), tta=cfg.tta, amp=cfg.amp, channels_last=channels_last)
+            fold.model,
+            cfg.head,
+            cache.images,
+            fold.val_rows,
+            mean,
+            std,
+            device,
+            batch_size=max(cfg.batch_size, 64),
+            tta=cfg.tta,
+            amp=cfg.amp,
+            channels_last=channels_last,
+        )
         metrics = compute_metrics(fold.val_labels, fold.best_probs)
         per_class[f"fold{fold.index}"] = metrics["per_class_f1"]
-        write_csv_atomic(pd.DataFrame(metrics["confusion"], index=names, columns=names),
-                         run_dir / "metrics" / f"confusion_fold{fold.index}.csv", index=True)
+        write_csv_atomic(
+            pd.DataFrame(metrics["confusion"], index=names, columns=names),
+            run_dir / "metrics" / f"confusion_fold{fold.index}.csv",
+            index=True,
+        )
     labels = data["label"].to_numpy()
     oof = compute_metrics(labels, probs)
     oof_tta = compute_metrics(labels, probs_tta)
     result.oof_f1, result.oof_f1_tta = float(oof["f1"]), float(oof_tta["f1"])
-    result.extra = {"oof": flat_scalars(oof, prefix="oof_"), "oof_tta": flat_scalars(oof_tta, prefix="oof_tta_"),
-                    "fold_best_epochs": [f.best_epoch for f in folds],
-                    "fold_best_f1": [float(f.best_f1) for f in folds]}
+    result.extra = {
+        "oof": flat_scalars(oof, prefix="oof_"),
+        "oof_tta": flat_scalars(oof_tta, prefix="oof_tta_"),
+        "fold_best_epochs": [f.best_epoch for f in folds],
+        "fold_best_f1": [float(f.best_f1) for f in folds],
+    }
     per_class["oof"] = oof["per_class_f1"]
     per_class["oof_tta"] = oof_tta["per_class_f1"]
-    write_csv_atomic(pd.DataFrame(per_class, index=names), run_dir / "metrics" / "per_class_f1.csv", index=True)
-    write_csv_atomic(pd.DataFrame(oof["confusion"], index=names, columns=names),
-                     run_dir / "metrics" / "confusion_oof.csv", index=True)
-    plot_confusion(np.asarray(oof["confusion"]), names, run_dir / "plots" / "confusion.png",
-                   title=f"{cfg.backbone} out-of-fold confusion (macro F1 {result.oof_f1:.3f})")
+    write_csv_atomic(
+        pd.DataFrame(per_class, index=names), run_dir / "metrics" / "per_class_f1.csv", index=True
+    )
+    write_csv_atomic(
+        pd.DataFrame(oof["confusion"], index=names, columns=names),
+        run_dir / "metrics" / "confusion_oof.csv",
+        index=True,
+    )
+    plot_confusion(
+        np.asarray(oof["confusion"]),
+        names,
+        run_dir / "plots" / "confusion.png",
+        title=f"{cfg.backbone} out-of-fold confusion (macro F1 {result.oof_f1:.3f})",
+    )
     plot_per_class_f1(per_class, names, run_dir / "plots" / "per_class_f1.png")
     buffer = run_dir / "oof.npz"
     tmp = buffer.with_name(".oof.tmp.npz")
-    np.savez_compressed(tmp, rel_path=data["rel_path"].to_numpy(dtype=str), label=labels,
-                        fold=data["fold"].to_numpy(), probs=probs, probs_tta=probs_tta)
+    np.savez_compressed(
+        tmp,
+        rel_path=data["rel_path"].to_numpy(dtype=str),
+        label=labels,
+        fold=data["fold"].to_numpy(),
+        probs=probs,
+        probs_tta=probs_tta,
+    )
     tmp.replace(buffer)
 
 

@@ -71,6 +71,8 @@ def make_folds(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
         raise DataError(Problem("error", "k", f"k={k!r} folds is not possible; use an integer of at least 2"))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise DataError(Problem("error", "seed", f"seed={seed!r} must be an integer 0..2**32-1"))
     persons = _persons(table)
     if k > len(persons):
         raise DataError(

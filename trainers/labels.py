@@ -53,8 +53,10 @@ class AgeBands:
 
 def encode(mask, gender, age_band):
     """Class index from (mask, gender, age band); works on ints and numpy arrays."""
-    return np.asarray(mask) * 6 + np.asarray(gender) * 3 + np.asarray(age_band) if np.ndim(mask) else (
-        int(mask) * 6 + int(gender) * 3 + int(age_band)
+    return (
+        np.asarray(mask) * 6 + np.asarray(gender) * 3 + np.asarray(age_band)
+        if np.ndim(mask)
+        else (int(mask) * 6 + int(gender) * 3 + int(age_band))
     )
 
 

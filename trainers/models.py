@@ -246,15 +246,13 @@ def freeze_stages(model: nn.Module, depth: int) -> FreezeReport:
             )
         frozen_names = {name for group in groups[: depth + 1] for name in group}
 
-    frozen = trainable = 0
-    for name, param in model.named_parameters():
-        param.requires_grad_(name not in frozen_names)
-        if name in frozen_names:
-            frozen += param.numel()
-        else:
-            trainable += param.numel()
-    if trainable == 0:
+    params = list(model.named_parameters())
+    frozen = sum(param.numel() for name, param in params if name in frozen_names)
+    trainable = sum(param.numel() for name, param in params if name not in frozen_names)
+    if trainable == 0:  # checked before touching requires_grad, so a refused depth leaves the model as it was
         raise ModelError(f"freeze depth {depth} leaves no trainable parameter; use at most {max_depth - 1}")
+    for name, param in params:
+        param.requires_grad_(name not in frozen_names)
     return FreezeReport(
         depth=depth,
         max_depth=max_depth,

@@ -108,15 +108,16 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> LoadedMod
         raise CheckpointError(f"checkpoint {path} is not a foldtune checkpoint (format {CHECKPOINT_FORMAT})")
     if payload.get("num_classes") != NUM_CLASSES:
         raise CheckpointError(
-            f"checkpoint {path} predicts {payload.get('num_classes')} classes, not {NUM_CLASSES}; it belongs to "
-            "another task"
+            f"checkpoint {path} predicts {payload.get('num_classes')} classes, not {NUM_CLASSES}; "
+            "it belongs to another task"
         )
     model = build_model(payload["backbone"], head=payload["head"], num_classes=NUM_CLASSES)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
         raise CheckpointError(
-            f"checkpoint {path} does not match backbone {payload['backbone']!r} ({str(error).splitlines()[0]})"
+            f"checkpoint {path} does not match backbone {payload['backbone']!r} "
+            f"({str(error).splitlines()[0]})"
         ) from None
     model.to(device).eval()
     return LoadedModel(

@@ -26,7 +26,9 @@ def train_pipeline(augment: dict[str, float], seed: int | None = None) -> A.Comp
     if unknown:
         from trainers.config import ConfigError
 
-        raise ConfigError(f"config key 'augment': unknown augmentation(s) {unknown}; known: {list(AUGMENT_KEYS)}")
+        raise ConfigError(
+            f"config key 'augment': unknown augmentation(s) {unknown}; known: {list(AUGMENT_KEYS)}"
+        )
     steps: list[A.BasicTransform] = []
     if augment.get("hflip", 0) > 0:
         steps.append(A.HorizontalFlip(p=augment["hflip"]))
@@ -45,8 +47,14 @@ def train_pipeline(augment: dict[str, float], seed: int | None = None) -> A.Comp
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=augment["color_jitter"])
         )
     if augment.get("coarse_dropout", 0) > 0:
-        steps.append(A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
-                                     hole_width_range=(0.05, 0.15), p=augment["coarse_dropout"]))
+        steps.append(
+            A.CoarseDropout(
+                num_holes_range=(1, 4),
+                hole_height_range=(0.05, 0.15),
+                hole_width_range=(0.05, 0.15),
+                p=augment["coarse_dropout"],
+            )
+        )
     return A.Compose(steps, seed=seed)
 
 

@@ -1,0 +1,346 @@
+"""The ensemble stage end to end on two tiny trials trained once (no Ray): selection, TTA, submission, MLflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import f1_score
+
+from orchestrator.ensemble import (
+    EnsembleResult,
+    greedy_selection,
+    macro_f1,
+    run_ensemble,
+    score_arrays,
+    score_submission,
+    score_submission_arrays,
+)
+from orchestrator.errors import OrchestratorError
+from trainers.config import TrainConfig
+from trainers.data import DataError, read_train
+from trainers.fit import fit
+from trainers.folds import make_folds
+from trainers.predict import CheckpointError
+
+SEARCH = "tiny"
+TINY = dict(backbone="resnet10t", image_size=(32, 24), batch_size=16, k=2, lr=3e-3, patience=0, num_workers=0)
+TRIALS = {  # trial id -> config: both learn something in 1-2 epochs and disagree enough to ensemble
+    "trial_a": dict(TINY, epochs=2, seed=0, tta=("hflip",)),
+    "trial_b": dict(TINY, epochs=1, seed=1, tta=("hflip",)),
+}
+
+
+def sk_macro_f1(labels: np.ndarray, probs: np.ndarray) -> float:
+    return float(f1_score(labels, probs.argmax(1), labels=list(range(18)), average="macro", zero_division=0))
+
+
+def load_oof(run_dir: Path) -> dict[str, np.ndarray]:
+    """A trial's oof.npz sorted by rel_path (the ensemble's image order)."""
+    with np.load(run_dir / "oof.npz") as oof:
+        order = np.argsort(oof["rel_path"], kind="stable")
+        return {key: oof[key][order] for key in ("rel_path", "label", "fold", "probs", "probs_tta")}
+
+
+def copy_trial(source: Path, storage: Path, search: str, trial_id: str) -> Path:
+    target = storage / search / "trials" / trial_id
+    shutil.copytree(source, target)
+    return target
+
+
+def edit_result(run_dir: Path, **changes) -> None:
+    path = run_dir / "result.json"
+    result = json.loads(path.read_text())
+    for key, value in changes.items():
+        if key.startswith("config."):
+            result["config"][key.removeprefix("config.")] = value
+        else:
+            result[key] = value
+    path.write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, dataset_builder):
+    """Data, two trained trials in a search folder (plus a diverged and a pruned copy), an MLflow store."""
+    base = tmp_path_factory.mktemp("ensemble")
+    data = dataset_builder(base / "data", n_persons=12, n_eval=10)
+    table = read_train(data.root).table
+    folds = make_folds(table, k=2, seed=0)
+    storage = base / "runs"
+    trials = storage / SEARCH / "trials"
+    for trial_id, config in TRIALS.items():
+        result = fit(TrainConfig(**config), table, folds, trials / trial_id, base / "cache", log=None)
+        assert result.status == "completed"
+    diverged = copy_trial(trials / "trial_b", storage, SEARCH, "trial_c_diverged")
+    edit_result(diverged, status="diverged")
+    pruned = copy_trial(trials / "trial_b", storage, SEARCH, "trial_d_pruned")
+    shutil.rmtree(pruned / "checkpoints")
+
+    # what the search leaves: an MLflow experiment with a parent run, named in summary.json
+    from orchestrator.tracking import SearchTracking
+
+    tracking_uri = f"sqlite:///{base / 'mlruns' / 'mlflow.db'}"
+    tracking = SearchTracking(tracking_uri, SEARCH)
+    parent_run_id = tracking.start_parent(storage / SEARCH)
+    (storage / SEARCH / "summary.json").write_text(
+        json.dumps({"experiment_name": SEARCH, "parent_run_id": parent_run_id, "tracking_uri": tracking_uri})
+    )
+    return {
+        "base": base,
+        "data": data,
+        "storage": storage,
+        "cache": base / "cache",
+        "tracking_uri": tracking_uri,
+        "parent_run_id": parent_run_id,
+    }
+
+
+def ensemble(world, out: Path, search: str = SEARCH, data_root: Path | None = None, **options) -> EnsembleResult:
+    return run_ensemble(
+        data_root=data_root or world["data"].root,
+        search=search,
+        storage=world["storage"],
+        out=out,
+        cache_dir=world["cache"],
+        **{"device": "cpu", "log": None, **options},
+    )
+
+
+@pytest.fixture(scope="module")
+def greedy(world) -> EnsembleResult:
+    return ensemble(world, world["base"] / "greedy" / "submission.csv")
+
+
+def test_submission_lists_info_csv_ids_in_order_with_valid_classes(world, greedy):
+    info = pd.read_csv(world["data"].info_csv, dtype=str)
+    submission = pd.read_csv(greedy.submission, dtype=str)
+    assert list(submission.columns) == ["ImageID", "ans"]
+    assert submission["ImageID"].tolist() == info["ImageID"].tolist()
+    answers = submission["ans"].astype(int).to_numpy()
+    assert ((answers >= 0) & (answers < 18)).all()
+    with np.load(greedy.probs_path) as saved:
+        assert saved["image_id"].tolist() == info["ImageID"].tolist()
+        np.testing.assert_array_equal(saved["probs"].argmax(1), answers)
+        np.testing.assert_allclose(saved["probs"].sum(1), 1.0, atol=1e-5)  # averaged probabilities, not logits
+    report = json.loads(greedy.report_path.read_text())
+    assert [m["trial_id"] for m in report["members"]] == [m.trial_id for m in greedy.members]
+    assert report["oof_f1"] == pytest.approx(greedy.oof_f1)
+    assert len(report["oof_per_class_f1"]) == 18 and "mask_f1" in report["oof_metrics"]
+
+
+def test_oof_f1_equals_recomputation_from_stored_oof_probabilities(world, greedy):
+    trials = world["storage"] / SEARCH / "trials"
+    weighted = sum(m.weight * load_oof(trials / m.trial_id)["probs_tta"] for m in greedy.members)
+    plain = sum(m.weight * load_oof(trials / m.trial_id)["probs"] for m in greedy.members)
+    labels = load_oof(trials / "trial_a")["label"]
+    assert sum(m.weight for m in greedy.members) == pytest.approx(1.0)
+    assert greedy.oof_f1 == pytest.approx(sk_macro_f1(labels, weighted), abs=1e-12)
+    assert greedy.oof_f1_no_tta == pytest.approx(sk_macro_f1(labels, plain), abs=1e-12)
+    for member in greedy.members:
+        assert member.oof_f1 == pytest.approx(sk_macro_f1(labels, load_oof(trials / member.trial_id)["probs_tta"]))
+        assert member.tta == ("hflip",) and not member.recomputed
+
+
+def test_greedy_never_scores_below_its_best_candidate_and_skips_unusable_trials(world, greedy):
+    trials = world["storage"] / SEARCH / "trials"
+    labels = load_oof(trials / "trial_a")["label"]
+    singles = {t: sk_macro_f1(labels, load_oof(trials / t)["probs_tta"]) for t in TRIALS}
+    assert greedy.best_single_f1 == pytest.approx(max(singles.values()))
+    assert greedy.oof_f1 >= max(singles.values())
+    assert greedy.members[0].trial_id == max(singles, key=singles.get)
+    assert set(greedy.skipped) == {"trial_c_diverged", "trial_d_pruned"}
+    assert "diverged" in greedy.skipped["trial_c_diverged"] and "pruned" in greedy.skipped["trial_d_pruned"]
+
+
+def test_greedy_selection_adds_a_complementary_candidate_and_stops():
+    # two one-sided models: each alone gets half the classes right, together all of them
+    labels = np.repeat(np.arange(18), 4)
+    left, right = np.full((72, 18), 0.01), np.full((72, 18), 0.01)
+    for row, label in enumerate(labels):
+        (left if label < 9 else right)[row, label] = 0.9
+        (right if label < 9 else left)[row, (label + 1) % 18] = 0.5
+    weak = np.random.default_rng(0).dirichlet(np.ones(18), size=72)
+    counts = greedy_selection([left, right, weak], labels, max_steps=10)
+    ensemble = sum(c * p for c, p in zip(counts, [left, right, weak], strict=True))
+    assert counts[0] >= 1 and counts[1] >= 1 and counts[2] == 0
+    assert macro_f1(labels, ensemble) == pytest.approx(1.0)
+    assert macro_f1(labels, ensemble) > max(macro_f1(labels, p) for p in (left, right, weak))
+    assert greedy_selection([weak, weak], labels) == [1, 0]  # nothing improves: the best one alone
+
+
+def test_top_one_is_the_best_trial_alone(world, greedy, capsys):
+    result = ensemble(world, world["base"] / "top1" / "submission.csv", top=1)
+    assert [m.trial_id for m in result.members] == [greedy.best_single_trial]
+    assert result.members[0].weight == 1.0 and result.method == "top"
+    assert result.oof_f1 == pytest.approx(greedy.best_single_f1, abs=1e-12)
+    with np.load(greedy.probs_path) as saved:  # the same trial's eval probabilities inside the greedy run
+        alone = saved["member_probs"][saved["members"].tolist().index(greedy.best_single_trial)]
+    np.testing.assert_allclose(result.eval_probs, alone, atol=1e-6)
+    ensemble(world, world["base"] / "top1" / "again.csv", top=1, log=print)
+    printed = capsys.readouterr().out
+    assert "expected F1" in printed and "best single trial" in printed and "again.csv" in printed
+
+
+def write_mirrored_eval(source_root: Path, target: Path, ids: list[str], mirror: bool) -> Path:
+    """An eval-only data root whose images are the decoded originals (PNG, lossless), mirrored if asked."""
+    (target / "eval" / "images").mkdir(parents=True)
+    shutil.copy(source_root / "eval" / "info.csv", target / "eval" / "info.csv")
+    for image_id in ids:
+        pixels = np.asarray(Image.open(source_root / "eval" / "images" / image_id).convert("RGB"))
+        Image.fromarray(pixels[:, ::-1] if mirror else pixels).save(target / "eval" / "images" / image_id, "PNG")
+    return target
+
+
+def test_hflip_tta_is_applied_to_the_submission(world, tmp_path):
+    ids = world["data"].eval_ids
+    plain_root = write_mirrored_eval(world["data"].root, tmp_path / "plain", ids, mirror=False)
+    mirror_root = write_mirrored_eval(world["data"].root, tmp_path / "mirror", ids, mirror=True)
+    runs = {
+        (name, views): ensemble(world, tmp_path / f"{name}{len(views)}.csv", data_root=root, top=1, tta=views)
+        for name, root in (("plain", plain_root), ("mirror", mirror_root))
+        for views in ((), ("hflip",))
+    }
+    # the models are not flip-invariant, so mirrored images score differently without TTA ...
+    assert not np.allclose(runs["plain", ()].eval_probs, runs["mirror", ()].eval_probs, atol=1e-4)
+    # ... and with hflip TTA both see {image, mirror image}: identical probabilities
+    np.testing.assert_allclose(runs["plain", ("hflip",)].eval_probs, runs["mirror", ("hflip",)].eval_probs, atol=1e-6)
+    # TTA on the stored OOF side too: no TTA uses the plain OOF probabilities
+    no_tta = runs["plain", ()]
+    assert no_tta.oof_f1 == pytest.approx(no_tta.oof_f1_no_tta) and no_tta.members[0].tta == ()
+
+
+def test_oof_is_predicted_again_when_the_requested_tta_differs_from_the_trials(world):
+    # a copy of trial_b that claims it was trained without TTA: its stored probs_tta are the plain ones
+    storage = world["storage"]
+    copy = copy_trial(storage / SEARCH / "trials" / "trial_b", storage, "notta", "trial_b_notta")
+    edit_result(copy, **{"config.tta": []})
+    with np.load(copy / "oof.npz") as oof:
+        arrays = dict(oof)
+    np.savez_compressed(copy / "oof.npz", **{**arrays, "probs_tta": arrays["probs"]})
+    result = ensemble(world, world["base"] / "notta" / "submission.csv", search="notta", tta=("hflip",))
+    member = result.members[0]
+    assert member.recomputed and member.tta == ("hflip",)
+    # fit itself predicted trial_b's OOF with hflip: the re-prediction must match it
+    expected = load_oof(storage / SEARCH / "trials" / "trial_b")
+    np.testing.assert_array_equal(result.oof_rel_path, expected["rel_path"])
+    np.testing.assert_allclose(result.member_oof_probs["trial_b_notta"], expected["probs_tta"], atol=1e-5)
+    assert result.oof_f1 == pytest.approx(sk_macro_f1(expected["label"], expected["probs_tta"]))
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_writes_no_submission(world):
+    storage = world["storage"]
+    for trial_id in TRIALS:
+        copy_trial(storage / SEARCH / "trials" / trial_id, storage, "corrupt", trial_id)
+    broken = storage / "corrupt" / "trials" / "trial_a" / "checkpoints" / "fold1.pt"
+    broken.write_bytes(broken.read_bytes()[:1000])
+    out = storage / "corrupt" / "submission.csv"
+    with pytest.raises(CheckpointError, match=r"fold1\.pt.*corrupt"):
+        ensemble(world, out, search="corrupt", top=2)
+    assert not out.exists() and not list(out.parent.glob("*.pending"))
+    out.write_text("an earlier submission\n")
+    with pytest.raises(CheckpointError):
+        ensemble(world, out, search="corrupt", top=2)
+    assert out.read_text() == "an earlier submission\n"
+
+
+def test_checkpoint_of_another_backbone_is_refused(world):
+    storage = world["storage"]
+    copy = copy_trial(storage / SEARCH / "trials" / "trial_a", storage, "mismatch", "trial_a")
+    edit_result(copy, **{"config.backbone": "resnet18"})
+    with pytest.raises(CheckpointError, match=r"fold0\.pt has backbone 'resnet10t'.*'resnet18'"):
+        ensemble(world, storage / "mismatch" / "submission.csv", search="mismatch")
+    assert not (storage / "mismatch" / "submission.csv").exists()
+
+
+def test_missing_eval_image_is_a_clear_error_and_writes_no_submission(world, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(world["data"].root, root)
+    missing = world["data"].eval_ids[3]
+    (root / "eval" / "images" / missing).unlink()
+    out = tmp_path / "submission.csv"
+    with pytest.raises(DataError, match=missing):
+        ensemble(world, out, data_root=root)
+    assert not out.exists()
+
+
+def test_trials_with_different_fold_files_are_refused(world):
+    storage = world["storage"]
+    copy_trial(storage / SEARCH / "trials" / "trial_a", storage, "mixed", "trial_a")
+    other = copy_trial(storage / SEARCH / "trials" / "trial_b", storage, "mixed", "trial_b")
+    with np.load(other / "oof.npz") as oof:
+        arrays = dict(oof)
+    np.savez_compressed(other / "oof.npz", **{**arrays, "fold": 1 - arrays["fold"]})
+    with pytest.raises(OrchestratorError, match="different fold files"):
+        ensemble(world, storage / "mixed" / "submission.csv", search="mixed")
+
+
+def test_missing_search_and_no_usable_trial_are_clear_errors(world):
+    with pytest.raises(OrchestratorError, match="search folder .*nowhere.* not found"):
+        ensemble(world, world["base"] / "x.csv", search="nowhere")
+    storage = world["storage"]
+    copy = copy_trial(storage / SEARCH / "trials" / "trial_b", storage, "unusable", "trial_b")
+    shutil.rmtree(copy / "checkpoints")
+    with pytest.raises(OrchestratorError, match=r"trial_b: no checkpoints"):
+        ensemble(world, world["base"] / "x.csv", search="unusable")
+
+
+def test_mlflow_run_is_nested_under_the_search_with_metrics_and_submission(world, greedy):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=world["tracking_uri"])
+    run = client.get_run(greedy.mlflow_run_id)
+    assert run.info.run_name == "ensemble" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == world["parent_run_id"]
+    assert run.data.tags["foldtune.search_parent_run_id"] == world["parent_run_id"]
+    assert client.get_experiment(run.info.experiment_id).name == SEARCH
+    assert run.data.metrics["oof_f1"] == pytest.approx(greedy.oof_f1)
+    for member in greedy.members:
+        assert run.data.metrics[f"member/{member.trial_id}/oof_f1"] == pytest.approx(member.oof_f1)
+    assert sum(key.startswith("oof_class_f1/") for key in run.data.metrics) == 18
+    assert {"oof_mask_f1", "oof_gender_f1", "oof_age_f1"} <= set(run.data.metrics)
+    assert run.data.params["selection"] == "greedy" and run.data.params["tta"] == "own"
+    assert json.loads(run.data.params["members"]).keys() == {m.trial_id for m in greedy.members}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"submission.csv", "ensemble.json", "ensemble_confusion.png"} <= artifacts
+    logged = Path(client.download_artifacts(run.info.run_id, "submission.csv", str(world["base"] / "dl")))
+    assert logged.read_text() == greedy.submission.read_text()
+
+
+def write_answers(path: Path, ids: list[str], labels) -> Path:
+    pd.DataFrame({"ImageID": ids, "ans": labels}).to_csv(path, index=False)
+    return path
+
+
+def test_score_submission_against_answers(world, greedy, tmp_path):
+    ids = world["data"].eval_ids
+    labels = np.arange(len(ids)) % 18
+    answers = write_answers(tmp_path / "answers.csv", ids, labels)
+    perfect = score_submission_arrays(answers, answers)
+    assert perfect["f1"] == 1.0 and perfect["acc"] == 1.0 and perfect["mask_f1"] == 1.0
+    shuffled = write_answers(tmp_path / "shuffled.csv", ids, np.roll(labels, 1))
+    worse = score_submission_arrays(shuffled, answers)
+    assert worse["f1"] < 1.0 and worse["acc"] < 1.0
+    reordered = write_answers(tmp_path / "reordered.csv", ids[::-1], labels[::-1])  # same answers, other order
+    assert score_submission_arrays(reordered, answers)["f1"] == 1.0
+    text = score_submission(greedy.submission, answers)
+    assert "macro F1" in text and "gender F1" in text and "age F1" in text
+    submitted = pd.read_csv(greedy.submission, dtype=str)["ans"].astype(int).to_numpy()
+    assert score_arrays(labels, submitted)["f1"] == pytest.approx(
+        f1_score(labels, submitted, labels=list(range(18)), average="macro", zero_division=0)
+    )
+
+
+def test_score_submission_names_missing_and_extra_ids(world, tmp_path):
+    ids = world["data"].eval_ids
+    answers = write_answers(tmp_path / "answers.csv", ids, [0] * len(ids))
+    partial = write_answers(tmp_path / "partial.csv", ids[1:] + ["stranger.jpg"], [0] * len(ids))
+    with pytest.raises(OrchestratorError, match=rf"1 answer id\(s\) missing.*{ids[0]}.*stranger\.jpg"):
+        score_submission(partial, answers)
+    bad = write_answers(tmp_path / "bad.csv", ids, ["18"] + ["0"] * (len(ids) - 1))
+    with pytest.raises(OrchestratorError, match="line 2"):
+        score_submission(bad, answers)
