@@ -16,7 +16,7 @@ TOP     ?=                     # ensemble: N best trials instead of greedy selec
 TTA     ?=                     # ensemble: TTA views, e.g. hflip,scale (default: the trials' own)
 OUT     ?=                     # ensemble: submission path
 PORT    ?= 5000                # MLflow UI port
-PERSONS ?= 300                 # demo data persons
+PERSONS ?= 200                 # demo data persons
 BENCH_DATA ?=                  # benchmark data root (default: realistic AAF data if present, else demo)
 
 opt = $(if $(strip $(2)),$(1) $(strip $(2)),)
@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 .venv: $(VENV)/.installed
 
 demo: .venv
-	$(BIN)/python -m orchestrator.demo --persons $(strip $(PERSONS)) --storage $(strip $(STORAGE))
+	$(BIN)/python -m orchestrator.demo --data $(strip $(DATA)) --persons $(strip $(PERSONS)) --storage $(strip $(STORAGE))
 
 demo-data: .venv
 	$(FT) demo-data $(strip $(DATA)) --persons $(strip $(PERSONS))

@@ -18,6 +18,7 @@ Why it works the way it does:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -94,8 +95,8 @@ class _Candidate:
     rel_path: np.ndarray
     label: np.ndarray
     fold: np.ndarray
-    probs: np.ndarray  # OOF, no TTA
-    probs_tta: np.ndarray  # OOF with the trial's own ``tta``
+    probs: np.ndarray  # OOF, no TTA (float32)
+    probs_tta: np.ndarray  # OOF with the trial's own ``tta`` (float32)
 
     @property
     def own_tta(self) -> tuple[str, ...]:
@@ -107,18 +108,38 @@ class _Candidate:
 
 
 def read_search_summary(search_dir: Path) -> dict:
-    """The search's ``summary.json`` (MLflow experiment, parent run, tracking URI), or {} when absent."""
-    path = search_dir / "summary.json"
-    if not path.is_file():
-        return {}
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise OrchestratorError(f"{path} is unreadable ({error}); delete it to ensemble from trials/") from None
-    return summary if isinstance(summary, dict) else {}
+    """What the search recorded about itself: ``summary.json`` (written when it ends) laid over
+    ``tracking.json`` (written when it starts), or {} for a bare folder of trials.
+
+    Keys used here: ``tracking_uri``, ``experiment_name``, ``parent_run_id`` and ``trials`` (each with
+    ``trial_id`` and ``status``).
+    """
+    record: dict = {}
+    for name in ("tracking.json", "summary.json"):
+        path = search_dir / name
+        if not path.is_file():
+            continue
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise OrchestratorError(
+                f"{path} is unreadable ({error}); restore it, or delete it to ensemble from trials/ alone"
+            ) from None
+        if isinstance(values, dict):
+            record.update(values)
+    return record
 
 
-def _discover(search_dir: Path) -> tuple[list[_Candidate], dict[str, str]]:
+def _failed_in_search(summary: dict) -> dict[str, str]:
+    """Trials the search itself saw fail (their folders may still hold files from an earlier attempt)."""
+    failed = {}
+    for trial in summary.get("trials") or []:
+        if isinstance(trial, dict) and trial.get("status") == "failed":
+            failed[str(trial.get("trial_id"))] = f"failed in the search ({trial.get('error') or 'error'})"
+    return failed
+
+
+def _discover(search_dir: Path, failed: dict[str, str]) -> tuple[list[_Candidate], dict[str, str]]:
     """Every usable trial under ``trials/`` and, for the others, why they are left out."""
     trials_dir = search_dir / "trials"
     if not trials_dir.is_dir():
@@ -131,6 +152,9 @@ def _discover(search_dir: Path) -> tuple[list[_Candidate], dict[str, str]]:
     for run_dir in sorted(p for p in trials_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         trial_id = run_dir.name
         reason = None
+        if trial_id in failed:
+            skipped[trial_id] = failed[trial_id]
+            continue
         result_path = run_dir / "result.json"
         if not result_path.is_file():
             skipped[trial_id] = "no result.json (still running, or stopped before it finished)"
@@ -174,14 +198,15 @@ def _discover(search_dir: Path) -> tuple[list[_Candidate], dict[str, str]]:
                 rel_path=arrays["rel_path"].astype(str)[order],
                 label=arrays["label"].astype(np.int64)[order],
                 fold=arrays["fold"].astype(np.int64)[order],
-                probs=arrays["probs"].astype(np.float64)[order],
-                probs_tta=arrays["probs_tta"].astype(np.float64)[order],
+                probs=arrays["probs"].astype(np.float32)[order],  # as stored; sums are taken in float64
+                probs_tta=arrays["probs_tta"].astype(np.float32)[order],
             )
         )
     if not candidates:
         why = "\n".join(f"  {trial}: {reason}" for trial, reason in list(skipped.items())[:50]) or "  (none)"
         raise OrchestratorError(
-            f"no finished trial with out-of-fold predictions and all fold checkpoints in {trials_dir}:\n{why}\n"
+            f"no finished trial with out-of-fold predictions and all fold checkpoints in {trials_dir}:\n"
+            f"{why}\n"
             "let the search finish (`foldtune search --resume`) or re-run it"
         )
     return candidates, skipped
@@ -192,10 +217,13 @@ def _check_same_split(candidates: list[_Candidate]) -> None:
     reference = candidates[0]
     for other in candidates[1:]:
         pair = f"trials {reference.trial_id} and {other.trial_id}"
-        if len(other.rel_path) != len(reference.rel_path) or not np.array_equal(other.rel_path, reference.rel_path):
+        if len(other.rel_path) != len(reference.rel_path) or not np.array_equal(
+            other.rel_path, reference.rel_path
+        ):
             differ = sorted(set(other.rel_path.tolist()) ^ set(reference.rel_path.tolist()))
             raise OrchestratorError(
-                f"{pair} were trained on different images ({len(differ)} differ, e.g. {differ[:3]}); ensemble "
+                f"{pair} were trained on different images ({len(differ)} differ, e.g. {differ[:3]}); "
+                "ensemble "
                 "trials of one data set and fold file only (one search, or move the other trial out)"
             )
         if not np.array_equal(other.fold, reference.fold):
@@ -209,7 +237,8 @@ def _check_same_split(candidates: list[_Candidate]) -> None:
         if not np.array_equal(other.label, reference.label):
             bad = np.flatnonzero(other.label != reference.label)
             raise OrchestratorError(
-                f"{pair} were trained with different labels ({len(bad)} images, e.g. {reference.rel_path[bad[0]]}:"
+                f"{pair} were trained with different labels ({len(bad)} images, e.g. "
+                f"{reference.rel_path[bad[0]]}:"
                 f" {reference.label[bad[0]]} vs {other.label[bad[0]]}); a different relabel overlay or "
                 "age_edges: ensemble trials trained on the same labels only"
             )
@@ -228,7 +257,7 @@ def macro_f1(labels: np.ndarray, probs: np.ndarray) -> float:
 def greedy_selection(
     oof_probs: Sequence[np.ndarray], labels: np.ndarray, max_steps: int = DEFAULT_GREEDY_STEPS
 ) -> list[int]:
-    """Pick counts per candidate: start from the best one, add (with replacement) whichever raises OOF F1 most.
+    """Counts per candidate: start from the best one, add (with replacement) whichever raises OOF F1 most.
 
     Stops when no addition improves the score or after ``max_steps`` picks. Ties go to the lower index, so
     order candidates best-first for a deterministic result. The ensemble is ``sum(count * probs)``.
@@ -306,7 +335,8 @@ def _check_checkpoint(path: Path, candidate: _Candidate, fold: int) -> None:
         if found != value:
             raise CheckpointError(
                 f"checkpoint {path} has {key} {found!r} but trial {candidate.trial_id}'s config "
-                f"({candidate.run_dir / 'result.json'}) says {value!r}: the file belongs to another run; {todo}"
+                f"({candidate.run_dir / 'result.json'}) says {value!r}: the file belongs to another run; "
+                f"{todo}"
             )
 
 
@@ -328,7 +358,8 @@ def _predict_member(
     import torch
 
     from trainers.cache import build_cache, open_cache
-    from trainers.predict import load_checkpoint, predict_proba
+    from trainers.models import ModelError
+    from trainers.predict import CheckpointError, load_checkpoint, predict_proba
 
     config = candidate.config
     size = tuple(int(s) for s in config["image_size"])
@@ -344,16 +375,29 @@ def _predict_member(
     eval_probs = np.zeros((len(eval_paths), NUM_CLASSES), dtype=np.float64)
     oof = np.zeros_like(candidate.probs) if recompute_oof else None
     for fold, path in enumerate(candidate.checkpoints):
-        loaded = load_checkpoint(path, device=device)
+        try:
+            loaded = load_checkpoint(path, device=device)
+        except ModelError as error:  # e.g. a backbone this timm version does not know
+            raise CheckpointError(
+                f"checkpoint {path} cannot be rebuilt ({error}); use the timm version the search ran with"
+            ) from None
         if channels_last:
             loaded.model.to(memory_format=torch.channels_last)
-        common = dict(mean=loaded.mean, std=loaded.std, device=device, batch_size=batch_size, tta=tta, amp=amp,
-                      channels_last=channels_last)
+        common = dict(
+            mean=loaded.mean,
+            std=loaded.std,
+            device=device,
+            batch_size=batch_size,
+            tta=tta,
+            amp=amp,
+            channels_last=channels_last,
+        )
         eval_probs += predict_proba(loaded.model, loaded.head, eval_cache.images, eval_rows, **common)
         if recompute_oof:
             held_out = np.flatnonzero(candidate.fold == fold)
-            oof[held_out] = predict_proba(loaded.model, loaded.head, train_cache.images, train_rows[held_out],
-                                          **common)
+            oof[held_out] = predict_proba(
+                loaded.model, loaded.head, train_cache.images, train_rows[held_out], **common
+            )
         del loaded
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -365,7 +409,9 @@ def _predict_member(
 
 
 def _submission_frame(image_ids: list[str], answers: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"ImageID": pd.Series(image_ids, dtype=str), "ans": np.asarray(answers, dtype=np.int64)})
+    return pd.DataFrame(
+        {"ImageID": pd.Series(image_ids, dtype=str), "ans": np.asarray(answers, dtype=np.int64)}
+    )
 
 
 def validate_submission(path: Path, expected_ids: Sequence[str]) -> None:
@@ -375,13 +421,19 @@ def validate_submission(path: Path, expected_ids: Sequence[str]) -> None:
     except (OSError, ValueError) as error:
         raise OrchestratorError(f"submission {path} cannot be read back ({error})") from None
     if tuple(frame.columns) != SUBMISSION_COLUMNS:
-        raise OrchestratorError(f"submission {path} has columns {list(frame.columns)}, not {list(SUBMISSION_COLUMNS)}")
+        raise OrchestratorError(
+            f"submission {path} has columns {list(frame.columns)}, not {list(SUBMISSION_COLUMNS)}"
+        )
     if frame["ImageID"].tolist() != list(expected_ids):
-        raise OrchestratorError(f"submission {path} does not list eval/info.csv's ImageIDs in info.csv's order")
+        raise OrchestratorError(
+            f"submission {path} does not list eval/info.csv's ImageIDs in info.csv's order"
+        )
     valid = frame["ans"].str.fullmatch(r"\d+") & (pd.to_numeric(frame["ans"], errors="coerce") < NUM_CLASSES)
     if not valid.all():
         row = int(np.flatnonzero(~valid.to_numpy())[0])
-        raise OrchestratorError(f"submission {path} line {row + 2}: ans {frame['ans'][row]!r} is not a class 0..17")
+        raise OrchestratorError(
+            f"submission {path} line {row + 2}: ans {frame['ans'][row]!r} is not a class 0..17"
+        )
 
 
 def _write_submission(path: Path, image_ids: list[str], answers: np.ndarray) -> None:
@@ -395,13 +447,24 @@ def _write_submission(path: Path, image_ids: list[str], answers: np.ndarray) -> 
         pending.unlink(missing_ok=True)
 
 
-def _write_probs(path: Path, image_ids: list[str], probs: np.ndarray, member_ids: list[str],
-                 member_probs: np.ndarray, weights: list[float]) -> None:
+def _write_probs(
+    path: Path,
+    image_ids: list[str],
+    probs: np.ndarray,
+    member_ids: list[str],
+    member_probs: np.ndarray,
+    weights: list[float],
+) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     try:
-        np.savez_compressed(tmp, image_id=np.asarray(image_ids, dtype=str), probs=probs.astype(np.float32),
-                            members=np.asarray(member_ids, dtype=str), weights=np.asarray(weights),
-                            member_probs=member_probs.astype(np.float32))
+        np.savez_compressed(
+            tmp,
+            image_id=np.asarray(image_ids, dtype=str),
+            probs=probs.astype(np.float32),
+            members=np.asarray(member_ids, dtype=str),
+            weights=np.asarray(weights),
+            member_probs=member_probs.astype(np.float32),
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -422,18 +485,39 @@ def _experiment_name(summary: dict, search: str) -> str:
     return str(summary.get("experiment_name") or search)
 
 
+def _find_parent_run(tracking, search_dir: Path) -> str | None:
+    """The search's parent run by its tags, for a search that stopped before writing summary.json."""
+    from orchestrator.tracking import PARENT_ROLE, TAG
+
+    folder = str(search_dir.absolute())
+    if "'" in folder:
+        return None
+    query = f"tags.`{TAG}role` = '{PARENT_ROLE}' and tags.`{TAG}search_dir` = '{folder}'"
+    found = tracking.client.search_runs([tracking.experiment_id], filter_string=query, max_results=1)
+    return found[0].info.run_id if found else None
+
+
 def _log_mlflow(
-    result: EnsembleResult, summary: dict, search: str, tracking_uri: str | None, selection: dict
+    result: EnsembleResult,
+    summary: dict,
+    search: str,
+    search_dir: Path,
+    tracking_uri: str | None,
+    selection: dict,
 ) -> str:
     """One run named "ensemble" in the search's experiment, nested under the search's parent run.
 
-    Tracking URI: the argument, else the search's (summary.json), else MLFLOW_TRACKING_URI, else ./mlruns.
+    Tracking URI: the argument, else the search's own, else MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db.
     """
     from orchestrator.tracking import TAG, SearchTracking
 
     tracking = SearchTracking(tracking_uri or summary.get("tracking_uri"), _experiment_name(summary, search))
-    parent_run_id = summary.get("parent_run_id")
-    tags = {f"{TAG}role": "ensemble", f"{TAG}search": search, f"{TAG}submission": str(result.submission.absolute())}
+    parent_run_id = summary.get("parent_run_id") or _find_parent_run(tracking, search_dir)
+    tags = {
+        f"{TAG}role": "ensemble",
+        f"{TAG}search": search,
+        f"{TAG}submission": str(result.submission.absolute()),
+    }
     if parent_run_id:
         tags[SEARCH_PARENT_TAG] = str(parent_run_id)
         tags["mlflow.parentRunId"] = str(parent_run_id)
@@ -480,12 +564,14 @@ def _check_tta(tta: Sequence[str] | None) -> tuple[str, ...] | None:
     views = tuple(str(v).strip() for v in tta if str(v).strip())
     unknown = [v for v in views if v not in TTA_VIEWS]
     if unknown:
-        raise OrchestratorError(f"--tta: unknown view(s) {unknown}; use a comma-separated subset of {list(TTA_VIEWS)}")
+        raise OrchestratorError(
+            f"--tta: unknown view(s) {unknown}; use a comma-separated subset of {list(TTA_VIEWS)}"
+        )
     return views
 
 
 def _train_paths(data_root: Path, rel_paths: np.ndarray) -> list[str]:
-    """Absolute training image paths, spelled exactly as trainers.data does (so the training cache is reused)."""
+    """Absolute training image paths, spelled as trainers.data does (so the training cache is reused)."""
     root = data_root.resolve()
     paths = [str(root / rel) for rel in rel_paths.tolist()]
     missing = [rel for rel, path in zip(rel_paths.tolist(), paths, strict=True) if not os.path.isfile(path)]
@@ -551,12 +637,14 @@ def run_ensemble(
     image_ids = eval_table["image_id"].tolist()
     eval_paths = eval_table["image_path"].tolist()
     summary = read_search_summary(search_dir)
-    candidates, skipped = _discover(search_dir)
+    candidates, skipped = _discover(search_dir, _failed_in_search(summary))
     _check_same_split(candidates)
     labels = candidates[0].label
     age_edges = [tuple(c.config.get("age_edges", (30, 60))) for c in candidates]
     if len(set(age_edges)) > 1:
-        raise OrchestratorError(f"the trials use different age_edges {sorted(set(age_edges))}; their classes differ")
+        raise OrchestratorError(
+            f"the trials use different age_edges {sorted(set(age_edges))}; their classes differ"
+        )
     names = class_names(AgeBands(age_edges[0]))
 
     # selection on stored OOF probabilities, best candidate first (ties: trial id)
@@ -591,24 +679,42 @@ def run_ensemble(
     for i in chosen:
         candidate = candidates[i]
         views = candidate.own_tta if tta is None else tta
-        log(f"predicting with trial {candidate.trial_id} ({candidate.config.get('backbone')}, "
-            f"{len(candidate.checkpoints)} folds, TTA {_describe_tta(views)})")
-        eval_probs, recomputed = _predict_member(candidate, views, not exact[i], eval_paths, train_paths,
-                                                 Path(cache_dir), torch_device, batch_size, log)
+        log(
+            f"predicting with trial {candidate.trial_id} ({candidate.config.get('backbone')}, "
+            f"{len(candidate.checkpoints)} folds, TTA {_describe_tta(views)})"
+        )
+        eval_probs, recomputed = _predict_member(
+            candidate,
+            views,
+            not exact[i],
+            eval_paths,
+            train_paths,
+            Path(cache_dir),
+            torch_device,
+            batch_size,
+            log,
+        )
         oof = recomputed if recomputed is not None else selection_probs[i]
         member_eval.append(eval_probs)
         member_oof.append(oof)
         member_oof_plain.append(candidate.probs)
-        members.append(EnsembleMember(
-            trial_id=candidate.trial_id, run_dir=candidate.run_dir, backbone=str(candidate.config.get("backbone")),
-            count=counts[i], weight=counts[i] / total, tta=tuple(views),
-            oof_f1=macro_f1(labels, oof), oof_f1_no_tta=macro_f1(labels, candidate.probs),
-            recomputed=recomputed is not None,
-        ))
+        members.append(
+            EnsembleMember(
+                trial_id=candidate.trial_id,
+                run_dir=candidate.run_dir,
+                backbone=str(candidate.config.get("backbone")),
+                count=counts[i],
+                weight=counts[i] / total,
+                tta=tuple(views),
+                oof_f1=macro_f1(labels, oof),
+                oof_f1_no_tta=macro_f1(labels, candidate.probs),
+                recomputed=recomputed is not None,
+            )
+        )
 
-    weights = np.array([m.weight for m in members])
-    ensemble_oof = np.tensordot(weights, np.stack(member_oof), axes=1)
-    ensemble_oof_plain = np.tensordot(weights, np.stack(member_oof_plain), axes=1)
+    weights = np.array([m.weight for m in members], dtype=np.float64)
+    ensemble_oof = np.tensordot(weights, np.stack(member_oof).astype(np.float64), axes=1)
+    ensemble_oof_plain = np.tensordot(weights, np.stack(member_oof_plain).astype(np.float64), axes=1)
     ensemble_eval = np.tensordot(weights, np.stack(member_eval), axes=1)
     oof_metrics = compute_metrics(labels, ensemble_oof)
     oof_f1_no_tta = macro_f1(labels, ensemble_oof_plain)
@@ -619,17 +725,34 @@ def run_ensemble(
     plot_path = out.parent / "ensemble_confusion.png"
     probs_path = out.with_suffix(".npz")
     result = EnsembleResult(
-        submission=out, probs_path=probs_path, report_path=report_path, plot_path=plot_path, method=method,
-        tta=tta, members=members, oof_f1=float(oof_metrics["f1"]), oof_f1_no_tta=oof_f1_no_tta,
-        best_single_trial=best.trial_id, best_single_f1=best.oof_f1,
-        metrics={"scalars": flat_scalars(oof_metrics),
-                 "per_class_f1": dict(zip(names, oof_metrics["per_class_f1"], strict=True))},
-        eval_probs=ensemble_eval, image_ids=image_ids, oof_rel_path=candidates[0].rel_path, oof_labels=labels,
-        oof_probs=ensemble_oof, member_oof_probs={m.trial_id: p for m, p in zip(members, member_oof, strict=True)},
+        submission=out,
+        probs_path=probs_path,
+        report_path=report_path,
+        plot_path=plot_path,
+        method=method,
+        tta=tta,
+        members=members,
+        oof_f1=float(oof_metrics["f1"]),
+        oof_f1_no_tta=oof_f1_no_tta,
+        best_single_trial=best.trial_id,
+        best_single_f1=best.oof_f1,
+        metrics={
+            "scalars": flat_scalars(oof_metrics),
+            "per_class_f1": dict(zip(names, oof_metrics["per_class_f1"], strict=True)),
+        },
+        eval_probs=ensemble_eval,
+        image_ids=image_ids,
+        oof_rel_path=candidates[0].rel_path,
+        oof_labels=labels,
+        oof_probs=ensemble_oof,
+        member_oof_probs={m.trial_id: p for m, p in zip(members, member_oof, strict=True)},
         skipped=skipped,
     )
-    selection = {"greedy_max_steps": greedy_steps if method == "greedy" else None,
-                 "top": top, "candidates": len(candidates)}
+    selection = {
+        "greedy_max_steps": greedy_steps if method == "greedy" else None,
+        "top": top,
+        "candidates": len(candidates),
+    }
     report = {
         "search": search,
         "search_dir": str(search_dir.absolute()),
@@ -638,9 +761,20 @@ def run_ensemble(
         "selection": method,
         **{key: value for key, value in selection.items() if value is not None},
         "tta": list(tta) if tta is not None else "own",
-        "members": [{"trial_id": m.trial_id, "weight": m.weight, "count": m.count, "backbone": m.backbone,
-                     "tta": list(m.tta), "oof_f1": m.oof_f1, "oof_f1_no_tta": m.oof_f1_no_tta,
-                     "oof_recomputed": m.recomputed, "run_dir": str(m.run_dir.absolute())} for m in members],
+        "members": [
+            {
+                "trial_id": m.trial_id,
+                "weight": m.weight,
+                "count": m.count,
+                "backbone": m.backbone,
+                "tta": list(m.tta),
+                "oof_f1": m.oof_f1,
+                "oof_f1_no_tta": m.oof_f1_no_tta,
+                "oof_recomputed": m.recomputed,
+                "run_dir": str(m.run_dir.absolute()),
+            }
+            for m in members
+        ],
         "oof_f1": result.oof_f1,
         "oof_f1_no_tta": oof_f1_no_tta,
         "oof_metrics": result.metrics["scalars"],
@@ -655,18 +789,31 @@ def run_ensemble(
     # everything is computed: write the side files, then the submission last
     from trainers.metrics import plot_confusion
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json.dumps(report, indent=2, default=float), report_path)
-    _write_probs(probs_path, image_ids, ensemble_eval, [m.trial_id for m in members], np.stack(member_eval),
-                 weights.tolist())
-    plot_confusion(np.asarray(oof_metrics["confusion"]), names, plot_path,
-                   title=f"ensemble out-of-fold confusion (macro F1 {result.oof_f1:.3f})")
+    _write_probs(
+        probs_path,
+        image_ids,
+        ensemble_eval,
+        [m.trial_id for m in members],
+        np.stack(member_eval),
+        weights.tolist(),
+    )
+    plot_confusion(
+        np.asarray(oof_metrics["confusion"]),
+        names,
+        plot_path,
+        title=f"ensemble out-of-fold confusion (macro F1 {result.oof_f1:.3f})",
+    )
     _write_submission(out, image_ids, answers)
 
     try:
-        result.mlflow_run_id = _log_mlflow(result, summary, search, tracking_uri, selection)
+        result.mlflow_run_id = _log_mlflow(result, summary, search, search_dir, tracking_uri, selection)
     except Exception as error:  # tracking is a record of the result, not the result: keep the submission
-        log(f"warning: the submission is written but logging the ensemble to MLflow failed "
-            f"({type(error).__name__}: {error}); check the tracking URI / MLFLOW_TRACKING_URI")
+        log(
+            f"warning: the submission is written but logging the ensemble to MLflow failed "
+            f"({type(error).__name__}: {error}); check the tracking URI / MLFLOW_TRACKING_URI"
+        )
     else:
         report["mlflow_run_id"] = result.mlflow_run_id
         write_text_atomic(json.dumps(report, indent=2, default=float), report_path)
@@ -677,20 +824,28 @@ def run_ensemble(
 def format_report(result: EnsembleResult) -> str:
     """The short printed summary: members, their OOF F1, the ensemble's, the best single trial's."""
     tta = "each trial's own TTA" if result.tta is None else f"TTA {_describe_tta(result.tta)}"
-    lines = [f"ensemble: {len(result.members)} trial(s), {result.method} selection, {tta}",
-             "  weight  OOF F1  TTA             trial"]
+    lines = [
+        f"ensemble: {len(result.members)} trial(s), {result.method} selection, {tta}",
+        "  weight  OOF F1  TTA             trial",
+    ]
     for m in result.members:
         note = " (OOF re-predicted)" if m.recomputed else ""
-        lines.append(f"  {m.weight:6.3f}  {m.oof_f1:.4f}  {_describe_tta(m.tta):<14}  {m.trial_id} ({m.backbone}){note}")
+        lines.append(
+            f"  {m.weight:6.3f}  {m.oof_f1:.4f}  {_describe_tta(m.tta):<14}  {m.trial_id} ({m.backbone})"
+            f"{note}"
+        )
     lines += [
         f"best single trial: {result.best_single_trial}  OOF macro F1 {result.best_single_f1:.4f}",
         f"ensemble OOF macro F1 {result.oof_f1:.4f} with {tta} ({result.oof_f1_no_tta:.4f} without TTA)"
         f"  <- expected F1",
-        f"submission: {result.submission} ({len(result.image_ids)} images); probabilities {result.probs_path}",
+        f"submission: {result.submission} ({len(result.image_ids)} images); "
+        f"probabilities {result.probs_path}",
     ]
     if result.skipped:
-        lines.append(f"not candidates: {len(result.skipped)} trial(s): " + "; ".join(
-            f"{t} ({why})" for t, why in list(result.skipped.items())[:_LISTED]))
+        lines.append(
+            f"not candidates: {len(result.skipped)} trial(s): "
+            + "; ".join(f"{t} ({why})" for t, why in list(result.skipped.items())[:_LISTED])
+        )
     if result.mlflow_run_id:
         lines.append(f"MLflow run: {result.mlflow_run_id}")
     return "\n".join(lines)
@@ -717,20 +872,48 @@ def _read_labelled_csv(path: Path, role: str) -> pd.DataFrame:
     if not valid.all():
         bad = np.flatnonzero(~valid.to_numpy())
         listed = ", ".join(f"line {i + 2} ({frame['ans'][i]!r})" for i in bad[:_LISTED])
-        raise OrchestratorError(f"{role} file {path}: {len(bad)} ans value(s) are not a class 0..17: {listed}")
+        raise OrchestratorError(
+            f"{role} file {path}: {len(bad)} ans value(s) are not a class 0..17: {listed}"
+        )
     duplicated = frame["ImageID"][frame["ImageID"].duplicated()].unique().tolist()
     if duplicated:
-        raise OrchestratorError(f"{role} file {path} lists {len(duplicated)} ImageID(s) twice, e.g. {duplicated[:_LISTED]}")
+        raise OrchestratorError(
+            f"{role} file {path} lists {len(duplicated)} ImageID(s) twice, e.g. {duplicated[:_LISTED]}"
+        )
     return pd.DataFrame({"ImageID": frame["ImageID"], "ans": ans.astype(np.int64)})
 
 
+def _macro_f1_present(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> tuple[float, np.ndarray]:
+    """Macro F1 over the classes present in the answers or the predictions (scikit-learn's default).
+
+    A test set rarely lacks a class, but a small one may: a class absent from both sides is left out, as
+    the competition's scorer does, instead of counting as 0. Per-class F1 is NaN for such a class.
+    """
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    per_class = f1_per_class(cm)
+    present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+    return float(per_class[present].mean()), np.where(present, per_class, np.nan)
+
+
 def score_arrays(y_true: Sequence[int], y_pred: Sequence[int]) -> dict:
-    """Competition metrics of predicted classes: f1 (macro), acc, mask_f1, gender_f1, age_f1, per_class_f1."""
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    metrics = compute_metrics(np.asarray(y_true, dtype=np.int64), np.eye(NUM_CLASSES)[y_pred])
-    scores = {key: metrics[key] for key in ("f1", "acc", "mask_f1", "gender_f1", "age_f1")}
-    scores["per_class_f1"] = metrics["per_class_f1"]
-    scores["n"] = int(len(y_pred))
+    """Competition scores of predicted classes: f1 (macro), acc, mask/gender/age_f1, per_class_f1, n."""
+    from trainers.labels import NUM_AGE, NUM_GENDER, NUM_MASK, decode
+
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if y_true.shape != y_pred.shape or y_true.ndim != 1 or not len(y_true):
+        raise ValueError(f"need two equally long 1-D label arrays, got {y_true.shape} and {y_pred.shape}")
+    f1, per_class = _macro_f1_present(y_true, y_pred, NUM_CLASSES)
+    scores = {"f1": f1, "acc": float((y_true == y_pred).mean())}
+    for name, size, truth, predicted in zip(
+        ("mask_f1", "gender_f1", "age_f1"),
+        (NUM_MASK, NUM_GENDER, NUM_AGE),
+        decode(y_true),
+        decode(y_pred),
+        strict=True,
+    ):
+        scores[name] = _macro_f1_present(truth, predicted, size)[0]
+    scores["per_class_f1"] = [float(v) for v in per_class]
+    scores["n"] = int(len(y_true))
     return scores
 
 
@@ -758,10 +941,15 @@ def score_submission(submission: Path, answers: Path) -> str:
     """`foldtune score`: macro F1, accuracy and per-task F1 of a submission, as printable text."""
     scores = score_submission_arrays(submission, answers)
     names = class_names()
-    per_class = "  ".join(f"{i}:{f1:.2f}" for i, f1 in enumerate(scores["per_class_f1"]))
-    return "\n".join([
-        f"{submission} vs {answers}: {scores['n']} images",
-        f"macro F1 {scores['f1']:.4f}  accuracy {scores['acc']:.4f}",
-        f"mask F1 {scores['mask_f1']:.4f}  gender F1 {scores['gender_f1']:.4f}  age F1 {scores['age_f1']:.4f}",
-        f"per-class F1 (0={names[0]} .. 17={names[17]}): {per_class}",
-    ])
+    per_class = "  ".join(
+        f"{i}:{f1:.2f}" if math.isfinite(f1) else f"{i}:-" for i, f1 in enumerate(scores["per_class_f1"])
+    )
+    return "\n".join(
+        [
+            f"{submission} vs {answers}: {scores['n']} images",
+            f"macro F1 {scores['f1']:.4f}  accuracy {scores['acc']:.4f}",
+            f"mask F1 {scores['mask_f1']:.4f}  gender F1 {scores['gender_f1']:.4f}  "
+            f"age F1 {scores['age_f1']:.4f}",
+            f"per-class F1 (0={names[0]} .. 17={names[17]}): {per_class}",
+        ]
+    )

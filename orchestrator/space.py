@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.errors import OrchestratorError
 from trainers.config import ConfigError, TrainConfig, field_names
 
 SEARCH_KINDS = ("choice", "loguniform", "uniform", "int")
@@ -35,6 +36,7 @@ TOP_LEVEL_KEYS = (
     "sampler",
     "keep_top",
     "max_failures",
+    "points_to_evaluate",
 )
 # Fields every trial must share, because the driver prepares one fold file and one image cache per search.
 SHARED_FIELDS = {
@@ -49,7 +51,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(TrainConfig) if f.type == "float"}
 
 
-class SpaceError(ValueError):
+class SpaceError(OrchestratorError, ValueError):
     """A search space a user must fix; the message names the file, the key and what is allowed."""
 
 
@@ -98,6 +100,7 @@ class SearchSpace:
     keep_top: int = 3
     max_failures: int = 0
     description: str = ""
+    points_to_evaluate: tuple[dict[str, Any], ...] = ()  # full parameter sets tried first, in order
     source: str = "<mapping>"
 
     def backbones(self) -> list[str]:
@@ -161,6 +164,7 @@ class SearchSpace:
             "sampler": {"seed": self.sampler_seed, "n_startup_trials": self.n_startup_trials},
             "keep_top": self.keep_top,
             "max_failures": self.max_failures,
+            "points_to_evaluate": [dict(point) for point in self.points_to_evaluate],
         }
 
     def to_yaml(self) -> str:
@@ -250,8 +254,13 @@ def parse_space(raw: Any, source: str = "<mapping>") -> SearchSpace:
         keep_top=_whole(raw.get("keep_top", 3), "keep_top", fail, low=1),
         max_failures=_whole(raw.get("max_failures", 0), "max_failures", fail, low=0),
         description=str(raw.get("description") or ""),
+        points_to_evaluate=_parse_points(raw.get("points_to_evaluate") or [], search, fail),
         source=source,
     )
+    if len(space.points_to_evaluate) > space.trials:
+        raise fail(
+            "points_to_evaluate", f"lists {len(space.points_to_evaluate)} points for {space.trials} trials"
+        )
     _check_pretrained(space, fail)
     _check_backbones(space, fail)
     _check_configs(space, fail)
@@ -303,6 +312,31 @@ def _parse_param(key: str, spec: Any, fail) -> Param:
     if not low < high:
         raise fail(where, f"needs low < high, got [{low}, {high}] (put a single value under 'fixed')")
     return Param(key, kind, (low, high))
+
+
+def _parse_points(points: Any, search: dict[str, Param], fail) -> tuple[dict[str, Any], ...]:
+    """Known configurations to try first: each gives every searched parameter a value inside its range."""
+    if not isinstance(points, list):
+        raise fail("points_to_evaluate", f"must be a list of {{parameter: value}} mappings, got {points!r}")
+    parsed = []
+    for index, point in enumerate(points):
+        where = f"points_to_evaluate[{index}]"
+        if not isinstance(point, Mapping) or set(point) != set(search):
+            got = sorted(point) if isinstance(point, Mapping) else point
+            raise fail(where, f"must give exactly the searched parameters {sorted(search)}, got {got}")
+        point = _coerce_floats({str(k): v for k, v in point.items()})
+        for key, value in point.items():
+            param = search[key]
+            if param.kind == "choice":
+                inside = value in param.values
+            else:
+                number = isinstance(value, int | float) and not isinstance(value, bool)
+                whole = param.kind != "int" or isinstance(value, int)
+                inside = number and whole and param.values[0] <= value <= param.values[1]
+            if not inside:
+                raise fail(f"{where}.{key}", f"{value!r} is outside the search range ({param.describe()})")
+        parsed.append(point)
+    return tuple(parsed)
 
 
 def _parse_scheduler(value: Any, fail) -> Asha | None:
@@ -383,6 +417,11 @@ def _check_configs(space: SearchSpace, fail) -> None:
         space.config_for(base)
     except ConfigError as error:
         raise fail("fixed", str(error)) from None
+    for index, point in enumerate(space.points_to_evaluate):
+        try:
+            space.config_for(point)
+        except ConfigError as error:
+            raise fail(f"points_to_evaluate[{index}]", str(error)) from None
     for name, param in space.search.items():
         for value in param.corners():
             try:

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold
+from threadpoolctl import threadpool_limits
 
 import trainers.demo as demo
 from trainers.data import read_eval, read_train
@@ -165,20 +166,22 @@ def test_interrupted_run_leaves_no_half_written_data_and_a_rerun_recovers(tmp_pa
 
 
 def test_pictures_carry_learnable_but_imperfect_signal_for_all_three_tasks(tmp_path: Path) -> None:
-    """Logistic regression on 24x32 grey pixels, split by person, must beat chance clearly on each task.
+    """Logistic regression on 24x32 grey pixels must beat chance clearly on each task, scored on persons
+    it never saw (3 folds by person: each model trains on 2/3 of the persons and predicts the other 1/3).
 
-    Measured (seed 0): mask 0.63, gender 0.76, age band 0.75 balanced accuracy (chance 0.33/0.5/0.33).
-    Other seeds gave mask 0.59-0.73, gender 0.70-0.86, age 0.56-0.75.
+    Measured balanced accuracy with seed 0: mask 0.62, gender 0.77, age band 0.72 (chance 0.33/0.5/0.33);
+    seeds 1-7 gave mask 0.60-0.66, gender 0.76-0.84, age band 0.62-0.77.
     """
     write_demo_data(tmp_path, persons=120, eval_persons=1, seed=0, image_size=SMALL)
     table = read_train(tmp_path, check_images=False).table
 
-    # distribution like the competition: more women, every age band, few aged 60+, all three file types
+    # drawn like the competition: more women, few aged 60+, ages at the band edges, mostly .jpg files
     persons = table.drop_duplicates("person_id")
     assert (persons["gender"] == 1).sum() > (persons["gender"] == 0).sum()
     band_sizes = np.bincount(persons["age_band"], minlength=3)
     assert 0 < band_sizes[2] < min(band_sizes[0], band_sizes[1])
-    assert {29, 30}.intersection(persons["age"]) or {57, 58, 59, 60}.intersection(persons["age"])
+    ages = set(persons["age"])
+    assert ages & {28, 29} and ages & {30, 31} and ages & {57, 58, 59} and 60 in ages
     extensions = Counter(Path(p).suffix for p in table["image_path"])
     assert set(extensions) == {".jpg", ".jpeg", ".png"} and extensions[".jpg"] > len(table) / 2
 
@@ -186,22 +189,25 @@ def test_pictures_carry_learnable_but_imperfect_signal_for_all_three_tasks(tmp_p
         [np.asarray(Image.open(p).convert("L").resize((24, 32), Image.BILINEAR)) for p in table["image_path"]]
     )
     features = pixels.reshape(len(pixels), -1).astype(np.float32) / 255
-    strata = (persons["gender"] * 3 + persons["age_band"]).to_numpy()
-    train_persons, _ = train_test_split(
-        persons["person_id"].to_numpy(), test_size=1 / 3, random_state=0, stratify=strata
-    )
-    in_train = table["person_id"].isin(set(train_persons)).to_numpy()
-    mean, spread = features[in_train].mean(0), features[in_train].std(0) + 1e-3
-    features = (features - mean) / spread
-
-    scores = {}
-    for task in ("mask", "gender", "age_band"):
-        target = table[task].to_numpy()
-        model = LogisticRegression(C=0.01, class_weight="balanced", max_iter=2000).fit(
-            features[in_train], target[in_train]
-        )
-        scores[task] = balanced_accuracy_score(target[~in_train], model.predict(features[~in_train]))
+    person_ids = persons["person_id"].to_numpy()
+    predictions = {task: np.full(len(table), -1) for task in ("mask", "gender", "age_band")}
+    # one BLAS thread: on a busy 2-core machine threaded BLAS spin-waits and a 0.1 s fit takes seconds
+    with threadpool_limits(1):
+        folds = StratifiedKFold(3, shuffle=True, random_state=0).split(person_ids, persons["age_band"])
+        for train_index, _ in folds:
+            in_train = table["person_id"].isin(set(person_ids[train_index])).to_numpy()
+            mean, spread = features[in_train].mean(0), features[in_train].std(0) + 1e-3
+            scaled = (features - mean) / spread
+            for task, predicted in predictions.items():
+                target = table[task].to_numpy()
+                model = LogisticRegression(C=0.01, class_weight="balanced", max_iter=2000)
+                model.fit(scaled[in_train], target[in_train])
+                predicted[~in_train] = model.predict(scaled[~in_train])
+    scores = {
+        task: balanced_accuracy_score(table[task], predicted) for task, predicted in predictions.items()
+    }
     print("balanced accuracy by task:", {task: round(score, 3) for task, score in scores.items()})
-    assert scores["mask"] > 0.5 and scores["gender"] > 0.6 and scores["age_band"] > 0.45, scores
+    assert all((predicted >= 0).all() for predicted in predictions.values())  # every image scored once
+    assert scores["mask"] > 0.5 and scores["gender"] > 0.65 and scores["age_band"] > 0.5, scores
     # and not trivial: a linear model on pixels must leave room for CNNs, ensembles and TTA
     assert max(scores.values()) < 0.95, scores

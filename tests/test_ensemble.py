@@ -1,4 +1,4 @@
-"""The ensemble stage end to end on two tiny trials trained once (no Ray): selection, TTA, submission, MLflow."""
+"""The ensemble stage end to end on two tiny trials trained once (no Ray): selection, TTA, submission."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from orchestrator.ensemble import (
     score_arrays,
     score_submission,
     score_submission_arrays,
+    validate_submission,
 )
 from orchestrator.errors import OrchestratorError
 from trainers.config import TrainConfig
@@ -81,15 +82,26 @@ def world(tmp_path_factory, dataset_builder):
     pruned = copy_trial(trials / "trial_b", storage, SEARCH, "trial_d_pruned")
     shutil.rmtree(pruned / "checkpoints")
 
-    # what the search leaves: an MLflow experiment with a parent run, named in summary.json
+    # what the search leaves: an MLflow experiment with a parent run, named in summary.json (search.py's
+    # fields); trial_e is a folder the search saw fail although an earlier attempt left complete files
     from orchestrator.tracking import SearchTracking
 
+    copy_trial(trials / "trial_b", storage, SEARCH, "trial_e_failed")
     tracking_uri = f"sqlite:///{base / 'mlruns' / 'mlflow.db'}"
     tracking = SearchTracking(tracking_uri, SEARCH)
     parent_run_id = tracking.start_parent(storage / SEARCH)
-    (storage / SEARCH / "summary.json").write_text(
-        json.dumps({"experiment_name": SEARCH, "parent_run_id": parent_run_id, "tracking_uri": tracking_uri})
-    )
+    statuses = {"trial_a": "completed", "trial_b": "completed", "trial_e_failed": "failed"}
+    summary = {
+        "name": SEARCH,
+        "experiment_name": SEARCH,
+        "tracking_uri": tracking_uri,
+        "parent_run_id": parent_run_id,
+        "trials": [
+            {"trial_id": t, "status": status, "error": "RuntimeError: boom" if status == "failed" else ""}
+            for t, status in statuses.items()
+        ],
+    }
+    (storage / SEARCH / "summary.json").write_text(json.dumps(summary))
     return {
         "base": base,
         "data": data,
@@ -100,7 +112,9 @@ def world(tmp_path_factory, dataset_builder):
     }
 
 
-def ensemble(world, out: Path, search: str = SEARCH, data_root: Path | None = None, **options) -> EnsembleResult:
+def ensemble(
+    world, out: Path, search: str = SEARCH, data_root: Path | None = None, **options
+) -> EnsembleResult:
     return run_ensemble(
         data_root=data_root or world["data"].root,
         search=search,
@@ -126,7 +140,9 @@ def test_submission_lists_info_csv_ids_in_order_with_valid_classes(world, greedy
     with np.load(greedy.probs_path) as saved:
         assert saved["image_id"].tolist() == info["ImageID"].tolist()
         np.testing.assert_array_equal(saved["probs"].argmax(1), answers)
-        np.testing.assert_allclose(saved["probs"].sum(1), 1.0, atol=1e-5)  # averaged probabilities, not logits
+        np.testing.assert_allclose(
+            saved["probs"].sum(1), 1.0, atol=1e-5
+        )  # averaged probabilities, not logits
     report = json.loads(greedy.report_path.read_text())
     assert [m["trial_id"] for m in report["members"]] == [m.trial_id for m in greedy.members]
     assert report["oof_f1"] == pytest.approx(greedy.oof_f1)
@@ -142,7 +158,9 @@ def test_oof_f1_equals_recomputation_from_stored_oof_probabilities(world, greedy
     assert greedy.oof_f1 == pytest.approx(sk_macro_f1(labels, weighted), abs=1e-12)
     assert greedy.oof_f1_no_tta == pytest.approx(sk_macro_f1(labels, plain), abs=1e-12)
     for member in greedy.members:
-        assert member.oof_f1 == pytest.approx(sk_macro_f1(labels, load_oof(trials / member.trial_id)["probs_tta"]))
+        assert member.oof_f1 == pytest.approx(
+            sk_macro_f1(labels, load_oof(trials / member.trial_id)["probs_tta"])
+        )
         assert member.tta == ("hflip",) and not member.recomputed
 
 
@@ -153,8 +171,9 @@ def test_greedy_never_scores_below_its_best_candidate_and_skips_unusable_trials(
     assert greedy.best_single_f1 == pytest.approx(max(singles.values()))
     assert greedy.oof_f1 >= max(singles.values())
     assert greedy.members[0].trial_id == max(singles, key=singles.get)
-    assert set(greedy.skipped) == {"trial_c_diverged", "trial_d_pruned"}
+    assert set(greedy.skipped) == {"trial_c_diverged", "trial_d_pruned", "trial_e_failed"}
     assert "diverged" in greedy.skipped["trial_c_diverged"] and "pruned" in greedy.skipped["trial_d_pruned"]
+    assert "boom" in greedy.skipped["trial_e_failed"]
 
 
 def test_greedy_selection_adds_a_complementary_candidate_and_stops():
@@ -174,44 +193,45 @@ def test_greedy_selection_adds_a_complementary_candidate_and_stops():
 
 
 def test_top_one_is_the_best_trial_alone(world, greedy, capsys):
-    result = ensemble(world, world["base"] / "top1" / "submission.csv", top=1)
+    result = ensemble(world, world["base"] / "top1" / "submission.csv", top=1, log=print)
     assert [m.trial_id for m in result.members] == [greedy.best_single_trial]
     assert result.members[0].weight == 1.0 and result.method == "top"
     assert result.oof_f1 == pytest.approx(greedy.best_single_f1, abs=1e-12)
     with np.load(greedy.probs_path) as saved:  # the same trial's eval probabilities inside the greedy run
         alone = saved["member_probs"][saved["members"].tolist().index(greedy.best_single_trial)]
     np.testing.assert_allclose(result.eval_probs, alone, atol=1e-6)
-    ensemble(world, world["base"] / "top1" / "again.csv", top=1, log=print)
     printed = capsys.readouterr().out
-    assert "expected F1" in printed and "best single trial" in printed and "again.csv" in printed
+    assert "expected F1" in printed and "best single trial" in printed and str(result.submission) in printed
 
 
-def write_mirrored_eval(source_root: Path, target: Path, ids: list[str], mirror: bool) -> Path:
-    """An eval-only data root whose images are the decoded originals (PNG, lossless), mirrored if asked."""
+def write_plain_and_mirrored_eval(source_root: Path, target: Path, ids: list[str]) -> Path:
+    """An eval-only data root listing each eval image twice: decoded as is, and mirrored (lossless PNGs)."""
     (target / "eval" / "images").mkdir(parents=True)
-    shutil.copy(source_root / "eval" / "info.csv", target / "eval" / "info.csv")
     for image_id in ids:
         pixels = np.asarray(Image.open(source_root / "eval" / "images" / image_id).convert("RGB"))
-        Image.fromarray(pixels[:, ::-1] if mirror else pixels).save(target / "eval" / "images" / image_id, "PNG")
+        Image.fromarray(pixels).save(target / "eval" / "images" / f"plain_{image_id}.png")
+        Image.fromarray(np.ascontiguousarray(pixels[:, ::-1])).save(
+            target / "eval" / "images" / f"mirror_{image_id}.png"
+        )
+    names = [f"plain_{i}.png" for i in ids] + [f"mirror_{i}.png" for i in ids]
+    (target / "eval" / "info.csv").write_text("ImageID,ans\n" + "".join(f"{name},0\n" for name in names))
     return target
 
 
 def test_hflip_tta_is_applied_to_the_submission(world, tmp_path):
     ids = world["data"].eval_ids
-    plain_root = write_mirrored_eval(world["data"].root, tmp_path / "plain", ids, mirror=False)
-    mirror_root = write_mirrored_eval(world["data"].root, tmp_path / "mirror", ids, mirror=True)
-    runs = {
-        (name, views): ensemble(world, tmp_path / f"{name}{len(views)}.csv", data_root=root, top=1, tta=views)
-        for name, root in (("plain", plain_root), ("mirror", mirror_root))
-        for views in ((), ("hflip",))
-    }
-    # the models are not flip-invariant, so mirrored images score differently without TTA ...
-    assert not np.allclose(runs["plain", ()].eval_probs, runs["mirror", ()].eval_probs, atol=1e-4)
-    # ... and with hflip TTA both see {image, mirror image}: identical probabilities
-    np.testing.assert_allclose(runs["plain", ("hflip",)].eval_probs, runs["mirror", ("hflip",)].eval_probs, atol=1e-6)
-    # TTA on the stored OOF side too: no TTA uses the plain OOF probabilities
-    no_tta = runs["plain", ()]
-    assert no_tta.oof_f1 == pytest.approx(no_tta.oof_f1_no_tta) and no_tta.members[0].tta == ()
+    root = write_plain_and_mirrored_eval(world["data"].root, tmp_path / "data", ids)
+    plain = ensemble(world, tmp_path / "plain.csv", data_root=root, top=1, tta=())
+    flipped = ensemble(world, tmp_path / "hflip.csv", data_root=root, top=1, tta=("hflip",))
+    half = len(ids)
+    # the models are not flip-invariant, so a mirrored image scores differently without TTA ...
+    assert not np.allclose(plain.eval_probs[:half], plain.eval_probs[half:], atol=1e-4)
+    # ... and with hflip TTA an image and its mirror both average {image, mirror}: identical probabilities
+    np.testing.assert_allclose(flipped.eval_probs[:half], flipped.eval_probs[half:], atol=1e-6)
+    assert not np.allclose(plain.eval_probs, flipped.eval_probs, atol=1e-4)
+    # the OOF estimate follows the same TTA: none uses the stored plain OOF probabilities
+    assert plain.members[0].tta == () and plain.oof_f1 == pytest.approx(plain.oof_f1_no_tta)
+    assert flipped.members[0].tta == ("hflip",) and not flipped.members[0].recomputed
 
 
 def test_oof_is_predicted_again_when_the_requested_tta_differs_from_the_trials(world):
@@ -222,6 +242,13 @@ def test_oof_is_predicted_again_when_the_requested_tta_differs_from_the_trials(w
     with np.load(copy / "oof.npz") as oof:
         arrays = dict(oof)
     np.savez_compressed(copy / "oof.npz", **{**arrays, "probs_tta": arrays["probs"]})
+    # a search interrupted before summary.json: tracking.json names the store, the parent is found by tags
+    from orchestrator.tracking import SearchTracking
+
+    parent = SearchTracking(world["tracking_uri"], "notta-experiment").start_parent(storage / "notta")
+    (storage / "notta" / "tracking.json").write_text(
+        json.dumps({"tracking_uri": world["tracking_uri"], "experiment_name": "notta-experiment"})
+    )
     result = ensemble(world, world["base"] / "notta" / "submission.csv", search="notta", tta=("hflip",))
     member = result.members[0]
     assert member.recomputed and member.tta == ("hflip",)
@@ -230,6 +257,10 @@ def test_oof_is_predicted_again_when_the_requested_tta_differs_from_the_trials(w
     np.testing.assert_array_equal(result.oof_rel_path, expected["rel_path"])
     np.testing.assert_allclose(result.member_oof_probs["trial_b_notta"], expected["probs_tta"], atol=1e-5)
     assert result.oof_f1 == pytest.approx(sk_macro_f1(expected["label"], expected["probs_tta"]))
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=world["tracking_uri"]).get_run(result.mlflow_run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_writes_no_submission(world):
@@ -325,13 +356,21 @@ def test_score_submission_against_answers(world, greedy, tmp_path):
     shuffled = write_answers(tmp_path / "shuffled.csv", ids, np.roll(labels, 1))
     worse = score_submission_arrays(shuffled, answers)
     assert worse["f1"] < 1.0 and worse["acc"] < 1.0
-    reordered = write_answers(tmp_path / "reordered.csv", ids[::-1], labels[::-1])  # same answers, other order
+    reordered = write_answers(
+        tmp_path / "reordered.csv", ids[::-1], labels[::-1]
+    )  # same answers, other order
     assert score_submission_arrays(reordered, answers)["f1"] == 1.0
     text = score_submission(greedy.submission, answers)
     assert "macro F1" in text and "gender F1" in text and "age F1" in text
+    # the competition's scorer: scikit-learn macro F1 over the classes present in answers or predictions
     submitted = pd.read_csv(greedy.submission, dtype=str)["ans"].astype(int).to_numpy()
-    assert score_arrays(labels, submitted)["f1"] == pytest.approx(
-        f1_score(labels, submitted, labels=list(range(18)), average="macro", zero_division=0)
+    scores = score_arrays(labels, submitted)
+    assert scores["f1"] == pytest.approx(f1_score(labels, submitted, average="macro", zero_division=0))
+    assert scores["mask_f1"] == pytest.approx(
+        f1_score(labels // 6, submitted // 6, average="macro", zero_division=0)
+    )
+    assert scores["age_f1"] == pytest.approx(
+        f1_score(labels % 3, submitted % 3, average="macro", zero_division=0)
     )
 
 
@@ -344,3 +383,14 @@ def test_score_submission_names_missing_and_extra_ids(world, tmp_path):
     bad = write_answers(tmp_path / "bad.csv", ids, ["18"] + ["0"] * (len(ids) - 1))
     with pytest.raises(OrchestratorError, match="line 2"):
         score_submission(bad, answers)
+
+
+def test_submission_check_refuses_wrong_order_and_bad_classes(tmp_path):
+    ids = ["b.jpg", "a.jpg"]
+    swapped = write_answers(tmp_path / "swapped.csv", ids[::-1], [0, 1])
+    with pytest.raises(OrchestratorError, match="order"):
+        validate_submission(swapped, ids)
+    bad = write_answers(tmp_path / "bad.csv", ids, [0, 18])
+    with pytest.raises(OrchestratorError, match="line 3"):
+        validate_submission(bad, ids)
+    validate_submission(write_answers(tmp_path / "good.csv", ids, [17, 0]), ids)

@@ -7,7 +7,8 @@ TTA still have something to add:
 
 - mask state: a mask over nose and mouth (wear), pulled below the nose or onto the chin (incorrect), or
   none with the mouth visible (not wear);
-- gender: hair length, long more often for women, with overlap both ways;
+- gender: mainly hair length, long more often for women, with overlap both ways; weaker cues in face
+  width and eyebrow thickness;
 - age: hair greys gradually and wrinkles grow with age while facial features lose contrast, so ages near
   the band edges (29/30, 57-60) look alike.
 
@@ -263,8 +264,8 @@ def _eval_image_id(seed: int, index: int, stem: str) -> str:
 
 
 def _draw_people(split: int, count: int, seed: int) -> list[_Person]:
-    """Draw ages and genders by stratified sampling (so even 12 persons cover the age bands), then
-    each person's look from their own random stream, independent of how many others there are."""
+    """Draw ages and genders by stratified sampling (so even a small demo is close to the target shares),
+    then each person's look from their own random stream, independent of how many others there are."""
     rng = np.random.default_rng([seed, split, 2**31 + 1])
     ages = np.array(sorted(_AGE_WEIGHTS))
     cdf = np.cumsum([_AGE_WEIGHTS[a] for a in ages])
@@ -286,7 +287,7 @@ def _draw_person(split: int, index: int, gender: int, age: int, seed: int) -> _P
     dark_hair = np.array([22.0, 18.0, 16.0]) + rng.uniform(0, 45) * np.array([1.0, 0.8, 0.6])
     long_hair = rng.random() < LONG_HAIR_PROBABILITY[gender]
     hair_length = rng.uniform(0.9, 1.9) if long_hair else rng.uniform(-0.25, 0.35)
-    youth = float(np.clip((age - 18) / 45, 0, 1))
+    ageing = float(np.clip((age - 18) / 45, 0, 1))
     masks = []
     for _ in range(5):
         colour, accent = rng.choice(len(_MASK_COLOURS), size=2, replace=False)
@@ -308,7 +309,7 @@ def _draw_person(split: int, index: int, gender: int, age: int, seed: int) -> _P
         face_height=float(rng.uniform(0.21, 0.25)),
         offset=(float(rng.normal(0, 0.03)), float(rng.normal(0, 0.025))),
         wrinkles=int(np.clip(round((age - 24) / 7 + rng.normal(0, 0.8)), 0, 6)),
-        feature_contrast=float(np.clip(1.0 - 0.45 * youth + rng.normal(0, 0.05), 0.4, 1.0)),
+        feature_contrast=float(np.clip(1.0 - 0.45 * ageing + rng.normal(0, 0.05), 0.4, 1.0)),
         brow=float(rng.uniform(0.05, 0.09) if gender == 0 else rng.uniform(0.03, 0.065)),
         background=_rgb(background),
         shirt=_rgb(rng.uniform(30, 220, 3)),

@@ -345,7 +345,8 @@ def fit(
                 )
             except torch.OutOfMemoryError:
                 raise _oom_error(cfg) from None
-            if not math.isfinite(train_loss):
+            if not math.isfinite(train_loss) or not np.isfinite(probs).all():
+                train_loss = train_loss if not math.isfinite(train_loss) else float("nan")
                 status = "diverged"
                 message = (
                     f"training loss became {train_loss} at epoch {epoch} in fold {fold_state.index}: lower "

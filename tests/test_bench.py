@@ -1,0 +1,280 @@
+"""``make bench`` at a toy size: every section runs for real and its JSON holds every field with sane values.
+
+No timed assertions (the machine is shared); the checks are on structure, on figures that follow from the
+data (cache bytes, image counts) and on the relations between figures (a ratio is the ratio of its parts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator import bench
+from trainers.data import read_train
+
+TOY_FLAGS = [
+    "--image-size", "32x24",
+    "--batch-size", "4",
+    "--train-batches", "2",
+    "--loader-batches", "3",
+    "--memory-size", "32x24",
+    "--repeats", "2",
+    "--threads", "1",
+    "--persons", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory, dataset_builder) -> Path:
+    root = tmp_path_factory.mktemp("benchdata")
+    dataset_builder(root, n_persons=8, size=(64, 48))
+    return root
+
+
+def toy_settings(**overrides) -> bench.BenchSettings:
+    values = dict(
+        image_size=(32, 24),
+        batch_size=4,
+        train_batches=2,
+        loader_batches=3,
+        repeats=2,
+        persons=None,
+        memory_size=(32, 24),
+        search_backbone="resnet10t",
+        search_weights="none",
+        search_freeze=0,
+        search_size=(32, 24),
+        search_batch_size=8,
+        search_trials=2,
+        search_epochs=2,
+        gpu_backbone="resnet10t",
+        gpu_size=(32, 24),
+        gpu_batch_size=4,
+        gpu_workers=0,
+        gpu_batches=2,
+        threads=1,
+    )
+    return bench.BenchSettings(**{**values, **overrides})
+
+
+def positive(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def assert_figure(figure: dict, repeats: int) -> None:
+    """A quoted figure: the median of `repeats` positive runs."""
+    assert set(figure) == {"median", "runs"}
+    assert len(figure["runs"]) == repeats and all(positive(v) for v in figure["runs"])
+    assert min(figure["runs"]) <= figure["median"] <= max(figure["runs"])
+
+
+@pytest.fixture(scope="module")
+def bench_run(toy_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchout") / "results" / "bench.json"
+    code = bench.main(["--data", str(toy_root), "--only", "input,memory,gpu", "--out", str(out), *TOY_FLAGS])
+    return code, json.loads(out.read_text()), out
+
+
+def test_main_writes_strict_json_with_every_section(bench_run, toy_root):
+    code, results, out = bench_run
+    assert code == 0
+    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert results["format"] == bench.BENCH_FORMAT
+    assert results["data"] == {
+        "root": str(toy_root.absolute()),
+        "source": "--data",
+        "persons": 8,
+        "images": 56,
+        "persons_used": 8,
+        "images_used": 56,
+    }
+    assert results["settings"]["image_size"] == [32, 24] and results["settings"]["threads"] == 1
+    assert set(results["sections"]) == {"input", "memory", "gpu"}
+    assert all(positive(s["seconds"]) for s in results["sections"].values())
+    assert positive(results["seconds"]) and results["host"]["cpus"] >= 1
+    assert not list(out.parent.glob(".*.tmp")), "the JSON is written atomically"
+
+
+def test_input_section_figures(bench_run):
+    section = bench_run[1]["sections"]["input"]
+    assert section["config"] == {
+        "backbone": "resnet10t",
+        "image_size": [32, 24],
+        "batch_size": 4,
+        "num_workers": 0,
+        "augment": {"hflip": 0.5, "shift_scale_rotate": 0.5, "color_jitter": 0.5},
+        "torch_threads": 1,
+        "train_images_per_measurement": 8,
+        "loader_images_per_measurement": 12,
+    }
+    speeds = section["images_per_second"]
+    assert set(speeds) == {"compute_only", "cached_train", "seed_train", "cached_loader", "seed_loader"}
+    for figure in speeds.values():
+        assert_figure(figure, 2)
+    for ratio, (top, bottom) in {
+        "cached_vs_compute": ("cached_train", "compute_only"),
+        "cached_vs_seed_train": ("cached_train", "seed_train"),
+        "cached_vs_seed_loader": ("cached_loader", "seed_loader"),
+    }.items():
+        assert_figure(section[ratio], 2)
+        expected = [t / b for t, b in zip(speeds[top]["runs"], speeds[bottom]["runs"], strict=True)]
+        assert section[ratio]["runs"] == pytest.approx(expected)  # paired per repeat
+    assert_figure(section["cached_input_wait_share"], 2)
+    assert all(share < 1 for share in section["cached_input_wait_share"]["runs"])
+    cache = section["cache"]
+    pixels = 56 * 32 * 24 * 3
+    assert pixels <= cache["bytes"] <= pixels + 4096  # uint8 (N, H, W, 3) plus the .npy header
+    assert cache["bytes_per_image"] == pytest.approx(cache["bytes"] / 56)
+    assert cache["images"] == 56 and positive(cache["source_bytes"])
+    assert_figure(cache["build_seconds"], 2)
+    assert_figure(cache["build_images_per_second"], 2)
+
+
+def test_memory_section_shows_the_cache_shared_by_both_processes(bench_run):
+    section = bench_run[1]["sections"]["memory"]
+    cache_bytes = section["cache_bytes"]
+    assert section["images"] == 56 and section["image_size"] == [32, 24]
+    assert len(section["processes"]) == 2
+    for process in section["processes"]:
+        assert process["images"] == 56  # each streamed the whole cache
+        assert process["cache_rss_bytes"] >= cache_bytes - 4096  # every page of it mapped in
+        assert process["pss_bytes"] <= process["rss_bytes"] <= process["peak_rss_bytes"]
+        assert positive(process["pss_bytes"])
+    total = section["sum"]
+    assert total["cache_pss_bytes"] == sum(p["cache_pss_bytes"] for p in section["processes"])
+    # two processes map it, yet it is in memory once: PSS sums to one cache, RSS counts it twice
+    assert 0.8 <= section["cache_pss_sum_over_cache_bytes"] <= 1.3
+    assert 1.6 <= section["cache_rss_sum_over_cache_bytes"] <= 2.6
+    assert positive(section["cache_build_seconds"])
+
+
+def test_gpu_section_skips_with_a_note_without_cuda(bench_run):
+    section = bench_run[1]["sections"]["gpu"]
+    if torch.cuda.is_available():
+        assert section["sharing"]["2"]["processes"] == 2
+    else:
+        assert "no CUDA device" in section["skipped"]
+
+
+def test_targets_and_table(bench_run, capsys):
+    results = bench_run[1]
+    names = [t["name"] for t in results["targets"]]
+    assert len(names) == 4  # (b)/(a), its input-wait form, (b)/(c) loaders, cache sharing; no searches
+    for target in results["targets"]:
+        assert set(target) == {"name", "value", "target", "met"} and isinstance(target["met"], bool)
+    report = bench.format_report(results)
+    for text in ("(a) compute only", "(b)/(a)", "cache-mapping PSS", "SKIPPED", "targets:"):
+        assert text in report or (text == "SKIPPED" and torch.cuda.is_available())
+
+
+def test_gpu_section_code_runs_on_the_cpu(toy_root, tmp_path):
+    """The GPU path cannot be tried here; the same code on the CPU proves it runs end to end."""
+    table = read_train(toy_root).table
+    section = bench.bench_gpu(table, toy_settings(), tmp_path, device_name="cpu", log=lambda message: None)
+    assert section["device"] == "cpu"
+    assert set(section["images_per_second"]) == {
+        "fp32_compute_only",
+        "fp32_cached",
+        "amp_channels_last_compute_only",
+        "amp_channels_last_compute_only_no_step_sync",
+        "amp_channels_last_cached",
+    }
+    for figure in section["images_per_second"].values():
+        assert_figure(figure, 2)
+    assert_figure(section["amp_speedup"], 2)
+    assert_figure(section["no_step_sync_speedup"], 2)
+    assert set(section["cached_input_wait_share"]) == {"fp32", "amp_channels_last"}
+    for figure in section["cached_input_wait_share"].values():
+        assert_figure(figure, 2)
+        assert max(figure["runs"]) < 1
+    assert [section["sharing"][n]["processes"] for n in ("1", "2")] == [1, 2]
+    for n in ("1", "2"):
+        shared = section["sharing"][n]
+        assert len(shared["per_process"]) == shared["processes"]
+        assert shared["total_images_per_second"] == pytest.approx(
+            sum(p["median"] for p in shared["per_process"])
+        )
+    assert section["two_processes_vs_one"] == pytest.approx(
+        section["sharing"]["2"]["total_images_per_second"]
+        / section["sharing"]["1"]["total_images_per_second"]
+    )
+
+
+def test_a_failing_section_is_recorded_and_the_others_still_run(toy_root, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(bench, "bench_memory", broken)
+    out = tmp_path / "bench.json"
+    code = bench.main(["--data", str(toy_root), "--only", "memory,gpu", "--out", str(out), *TOY_FLAGS])
+    results = json.loads(out.read_text())
+    assert code == 1
+    assert results["sections"]["memory"]["error"] == "RuntimeError: simulated failure"
+    assert "gpu" in results["sections"]
+
+
+def test_data_root_resolution(tmp_path, monkeypatch, toy_root):
+    with pytest.raises(bench.BenchError, match="no train/train.csv"):
+        bench.resolve_data_root(str(tmp_path / "missing"), tmp_path, 6, log=lambda m: None)
+    monkeypatch.setenv(bench.DATA_ENV, str(toy_root))
+    assert bench.resolve_data_root(None, tmp_path, 6) == (toy_root.absolute(), f"${bench.DATA_ENV}")
+    monkeypatch.setenv(bench.DATA_ENV, str(tmp_path / "gone"))
+    notes = []
+    root, source = bench.resolve_data_root(None, tmp_path, 6, log=notes.append)
+    assert source == "demo" and len(read_train(root).table) == 6 * 7
+    assert "has no train/train.csv" in notes[0]
+
+
+def test_subset_data_root_is_a_valid_smaller_data_root(toy_root, tmp_path):
+    table = read_train(toy_root).table
+    persons = bench.choose_persons(table, 3, seed=0)
+    assert persons == bench.choose_persons(table, 3, seed=0) and len(set(persons)) == 3
+    subset = read_train(bench.subset_data_root(toy_root, persons, tmp_path / "subset")).table
+    assert sorted(subset["person_dir"].unique()) == persons and len(subset) == 21
+    assert bench.choose_persons(table, None, seed=0) == sorted(table["person_dir"].unique())
+
+
+def test_argument_parsing():
+    assert bench.parse_size("128x96") == (128, 96)
+    for bad in ("128", "axb", "8x8"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_size(bad)
+    assert bench.parse_sections("input, asha") == ("input", "asha")
+    with pytest.raises(argparse.ArgumentTypeError, match="input, memory"):
+        bench.parse_sections("input,speed")
+    assert bench.summarize_runs([3.0, 1.0, 2.0]) == {"median": 2.0, "runs": [3.0, 1.0, 2.0]}
+    with pytest.raises(bench.BenchError, match="repeats"):
+        bench.BenchSettings(repeats=0)
+
+
+@pytest.mark.slow
+def test_search_sections(toy_root, tmp_path):
+    """Overhead and ASHA through the real Ray Tune search (tens of seconds: Ray starts twice)."""
+    searches = bench.SearchBench(toy_root, toy_settings(), tmp_path, log=lambda message: None)
+    overhead = bench.bench_overhead(searches)
+    asha = bench.bench_asha(searches)
+    run = overhead["repeats"][0]
+    assert len(run["trial_fit_seconds_in_search"]) == len(run["trial_fit_seconds_bare"]) == 2
+    assert run["overhead"] == pytest.approx(run["search_wall_seconds"] / run["bare_fit_seconds"] - 1)
+    # the search's wall time splits into before the first fit, the fits, the gap between them, after the last
+    parts = (
+        run["before_first_trial_seconds"]
+        + sum(run["trial_fit_seconds_in_search"])
+        + sum(run["between_trials_seconds"])
+        + run["after_last_trial_seconds"]
+    )
+    assert parts == pytest.approx(run["search_wall_seconds"], abs=0.5)
+    assert positive(run["before_first_trial_seconds"]) and len(run["between_trials_seconds"]) == 1
+    assert run["fixed_seconds"] == pytest.approx(
+        run["before_first_trial_seconds"] + run["after_last_trial_seconds"]
+    )
+    assert positive(overhead["trial_seconds_for_5_percent"]["median"]) and run["epochs"] == 4
+    assert asha["epochs_without"]["median"] == 4  # 2 trials x 2 epochs, nothing stopped
+    assert 1 <= asha["epochs_with"]["median"] <= 4
+    assert asha["epoch_share"]["median"] == pytest.approx(asha["epochs_with"]["median"] / 4)
+    assert 0 <= asha["best_f1_without"]["median"] <= 1 and 0 <= asha["best_f1_with"]["median"] <= 1

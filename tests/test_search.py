@@ -1,0 +1,434 @@
+"""The search: Optuna's view of stopped trials, resume rules, and real Ray Tune searches on tiny data.
+
+The end-to-end searches run real trials (trainers.fit on CPU) on a local Ray with 2 CPUs; they take tens of
+seconds to minutes, so they are marked slow. Unit tests of the pieces run by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import psutil
+import pytest
+import ray
+import yaml
+from mlflow import MlflowClient
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.search import (
+    EXPERIMENT_DIRNAME,
+    STOPPED_EARLY,
+    EarlyStopMarker,
+    _settle_space,
+    make_searcher,
+    optuna_storage_url,
+    progress_table,
+    run_search,
+)
+from orchestrator.space import parse_space
+from trainers.demo import write_demo_data
+
+GOOD = {"backbone": "resnet10t", "lr": 3e-3, "focal_gamma": 1.0, "freeze_depth": 0}
+STALLED = {"backbone": "resnet10t", "lr": 1e-9, "focal_gamma": 1.0, "freeze_depth": 0}  # learns nothing
+EXPLODING = {"backbone": "lcnet_050", "lr": 1e6, "focal_gamma": 1.0, "freeze_depth": 0}  # NaN at once
+
+
+def space_dict(epochs: int = 2, **changes) -> dict:
+    """A tiny search over the four core parameters; trials run one at a time so ASHA's view is fixed."""
+    raw = {
+        "name": "tiny",
+        "trials": 3,
+        "fixed": {"epochs": epochs, "k": 2, "image_size": [32, 24], "batch_size": 16, "pretrained": False},
+        "search": {
+            "backbone": {"choice": ["resnet10t", "lcnet_050"]},
+            "lr": {"loguniform": [1e-9, 1e6]},
+            "focal_gamma": {"uniform": [0.0, 3.0]},
+            "freeze_depth": {"int": [0, 1]},
+        },
+        "resources": {"cpu": 1, "gpu": 0},
+        "max_concurrent": 1,
+        "scheduler": {"asha": {"grace_period": 1, "reduction_factor": 2}},
+        "sampler": {"seed": 3, "n_startup_trials": 2},
+        "keep_top": 1,
+        "max_failures": 0,
+    }
+    raw.update(changes)
+    return raw
+
+
+def write_space(path: Path, **changes) -> Path:
+    path.write_text(yaml.safe_dump(space_dict(**changes), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    """12 synthetic persons (84 images) in the competition layout, small pictures."""
+    root = tmp_path_factory.mktemp("demo") / "data"
+    write_demo_data(root, persons=12, eval_persons=1, image_size=(24, 32))
+    return root
+
+
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory) -> Path:
+    """An initialised MLflow SQLite store, created once (its schema migrations take many seconds)."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, store_template) -> str:
+    target = tmp_path / "mlruns" / "mlflow.db"
+    target.parent.mkdir()
+    shutil.copy(store_template, target)
+    return f"sqlite:///{target}"
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def load_study(search_dir: Path, name: str = "tiny") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=optuna_storage_url(search_dir))
+
+
+def by_ray_id(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    return {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+
+
+# --- pieces -----------------------------------------------------------------------------------------------
+
+
+def test_optuna_is_told_stopped_trials_were_pruned(tmp_path):
+    space = parse_space(space_dict(trials=4, points_to_evaluate=[GOOD, STALLED]))
+    searcher = make_searcher(space, tmp_path).searcher
+    assert (
+        searcher.suggest("good") == GOOD and searcher.suggest("stalled") == STALLED
+    )  # tried first, in order
+    sampled = searcher.suggest("sampled")
+    assert set(sampled) == set(GOOD) and 1e-9 <= sampled["lr"] <= 1e6
+    searcher.suggest("broken")
+    for trial_id, value in (("good", 0.30), ("stalled", 0.05), ("sampled", 0.20)):
+        searcher.on_trial_result(trial_id, {"val_f1": value, "training_iteration": 1, "epoch": 1})
+    searcher.on_trial_complete("good", {"val_f1": 0.40, "training_iteration": 2, "epoch": 2, "done": True})
+    stopped = {"val_f1": 0.04, "training_iteration": 2, "epoch": 2, "done": True, STOPPED_EARLY: True}
+    searcher.on_trial_complete("stalled", stopped)
+    searcher.on_trial_complete("sampled", {"val_f1": 0.25, "training_iteration": 2, "epoch": 2, "done": True})
+    searcher.on_trial_complete("broken", error=True)
+
+    trials = by_ray_id(load_study(tmp_path))
+    state = optuna.trial.TrialState
+    assert trials["good"].state == state.COMPLETE and trials["good"].value == 0.40
+    assert trials["stalled"].state == state.PRUNED
+    assert trials["stalled"].intermediate_values == {1: 0.05, 2: 0.04}
+    assert trials["sampled"].state == state.COMPLETE and trials["broken"].state == state.FAIL
+    searcher.on_trial_complete("stalled", stopped)  # told twice (e.g. after a resume): no change, no error
+    assert by_ray_id(load_study(tmp_path))["stalled"].state == state.PRUNED
+
+
+def test_early_stop_marker_marks_only_scheduler_stops_before_the_last_epoch():
+    marker = EarlyStopMarker()
+    cases = {
+        "stopped at epoch 1 of 3": ({"done": True, "epoch": 1, "epochs_planned": 3}, True),
+        "last epoch": ({"done": True, "epoch": 3, "epochs_planned": 3}, False),
+        "still running": ({"done": False, "epoch": 1, "epochs_planned": 3}, False),
+    }
+    for name, (result, marked) in cases.items():
+        marker.on_trial_result(0, [], None, result)
+        assert result.get(STOPPED_EARLY, False) is marked, name
+
+
+def test_progress_table_shows_state_epoch_and_f1():
+    class Trial:
+        def __init__(self, trial_id, status, result, config):
+            self.trial_id, self.status, self.last_result, self.config = trial_id, status, result, config
+
+    trials = [
+        Trial("a1", "TERMINATED", {"epoch": 2, "val_f1": 0.41234, "best_f1": 0.5}, {"lr": 0.001}),
+        Trial("b2", "TERMINATED", {"epoch": 1, "val_f1": 0.1, STOPPED_EARLY: True}, {"lr": 1e-9}),
+        Trial("c3", "RUNNING", {"epoch": 1, "val_f1": 0.2}, {"lr": 0.01}),
+        Trial("d4", "PENDING", {}, {"lr": 0.02}),
+    ]
+    text = progress_table(trials, ["lr"])
+    lines = text.splitlines()
+    assert lines[0] == "trials: 1 done, 1 pending, 1 running, 1 stopped"
+    assert lines[2].split() == ["a1", "done", "2", "0.4123", "0.5", "0.001"]
+    assert lines[3].split()[:2] == ["b2", "stopped"] and lines[5].split() == ["d4", "pending", "0.02"]
+
+
+def test_new_and_resumed_searches_are_told_apart(tmp_path):
+    space_file = write_space(tmp_path / "tiny.yaml")
+    storage = tmp_path / "runs"
+    space, search_dir, restoring = _settle_space(space_file, storage, 5, "renamed", False, None, None)
+    assert (space.name, space.trials, search_dir, restoring) == ("renamed", 5, storage / "renamed", False)
+
+    search_dir = storage / "tiny"
+    (search_dir / EXPERIMENT_DIRNAME).mkdir(parents=True)
+    (search_dir / "summary.json").write_text("{}")
+    with pytest.raises(OrchestratorError, match=r"'tiny' already exists in .*: pass --resume"):
+        _settle_space(space_file, storage, None, None, False, None, None)
+    with pytest.raises(OrchestratorError, match=r"nothing to resume: .*space.yaml does not exist"):
+        _settle_space(None, storage, None, "tiny", True, None, None)
+    (search_dir / "space.yaml").write_text(parse_space(space_dict()).to_yaml())
+    changed = write_space(tmp_path / "changed.yaml", max_concurrent=2)
+    with pytest.raises(OrchestratorError, match=r"different space \(max_concurrent differ"):
+        _settle_space(changed, storage, None, "tiny", True, None, None)
+    resumed, _, restoring = _settle_space(None, storage, None, "tiny", True, None, None)
+    assert (
+        resumed.to_dict() == parse_space(space_dict()).to_dict() and restoring is False
+    )  # no Tune state yet
+    _, _, _ = _settle_space(space_file, storage, None, None, True, 2, None)  # other resources are fine
+
+
+# --- real searches ----------------------------------------------------------------------------------------
+
+
+def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri, local_ray):
+    """Three trials in a fixed order: one learns, one stalls (ASHA stops it), one explodes (fails)."""
+    space_file = write_space(tmp_path / "tiny.yaml", points_to_evaluate=[GOOD, STALLED, EXPLODING])
+    summary = run_search(
+        demo_root,
+        space_file,
+        storage=tmp_path / "runs",
+        tracking_uri=tracking_uri,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    search_dir = tmp_path / "runs" / "tiny"
+    board = summary.leaderboard.set_index("trial_id")
+    assert summary.finished and summary.search_dir == search_dir and len(board) == 3
+    ids = {t.params["lr"]: ray_id for ray_id, t in by_ray_id(load_study(search_dir)).items()}
+    good, stalled, exploding = ids[GOOD["lr"]], ids[STALLED["lr"]], ids[EXPLODING["lr"]]
+    assert board.loc[good, "state"] == "completed" and board.loc[good, "epochs"] == 2
+    assert board.loc[stalled, "state"] == "stopped_early" and board.loc[stalled, "epochs"] == 1
+    assert board.loc[exploding, "state"] == "failed" and board.loc[exploding, "error"]
+    assert summary.best_trial_id == good and summary.best_config["lr"] == GOOD["lr"]
+    assert summary.best_config["k"] == 2 and summary.best_config["image_size"] == [32, 24]
+
+    # Optuna: the stopped trial is PRUNED (not COMPLETE with its truncated score), the failure is FAIL
+    study = by_ray_id(load_study(search_dir))
+    state = optuna.trial.TrialState
+    assert [study[i].state for i in (good, stalled, exploding)] == [state.COMPLETE, state.PRUNED, state.FAIL]
+
+    # the search folder: one fold file for all trials, summary files, bounded disk
+    folds = pd.read_csv(search_dir / "folds.csv", dtype=str)
+    for trial_id in (good, stalled):
+        assert pd.read_csv(search_dir / "trials" / trial_id / "folds.csv", dtype=str).equals(folds)
+    assert (search_dir / "trials" / good / "oof.npz").exists()
+    assert sorted(p.name for p in (search_dir / "trials" / good / "checkpoints").iterdir()) == [
+        "fold0.pt",
+        "fold1.pt",
+    ]
+    assert not (search_dir / "trials" / stalled / "checkpoints").exists()  # keep_top 1
+    assert not list((search_dir / "trials").glob("*/last.pt"))
+    assert pd.read_csv(search_dir / "leaderboard.csv", dtype={"trial_id": str})["trial_id"].tolist() == [
+        good,
+        stalled,
+        exploding,
+    ]
+    saved = json.loads((search_dir / "summary.json").read_text())
+    assert saved["best_trial_id"] == good and saved["parent_run_id"] == summary.parent_run_id
+    records = {t["trial_id"]: t for t in saved["trials"]}
+    assert records[good]["run_dir"] == str(search_dir / "trials" / good) and records[good]["best_f1"] > 0
+    assert records[stalled]["status"] == "stopped_early" and records[exploding]["status"] == "failed"
+    assert records[good]["config"]["backbone"] == "resnet10t" and records[good]["checkpoints_kept"]
+    on_disk = sum(f.stat().st_size for f in search_dir.rglob("*") if f.is_file())
+    assert 0 < summary.disk_bytes <= on_disk < summary.disk_bytes + 500_000  # + summary files and plots
+
+    # MLflow: a parent run per search, a nested child per trial, per-epoch metrics, statuses
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("foldtune.role") == "search")
+    assert parent.info.run_id == summary.parent_run_id and parent.info.status == "FINISHED"
+    children = {r.data.tags["foldtune.trial_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert set(children) == {good, stalled, exploding} and len(runs) == 4
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children.values())
+    assert children[good].info.status == "FINISHED"
+    assert children[stalled].info.status == "KILLED"
+    assert children[stalled].data.tags["foldtune.stopped_early"] == "true"
+    assert children[stalled].data.tags["foldtune.checkpoints_deleted"] == "true"
+    assert children[exploding].info.status == "FAILED" and children[exploding].data.tags["foldtune.error"]
+    good_run = children[good].info.run_id
+    assert [m.step for m in client.get_metric_history(good_run, "val_f1")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(good_run, "fold1/val_f1")] == [1, 2]
+    assert children[good].data.params["lr"] == str(GOOD["lr"]) and children[good].data.params["epochs"] == "2"
+    assert children[good].data.tags["foldtune.run_dir"] == str(search_dir / "trials" / good)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"space.yaml", "folds.csv", "leaderboard.csv", "summary.json", "best_config.yaml"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/optimization_history.png" in plots
+    assert parent.data.tags["foldtune.best_trial"] == good and parent.data.metrics["trials_failed"] == 1
+
+    # starting it again without --resume is refused with advice
+    with pytest.raises(OrchestratorError, match="pass --resume to continue it"):
+        run_search(
+            demo_root, space_file, storage=tmp_path / "runs", tracking_uri=tracking_uri, progress=False
+        )
+
+
+DRIVER = """
+import sys
+import ray
+from orchestrator.search import run_search
+
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+data, space, storage, tracking, cache = sys.argv[1:6]
+run_search(data, space, storage=storage, tracking_uri=tracking, cache_dir=cache, progress=False)
+"""
+
+
+def snapshot_statuses(experiment_dir: Path) -> dict[str, str]:
+    """Trial statuses in Ray Tune's latest experiment snapshot (what a restore starts from)."""
+    for path in experiment_dir.glob("experiment_state-*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # being replaced right now
+            return {}
+        states = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in data["trial_data"]]
+        return {s["trial_id"]: s["status"] for s in states}
+    return {}
+
+
+def test_resume_after_the_driver_is_killed(tmp_path, demo_root, tracking_uri):
+    """SIGKILL the driver once a trial has finished and the next is mid-way; resume finishes the search
+    without re-running the finished trial, continuing the interrupted one, with Optuna's history intact."""
+    space_file = write_space(tmp_path / "tiny.yaml", epochs=3, scheduler="none", points_to_evaluate=[GOOD])
+    storage, search_dir = tmp_path / "runs", tmp_path / "runs" / "tiny"
+    arguments = [str(demo_root), str(space_file), str(storage), tracking_uri, str(tmp_path / "c")]
+    with open(tmp_path / "driver.log", "w") as log:  # the child keeps its own handle
+        driver = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, *arguments], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+        )
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no finished trial plus a half-done one within 300 s"
+            done = [
+                i for i, s in snapshot_statuses(search_dir / EXPERIMENT_DIRNAME).items() if s == "TERMINATED"
+            ]
+            midway = [p.parent.name for p in (search_dir / "trials").glob("*/last.pt")]
+            if done and midway:
+                break
+            time.sleep(0.1)
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    # Ray's reaper takes the driver's local cluster down; its idle agents linger, so end those ourselves
+    _, lingering = psutil.wait_procs(ray_processes, timeout=20)
+    for process in lingering:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(lingering, timeout=20)
+    finished, interrupted = done[0], midway[0]
+    assert not (search_dir / "trials" / interrupted / "result.json").exists()
+    finished_result = search_dir / "trials" / finished / "result.json"
+    finished_stamp = finished_result.stat().st_mtime_ns
+    before = by_ray_id(load_study(search_dir))
+    assert before[finished].state == optuna.trial.TrialState.COMPLETE
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_search(
+            demo_root,
+            space_file,
+            resume=True,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )
+    finally:
+        ray.shutdown()
+    board = summary.leaderboard.set_index("trial_id")
+    assert summary.finished and len(board) == 3 and set(board["state"]) == {"completed"}
+    assert finished_result.stat().st_mtime_ns == finished_stamp  # not trained again
+    progress = pd.read_csv(next((search_dir / EXPERIMENT_DIRNAME).glob(f"*{interrupted}*/progress.csv")))
+    assert (
+        progress["epoch"].is_monotonic_increasing and progress["epoch"].is_unique
+    )  # continued, not restarted
+    assert progress["epoch"].iloc[-1] == 3
+
+    after = by_ray_id(load_study(search_dir))
+    assert set(after) == set(board.index) and len(load_study(search_dir).trials) == 3
+    assert (
+        after[finished].value == before[finished].value and after[finished].params == before[finished].params
+    )
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in after.values())
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("foldtune.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and parents[0].info.run_id == summary.parent_run_id
+    assert sorted(r.data.tags["foldtune.trial_id"] for r in children) == sorted(board.index)  # no duplicates
+    assert all(r.info.status == "FINISHED" for r in children) and parents[0].info.status == "FINISHED"
+    resumed_child = next(r for r in children if r.data.tags["foldtune.trial_id"] == interrupted)
+    assert [m.step for m in client.get_metric_history(resumed_child.info.run_id, "val_f1")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_search_survives_losing_a_node(tmp_path, demo_root, tracking_uri):
+    """Two-node local Ray cluster; the worker node dies mid-search; its trial is retried and all finish."""
+    from ray.cluster_utils import Cluster
+
+    space_file = write_space(
+        tmp_path / "tiny.yaml", epochs=4, scheduler="none", trials=3, max_concurrent=2, max_failures=2
+    )
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    search_dir = tmp_path / "runs" / "tiny"
+    killed = threading.Event()
+
+    def kill_worker_when_both_trials_train() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed.is_set():
+            if len(list((search_dir / "trials").glob("*/last.pt"))) >= 2:
+                cluster.remove_node(worker)
+                killed.set()
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_worker_when_both_trials_train, daemon=True)
+    killer.start()
+    try:
+        summary = run_search(
+            demo_root,
+            space_file,
+            storage=tmp_path / "runs",
+            tracking_uri=tracking_uri,
+            cache_dir=tmp_path / "c",
+            progress=False,
+        )
+    finally:
+        killed.set()
+        ray.shutdown()
+        cluster.shutdown()
+    assert killer.is_alive() is False
+    assert summary.finished and len(summary.leaderboard) == 3
+    assert set(summary.leaderboard["state"]) == {"completed"}, summary.leaderboard
+    assert all((Path(d) / "result.json").exists() for d in summary.leaderboard["run_dir"])
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    retried = [r for r in runs if r.data.tags.get("foldtune.retries")]
+    assert retried and all(r.info.status == "FINISHED" for r in runs)
