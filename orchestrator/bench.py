@@ -892,10 +892,12 @@ def run_bench_search(
     )
     wall, ended_at = time.perf_counter() - started, time.time()
     payload = json.loads((summary.search_dir / "summary.json").read_text())
-    failed = [t for t in payload["trials"] if t["status"] in ("failed", "unfinished")]
-    if failed or not payload["finished"]:
-        errors = "; ".join(f"{t['trial_id']}: {t['status']}" for t in failed) or "search did not finish"
-        raise BenchError(f"search {name} did not complete ({errors}); see {summary.search_dir}")
+    if not payload["finished"]:  # Ray Tune catches Ctrl-C and returns what it has: pass the interrupt on
+        raise KeyboardInterrupt(f"search {name} was interrupted")
+    failed = [t for t in payload["trials"] if t["status"] == "failed"]
+    if failed:
+        errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in failed)
+        raise BenchError(f"search {name}: {len(failed)} trial(s) failed ({errors})")
     trials = []
     for t in payload["trials"]:
         fit_started, fit_ended = _fit_times(Path(t["run_dir"]))
@@ -1625,6 +1627,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no results written", file=sys.stderr)
+        return 130
     except Exception as error:
         from orchestrator.cli import user_errors
 

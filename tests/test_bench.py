@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from orchestrator import bench
+from trainers import fit as trainer
 from trainers.data import read_train
 
 TOY_FLAGS = [
@@ -126,6 +127,7 @@ def test_input_section_figures(bench_run):
         assert section[ratio]["runs"] == pytest.approx(expected)  # paired per repeat
     assert_figure(section["cached_input_wait_share"], 2)
     assert all(share < 1 for share in section["cached_input_wait_share"]["runs"])
+    assert trainer.DataLoader is torch.utils.data.DataLoader  # the wait timing put fit's loader back
     cache = section["cache"]
     pixels = 56 * 32 * 24 * 3
     assert pixels <= cache["bytes"] <= pixels + 4096  # uint8 (N, H, W, 3) plus the .npy header

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 decode_count = 0  # images decoded by this process; tests use it to prove the cache is reused
 
 
@@ -64,9 +65,12 @@ def decode_image(path: str, size: tuple[int, int], crop: Sequence[float] | None 
     global decode_count
     height, width = size
     with Image.open(path) as image:
+        # JPEG DCT scaling: decode at the smallest scale still >= the target size (much faster)
         if crop is None:
-            # JPEG DCT scaling: decode at the smallest scale still >= the target size (much faster)
             image.draft("RGB", (width, height))
+        else:
+            top, bottom, left, right = crop
+            image.draft("RGB", (math.ceil(width / (right - left)), math.ceil(height / (bottom - top))))
         image = image.convert("RGB")
         if crop is not None:
             top, bottom, left, right = crop
