@@ -32,6 +32,7 @@ import pandas as pd
 import yaml
 from ray import tune
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -250,15 +251,29 @@ def make_searcher(space: SearchSpace, search_dir: Path) -> ConcurrencyLimiter:
 def make_scheduler(space: SearchSpace):
     if space.asha is None:
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(
+    return FinishingASHA(
         time_attr=TIME_ATTR,
         max_t=space.asha.max_t or space.max_epochs(),
         grace_period=space.asha.grace_period,
         reduction_factor=space.asha.reduction_factor,
         stop_last_trials=False,  # a trial at its last epoch must finish fit (OOF predictions, result.json)
     )
+
+
+class FinishingASHA(ASHAScheduler):
+    """ASHA that never stops a trial at its own last epoch.
+
+    ASHA has a rung at every ``grace_period * reduction_factor**k`` up to ``max_t``, so a trial whose last
+    epoch is a rung can be told to STOP there: nothing is saved by it, and the kill would come before fit
+    writes its out-of-fold predictions and ``result.json``. Such a trial finishes instead.
+    """
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        at_last_epoch = result.get(TIME_ATTR, 0) >= result.get("epochs_planned", math.inf)
+        if decision == TrialScheduler.STOP and at_last_epoch:
+            return TrialScheduler.CONTINUE
+        return decision
 
 
 class EarlyStopMarker(Callback):

@@ -432,3 +432,39 @@ def test_search_survives_losing_a_node(tmp_path, demo_root, tracking_uri):
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     retried = [r for r in runs if r.data.tags.get("foldtune.retries")]
     assert retried and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_asha_never_kills_a_trial_at_its_last_epoch():
+    """A rung at the last epoch must not kill the trial before fit writes its OOF predictions."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from orchestrator.search import FinishingASHA
+
+    class StandIn:
+        def __init__(self, trial_id: str):
+            self.trial_id = trial_id
+            self.config = {}
+
+    def decisions(scheduler_class) -> list[str]:
+        scheduler = scheduler_class(
+            time_attr="epoch",
+            metric="val_f1",
+            mode="max",
+            max_t=2,
+            grace_period=1,
+            reduction_factor=2,
+            stop_last_trials=False,
+        )
+        trials = [StandIn(f"t{i}") for i in range(4)]
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+        out = []
+        for epoch in (1, 2):
+            for score, trial in zip((0.9, 0.8, 0.7, 0.6), trials, strict=True):
+                result = {"epoch": epoch, "val_f1": score, "epochs_planned": 2}
+                out.append(scheduler.on_trial_result(None, trial, result))
+        return out
+
+    assert TrialScheduler.STOP in decisions(ASHAScheduler)[4:]  # plain ASHA kills at the final rung
+    assert TrialScheduler.STOP not in decisions(FinishingASHA)[4:]
+    assert decisions(FinishingASHA)[:4] == decisions(ASHAScheduler)[:4]  # earlier rungs decide as before
