@@ -783,6 +783,7 @@ class SearchRun:
     search_dir: Path
     started_at: float = 0.0  # wall clock (time.time) around the run_search call
     ended_at: float = 0.0
+    finished: bool = True  # False: the search was interrupted (Ray Tune catches Ctrl-C and returns)
 
     def timeline(self) -> dict[str, Any]:
         """Where the search's time went outside the trials' fits (run folder file times)."""
@@ -892,8 +893,6 @@ def run_bench_search(
     )
     wall, ended_at = time.perf_counter() - started, time.time()
     payload = json.loads((summary.search_dir / "summary.json").read_text())
-    if not payload["finished"]:  # Ray Tune catches Ctrl-C and returns what it has: pass the interrupt on
-        raise KeyboardInterrupt(f"search {name} was interrupted")
     failed = [t for t in payload["trials"] if t["status"] == "failed"]
     if failed:
         errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in failed)
@@ -915,7 +914,7 @@ def run_bench_search(
             }
         )
     trials.sort(key=lambda t: t["fit_started"])
-    return SearchRun(name, asha, wall, trials, summary.search_dir, started_at, ended_at)
+    return SearchRun(name, asha, wall, trials, summary.search_dir, started_at, ended_at, payload["finished"])
 
 
 def run_bare(
@@ -991,6 +990,13 @@ def bench_overhead(searches: SearchBench) -> dict[str, Any]:
     repeats = []
     for seed in searches.seeds():
         run = searches.search(seed, asha=False)
+        unfinished = [f"{t['trial_id']} ({t['status']})" for t in run.trials if t["status"] != "completed"]
+        if unfinished or len(run.trials) < searches.settings.search_trials:
+            listed = ", ".join(unfinished) or "too few trials"
+            raise BenchError(
+                f"search {run.name} did not complete every trial ({listed}): no overhead to compare "
+                "(was it interrupted?)"
+            )
         searches.log(f"overhead: bare fit of the {len(run.trials)} trials of {run.name}")
         bare = run_bare(
             run.trials,
@@ -1064,6 +1070,8 @@ def bench_asha(searches: SearchBench) -> dict[str, Any]:
         repeats.append(
             {
                 "seed": seed,
+                # False when a search was interrupted: its epochs and best F1 cover only what it ran
+                "finished": without.finished and with_asha.finished,
                 "epochs_without": without.epochs,
                 "epochs_with": with_asha.epochs,
                 "epoch_share": _ratio(with_asha.epochs, without.epochs),
@@ -1413,6 +1421,8 @@ def format_report(results: dict[str, Any]) -> str:
             row("share  [target <= 0.5]", data["epoch_share"])
             row("best mean CV F1 without ASHA", data["best_f1_without"])
             row("best mean CV F1 with ASHA", data["best_f1_with"])
+            if not all(r["finished"] for r in data["repeats"]):
+                lines.append("  NOTE: a search was interrupted; its figures cover only the trials it ran")
         elif section == "gpu":
             lines.append(f"  {data['device']}: {data['config']}")
             for name, value in data["images_per_second"].items():

@@ -276,6 +276,7 @@ def test_search_sections(toy_root, tmp_path):
         run["before_first_trial_seconds"] + run["after_last_trial_seconds"]
     )
     assert positive(overhead["trial_seconds_for_5_percent"]["median"]) and run["epochs"] == 4
+    assert asha["repeats"][0]["finished"] is True
     assert asha["epochs_without"]["median"] == 4  # 2 trials x 2 epochs, nothing stopped
     assert 1 <= asha["epochs_with"]["median"] <= 4
     assert asha["epoch_share"]["median"] == pytest.approx(asha["epochs_with"]["median"] / 4)
