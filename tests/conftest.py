@@ -167,3 +167,24 @@ def make_dataset(tmp_path: Path) -> Callable[..., TinyDataset]:
 def tiny_dataset(make_dataset) -> TinyDataset:
     """Six persons (every stratum once), .jpg images, four eval images."""
     return make_dataset()
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An initialised MLflow SQLite store, created once (its schema migrations take many seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path, store_template: Path) -> str:
+    """A fresh copy of the initialised store for one test."""
+    import shutil
+
+    target = tmp_path / "mlruns" / "mlflow.db"
+    target.parent.mkdir()
+    shutil.copy(store_template, target)
+    return f"sqlite:///{target}"

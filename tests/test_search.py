@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -77,22 +76,6 @@ def demo_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "data"
     write_demo_data(root, persons=12, eval_persons=1, image_size=(24, 32))
     return root
-
-
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory) -> Path:
-    """An initialised MLflow SQLite store, created once (its schema migrations take many seconds)."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def tracking_uri(tmp_path, store_template) -> str:
-    target = tmp_path / "mlruns" / "mlflow.db"
-    target.parent.mkdir()
-    shutil.copy(store_template, target)
-    return f"sqlite:///{target}"
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 import socket
 import time
 import urllib.request
@@ -36,22 +35,6 @@ SPACE = parse_space(
         "search": {"lr": {"loguniform": [1e-4, 1e-2]}, "backbone": {"choice": ["resnet10t", "lcnet_050"]}},
     }
 )
-
-
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory) -> Path:
-    """An initialised MLflow SQLite store, created once (its schema migrations take many seconds)."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def tracking_uri(tmp_path, store_template) -> str:
-    target = tmp_path / "mlruns" / "mlflow.db"
-    target.parent.mkdir()
-    shutil.copy(store_template, target)
-    return f"sqlite:///{target}"
 
 
 class StandInTrial:
