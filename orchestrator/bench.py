@@ -1647,12 +1647,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: no results written", file=sys.stderr)
         return 130
     except Exception as error:
-        from orchestrator.cli import user_errors
+        from orchestrator.cli import report_user_error
 
-        if isinstance(error, user_errors()):
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        raise
+        return report_user_error(error)
     results["command"] = " ".join(["python -m orchestrator.bench", *(sys.argv[1:] if argv is None else argv)])
     write_text_atomic(json.dumps(_json_safe(results), indent=2) + "\n", args.out)
     print(format_report(results))

@@ -235,6 +235,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def report_user_error(error: Exception) -> int:
+    """Print a user-facing error as one ``error:`` line and return exit code 2; re-raise anything else."""
+    if isinstance(error, user_errors()):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    raise error
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -246,10 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:
-        if isinstance(error, user_errors()):
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        raise
+        return report_user_error(error)
 
 
 if __name__ == "__main__":

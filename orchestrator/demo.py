@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from orchestrator.cli import main as cli_main
+    from orchestrator.cli import report_user_error
 
     started = time.perf_counter()
     data = Path(args.data)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=(Path(args.storage) / "demo").exists(),
         )
     except Exception as error:
-        return _user_error(error)
+        return report_user_error(error)
     if not summary.finished:
         print("search interrupted: run `make demo` again to resume it", file=sys.stderr)
         return 1
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_ensemble(data, "demo", storage=Path(args.storage), log=lambda message: None)
     except Exception as error:
-        return _user_error(error)
+        return report_user_error(error)
     minutes = (time.perf_counter() - started) / 60
     print("\n" + "=" * 100)
     print(summary.report())
@@ -76,15 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         f"  make ui        (or: .venv/bin/foldtune ui --port {args.port}) then open http://127.0.0.1:{args.port}"
     )
     return 0
-
-
-def _user_error(error: Exception) -> int:
-    from orchestrator.cli import user_errors
-
-    if isinstance(error, user_errors()):
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    raise error
 
 
 if __name__ == "__main__":
