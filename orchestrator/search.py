@@ -401,6 +401,9 @@ def run_search(
                         num_samples=space.trials,
                         metric=METRIC,
                         mode=MODE,
+                        # One trial process runs many trials: a fresh actor per trial cost ~9 s of
+                        # start-up (imports, torch, the context) each; see BENCHMARKS.md, overhead.
+                        reuse_actors=True,
                     ),
                     run_config=tune.RunConfig(
                         name=EXPERIMENT_DIRNAME,

@@ -200,6 +200,13 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri,
     assert board.loc[stalled, "state"] == "stopped_early" and board.loc[stalled, "epochs"] == 1
     assert board.loc[exploding, "state"] == "failed" and board.loc[exploding, "error"]
     assert summary.best_trial_id == good and summary.best_config["lr"] == GOOD["lr"]
+    # trials run one after another in one reused process (no ~9 s start-up per trial)
+    pids = {
+        path.parent.name.split("_")[2]: json.loads(path.read_text().splitlines()[-1])["pid"]
+        for path in (search_dir / EXPERIMENT_DIRNAME).glob("run_trial_*/result.json")
+        if path.read_text().strip()
+    }
+    assert pids[good] == pids[stalled]
     assert summary.best_config["k"] == 2 and summary.best_config["image_size"] == [32, 24]
 
     # Optuna: the stopped trial is PRUNED (not COMPLETE with its truncated score), the failure is FAIL
