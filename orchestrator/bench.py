@@ -328,7 +328,13 @@ def seed_style_loader(
 def make_fold(cfg: TrainConfig, rows: np.ndarray, labels: np.ndarray, device: torch.device) -> trainer._Fold:
     """One fold's training state built as ``fit`` builds it (model, freeze, AdamW, schedule, scaler, loss)."""
     trainer.seed_everything(cfg.seed)
-    model = build_model(cfg.backbone, head=cfg.head, num_classes=NUM_CLASSES, drop_rate=cfg.drop_rate)
+    model = build_model(
+        cfg.backbone,
+        head=cfg.head,
+        num_classes=NUM_CLASSES,
+        drop_rate=cfg.drop_rate,
+        image_size=tuple(cfg.image_size),
+    )
     freeze = freeze_stages(model, cfg.freeze_depth)
     model.to(device)
     if cfg.channels_last and device.type == "cuda":

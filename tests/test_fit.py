@@ -203,6 +203,30 @@ def test_nan_loss_stops_the_run_with_a_clear_status(data, tmp_path):
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
 
 
+def test_fixed_size_backbone_is_built_for_the_configured_image_size(data, tmp_path):
+    # a ViT is built by timm for 224x224; foldtune builds it for (32, 48) and reloads it the same way
+    table, folds, root = data
+    config = TrainConfig(**{**TINY, "backbone": "vit_tiny_patch16_224", "image_size": (32, 48), "epochs": 1})
+    result = fit(config, table, folds, tmp_path / "run", tmp_path / "cache", log=None)
+    assert result.status == "completed"
+    oof = np.load(result.run_dir / "oof.npz")
+    image_cache = cache.open_cache(next((tmp_path / "cache").glob("*.npy")))
+    loaded = load_checkpoint(result.run_dir / "checkpoints" / "fold1.pt")
+    assert loaded.model.patch_embed.grid_size == (2, 3)
+    in_fold = oof["fold"] == 1
+    paths = table.set_index("rel_path").loc[oof["rel_path"][in_fold], "image_path"].tolist()
+    probs = predict_proba(
+        loaded.model,
+        loaded.head,
+        image_cache.images,
+        image_cache.rows(paths),
+        loaded.mean,
+        loaded.std,
+        torch.device("cpu"),
+    )
+    np.testing.assert_allclose(probs, oof["probs"][in_fold], atol=1e-5)
+
+
 def test_drop_ages_leaves_validation_untouched(data, tmp_path):
     table, folds, _ = data
     dropped = sorted(table["age"].unique())[:3]

@@ -23,6 +23,7 @@ from trainers.models import (
     class_log_probs,
     count_stages,
     freeze_stages,
+    native_input_size,
 )
 
 BATCH = (2, 3, 64, 48)
@@ -114,6 +115,17 @@ def test_pretrained_kwargs_reach_timm_and_load_a_local_weight_file(tmp_path):
     missing = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(tmp_path / "absent.pth")}}
     with pytest.raises(ModelError, match="resnet10t"):
         build_model("resnet10t", pretrained_kwargs=missing)
+
+
+def test_fixed_size_backbones_are_built_for_the_image_size_they_will_be_fed():
+    assert native_input_size("vit_tiny_patch16_224") == (224, 224)
+    assert native_input_size("resnet10t") is None  # any size works: nothing to pass
+    vit = build_model("vit_tiny_patch16_224", image_size=(64, 48), model_kwargs={"depth": 1})
+    assert vit(torch.zeros(BATCH)).shape == (2, NUM_CLASSES)
+    with pytest.raises(Exception):  # noqa: B017  (what timm does when the size is not passed)
+        timm.create_model("vit_tiny_patch16_224", depth=1)(torch.zeros(BATCH))
+    resnet = build_model("resnet10t", image_size=(64, 48))
+    assert resnet(torch.zeros(BATCH)).shape == (2, NUM_CLASSES)
 
 
 def test_single_head_outputs_18_logits_and_log_probs():

@@ -257,6 +257,7 @@ def fit(
             num_classes=NUM_CLASSES,
             pretrained_kwargs=pretrained_kwargs,
             drop_rate=cfg.drop_rate,
+            image_size=tuple(cfg.image_size),
         )
         freeze = freeze_stages(model, cfg.freeze_depth)
         model.to(device)

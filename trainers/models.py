@@ -81,6 +81,7 @@ def build_model(
     pretrained_kwargs: dict | None = None,
     drop_rate: float = 0.0,
     model_kwargs: dict | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> nn.Module:
     """Create a timm backbone with the requested head.
 
@@ -88,6 +89,8 @@ def build_model(
     weights are random (pretrained=False), which is what tests and offline runs want. `model_kwargs` are
     further architecture arguments, e.g. `{"img_size": (256, 192)}` for a ViT fed non-224 images.
     `drop_rate` is the dropout before the classifier (for multitask: on the shared features).
+    `image_size` (height, width) is what the model will be fed: backbones timm builds for one input size
+    (ViT, Swin, EVA, LeViT, ...) are built for it (position embeddings resampled from pretrained weights).
     """
     if head not in HEADS:
         raise ModelError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
@@ -105,6 +108,10 @@ def build_model(
         raise ModelError(
             f"pass {', '.join(clashes)} as build_model arguments, not in pretrained/model kwargs"
         )
+    size = tuple(int(v) for v in image_size) if image_size is not None else None
+    native = native_input_size(backbone)
+    if size is not None and native is not None and size != native and "img_size" not in kwargs:
+        kwargs["img_size"] = size
     kwargs["num_classes"] = num_classes if head == "single" else 0
     kwargs["drop_rate"] = drop_rate
     try:
@@ -114,6 +121,19 @@ def build_model(
             f"could not build timm model {backbone!r} with {kwargs}: {type(exc).__name__}: {exc}"
         ) from exc
     return MultiTaskNet(model) if head == "multitask" else model
+
+
+def native_input_size(backbone: str) -> tuple[int, int] | None:
+    """(height, width) for a backbone timm marks ``fixed_input_size`` (it only takes that size), else None."""
+    if ":" in backbone:
+        return None
+    try:
+        cfg = timm.models.get_pretrained_cfg(backbone)
+    except Exception:  # an unknown tag: no size constraint known
+        return None
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return None
+    return int(cfg.input_size[1]), int(cfg.input_size[2])
 
 
 def backbone_of(model: nn.Module) -> nn.Module:

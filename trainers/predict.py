@@ -111,7 +111,12 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> LoadedMod
             f"checkpoint {path} predicts {payload.get('num_classes')} classes, not {NUM_CLASSES}; "
             "it belongs to another task"
         )
-    model = build_model(payload["backbone"], head=payload["head"], num_classes=NUM_CLASSES)
+    model = build_model(
+        payload["backbone"],
+        head=payload["head"],
+        num_classes=NUM_CLASSES,
+        image_size=tuple(payload["image_size"]),
+    )
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
