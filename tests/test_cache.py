@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,20 @@ def test_no_partial_cache_after_a_corrupt_image(paths, tmp_path):
         broken.write(b"not an image")
     with pytest.raises(cache.CacheError, match=os.path.basename(paths[1])):
         cache.build_cache(paths, (16, 12), tmp_path / "c")
+    assert not list((tmp_path / "c").glob("*.npy")) and not list((tmp_path / "c").glob(".*.tmp"))
+
+
+def test_every_undecodable_image_is_named_in_one_error(paths, tmp_path):
+    whole = Path(paths[0]).read_bytes()
+    with open(paths[0], "wb") as truncated:  # headers intact, data cut: only a full decode notices
+        truncated.write(whole[: len(whole) // 2])
+    with open(paths[3], "wb") as broken:
+        broken.write(b"")
+    with pytest.raises(cache.CacheError) as caught:
+        cache.build_cache(paths, (16, 12), tmp_path / "c")
+    message = str(caught.value)
+    assert message.startswith("2 image(s) cannot be decoded") and "check-data --decode" in message
+    assert paths[0] in message and paths[3] in message
     assert not list((tmp_path / "c").glob("*.npy")) and not list((tmp_path / "c").glob(".*.tmp"))
 
 

@@ -201,6 +201,16 @@ def test_corrupt_images_in_a_bigger_set_name_the_right_files(make_dataset):
     assert [p.where for p in caught.value.problems] == ["eval/info.csv line 42"]
 
 
+def test_truncated_jpeg_passes_the_header_check_and_fails_the_decode_check(tiny_dataset):
+    path = tiny_dataset.image("000003", "mask4")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) * 9 // 10])  # a copy interrupted near its end
+    assert len(read_train(tiny_dataset.root).table) == 42  # headers are intact
+    error = raises_data_error(tiny_dataset.root, decode_images=True)
+    assert [p.where for p in error.problems] == [f"train/images/{tiny_dataset.persons[2]['path']}/mask4.jpg"]
+    assert "truncated" in str(error).lower() and "replace the file" in str(error)
+
+
 def test_png_with_bad_checksum_is_caught(tiny_dataset):
     path = tiny_dataset.image("000001", "normal")
     png = path.with_suffix(".png")

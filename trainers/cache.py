@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 CACHE_FORMAT = 2
+_LISTED = 10  # bad files named in one error
 decode_count = 0  # images decoded by this process; tests use it to prove the cache is reused
 
 
@@ -110,16 +111,24 @@ def build_cache(
             tmp, mode="w+", dtype=np.uint8, shape=(len(image_paths), height, width, 3)
         )
 
-        def fill(item: tuple[int, str]) -> None:
+        def fill(item: tuple[int, str]) -> str:
             row, path = item
             try:
                 array[row] = decode_image(path, (height, width), crop)
-            except (OSError, ValueError) as error:
-                raise CacheError(f"cannot decode image {path}: {error}; fix or remove the file") from None
+            except (OSError, ValueError, SyntaxError) as error:  # SyntaxError: PIL's "not a JPEG" family
+                return f"{path} ({error})"
+            return ""
 
         try:
             with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-                list(pool.map(fill, enumerate(image_paths)))
+                failed = [why for why in pool.map(fill, enumerate(image_paths)) if why]
+            if failed:  # every bad file named at once, not one per attempt
+                shown = "\n  ".join(failed[:_LISTED])
+                more = f"\n  ... and {len(failed) - _LISTED} more" if len(failed) > _LISTED else ""
+                raise CacheError(
+                    f"{len(failed)} image(s) cannot be decoded; fix or remove them (`foldtune check-data "
+                    f"--decode` lists them all):\n  {shown}{more}"
+                )
             array.flush()
             index_tmp = index.with_name(f".{index.name}.{os.getpid()}.tmp")
             index_tmp.write_text(
