@@ -58,7 +58,44 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
 
     def __post_init__(self) -> None:
+        self._coerce()
         self.validate()
+
+    def _coerce(self) -> None:
+        """Give every field its declared type, naming the key when a value cannot be one.
+
+        YAML reads ``lr: 1e-3`` as the string "1e-3" (YAML 1.1 wants ``1.0e-3``); without this the string
+        would reach the optimizer and fail there, far from the config file.
+        """
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            kind = _FIELD_KINDS.get(str(spec.type))
+            if kind is None or value is None:
+                continue
+            try:
+                if spec.type.startswith("tuple["):
+                    if isinstance(value, (str, bytes, dict)):
+                        raise TypeError
+                    setattr(self, spec.name, tuple(kind(v) for v in value))
+                else:
+                    setattr(self, spec.name, kind(value))
+            except (TypeError, ValueError):
+                one, many = _KIND_NAMES[kind]
+                expected = f"a list of {many}" if spec.type.startswith("tuple[") else one
+                raise ConfigError(f"config key '{spec.name}': expected {expected}, got {value!r}") from None
+        if not isinstance(self.augment, dict):
+            raise ConfigError(
+                f"config key 'augment': expected a mapping of probabilities, got {self.augment!r}"
+            )
+        augment = {}
+        for name, probability in self.augment.items():
+            try:
+                augment[name] = float(probability)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"config key 'augment.{name}': expected a probability, got {probability!r}"
+                ) from None
+        self.augment = augment
 
     def validate(self) -> None:
         def need(ok: bool, key: str, message: str) -> None:
@@ -123,6 +160,43 @@ class TrainConfig:
         """Plain YAML-friendly values (tuples become lists)."""
         out = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _int(value: Any) -> int:
+    """An integer from 3, "3" or 3.0; refuses 3.5 and booleans instead of truncating them."""
+    if isinstance(value, bool):
+        raise TypeError
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError
+    return int(number)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError
+    return value
+
+
+_KIND_NAMES = {
+    _int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    _bool: ("true or false", "booleans"),
+}
+
+# declared field type -> converter for each value (tuples: for each element)
+_FIELD_KINDS: dict[str, Any] = {
+    "int": _int,
+    "float": float,
+    "str": str,
+    "bool": _bool,
+    "tuple[float, float, float]": float,
+    "tuple[int, int]": _int,
+    "tuple[float, float, float, float] | None": float,
+    "tuple[int, ...]": _int,
+    "tuple[str, ...]": str,
+}
 
 
 def field_names() -> list[str]:
