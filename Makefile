@@ -15,6 +15,7 @@ STORAGE ?= runs                # search results folder (shared storage on a clus
 TOP     ?=                     # ensemble: N best trials instead of greedy selection
 TTA     ?=                     # ensemble: TTA views, e.g. hflip,scale (default: the trials' own)
 OUT     ?=                     # ensemble: submission path
+FOLDS   ?=                     # ensemble: only these fold models, e.g. 0 (default: all k)
 PORT    ?= 5000                # MLflow UI port
 PERSONS ?= 200                 # demo data persons
 BENCH_DATA ?=                  # benchmark data root (default: realistic AAF data if present, else demo)
@@ -45,7 +46,8 @@ search: .venv
 ensemble: .venv
 	$(FT) ensemble --data $(strip $(DATA)) --storage $(strip $(STORAGE)) \
 		--search $(or $(strip $(NAME)),$(shell $(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(strip $(SPACE))'))['name'])")) \
-		$(call opt,--top,$(TOP)) $(call opt,--tta,$(TTA)) $(call opt,--out,$(OUT))
+		$(call opt,--top,$(TOP)) $(call opt,--tta,$(TTA)) $(call opt,--out,$(OUT)) \
+		$(call opt,--folds,$(FOLDS))
 
 ui: .venv
 	$(FT) ui --port $(strip $(PORT))

@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from orchestrator.errors import OrchestratorError
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
@@ -32,10 +34,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from trainers.data import read_eval, read_train, summarize
     from trainers.labels import AgeBands
 
-    data = read_train(Path(args.data), AgeBands(args.age_edges), relabel=args.relabel)
+    data = read_train(
+        Path(args.data), AgeBands(args.age_edges), relabel=args.relabel, decode_images=args.decode
+    )
     print(summarize(data))
     if (Path(args.data) / "eval" / "info.csv").exists():
-        eval_table = read_eval(Path(args.data))
+        eval_table = read_eval(Path(args.data), decode_images=args.decode)
         print(f"eval: {len(eval_table)} images listed in eval/info.csv, all present")
     return 0
 
@@ -121,8 +125,16 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         tta=tuple(v for v in args.tta.split(",") if v) if args.tta is not None else None,
         out=Path(args.out) if args.out else None,
         batch_size=args.batch_size,
+        folds=_int_list(args.folds, "--folds") if args.folds is not None else None,
     )
     return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise OrchestratorError(f"{flag}: expected comma-separated integers like 0,2, got {text!r}") from None
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -149,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-data", help="validate a data root and print its summary")
     data_args(p)
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="read every image's compressed data too (finds truncated files; slower than the header check)",
+    )
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("folds", help="write the person-level stratified k-fold file")
@@ -197,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", help="comma-separated TTA views (hflip,scale,shift); '' for none")
     p.add_argument("--out", help="submission CSV (default <search folder>/submission.csv)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--folds", help="use only these fold models of each member, e.g. 0 (one fold model, for comparison)"
+    )
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("score", help="score a submission against an answers CSV")
@@ -226,12 +246,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         errors.append(WeightsError)
     except ImportError:
         pass
-    try:
-        from orchestrator.errors import OrchestratorError
-
-        errors.append(OrchestratorError)
-    except ImportError:
-        pass
+    errors.append(OrchestratorError)
     return tuple(errors)
 
 

@@ -81,6 +81,7 @@ class EnsembleResult:
     member_oof_probs: dict[str, np.ndarray]  # trial id -> its OOF probabilities with its TTA
     mlflow_run_id: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # trial id -> why it is not a candidate
+    folds: tuple[int, ...] | None = None  # fold models used; None = all (OOF figures cover these folds only)
 
 
 @dataclass
@@ -139,7 +140,20 @@ def _failed_in_search(summary: dict) -> dict[str, str]:
     return failed
 
 
-def _discover(search_dir: Path, failed: dict[str, str]) -> tuple[list[_Candidate], dict[str, str]]:
+def _stopped_in_search(summary: dict) -> dict[str, str]:
+    """Why a trial the scheduler stopped has no result: said plainly rather than as a missing file."""
+    stopped = {}
+    for trial in summary.get("trials") or []:
+        if isinstance(trial, dict) and trial.get("status") == "stopped_early":
+            epochs = trial.get("epochs")
+            after = f" after {epochs} epoch(s)" if epochs else ""
+            stopped[str(trial.get("trial_id"))] = f"stopped early by ASHA{after}: a weak trial"
+    return stopped
+
+
+def _discover(
+    search_dir: Path, failed: dict[str, str], stopped: dict[str, str] | None = None
+) -> tuple[list[_Candidate], dict[str, str]]:
     """Every usable trial under ``trials/`` and, for the others, why they are left out."""
     trials_dir = search_dir / "trials"
     if not trials_dir.is_dir():
@@ -157,7 +171,9 @@ def _discover(search_dir: Path, failed: dict[str, str]) -> tuple[list[_Candidate
             continue
         result_path = run_dir / "result.json"
         if not result_path.is_file():
-            skipped[trial_id] = "no result.json (still running, or stopped before it finished)"
+            skipped[trial_id] = (stopped or {}).get(
+                trial_id, "no result.json (still running, or stopped before it finished)"
+            )
             continue
         try:
             result = json.loads(result_path.read_text())
@@ -350,8 +366,9 @@ def _predict_member(
     device,
     batch_size: int,
     log: Callable[[str], None],
+    folds: Sequence[int],
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Eval probabilities (mean of the k fold models) and, if asked, the OOF probabilities with ``tta``.
+    """Eval probabilities (mean of the ``folds`` models) and, if asked, the OOF probabilities with ``tta``.
 
     One fold model is on the device at a time; images stream from the memory-mapped cache in batches.
     """
@@ -374,7 +391,8 @@ def _predict_member(
     channels_last = bool(config.get("channels_last", True)) and device.type == "cuda"
     eval_probs = np.zeros((len(eval_paths), NUM_CLASSES), dtype=np.float64)
     oof = np.zeros_like(candidate.probs) if recompute_oof else None
-    for fold, path in enumerate(candidate.checkpoints):
+    for fold in folds:
+        path = candidate.checkpoints[fold]
         try:
             loaded = load_checkpoint(path, device=device)
         except ModelError as error:  # e.g. a backbone this timm version does not know
@@ -401,7 +419,7 @@ def _predict_member(
         del loaded
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return eval_probs / len(candidate.checkpoints), oof
+    return eval_probs / len(folds), oof
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -570,6 +588,19 @@ def _check_tta(tta: Sequence[str] | None) -> tuple[str, ...] | None:
     return views
 
 
+def _check_folds(folds: Sequence[int] | None, k: int) -> list[int]:
+    """The fold models to use, sorted; every one of the trials' ``k`` when ``folds`` is None."""
+    if folds is None:
+        return list(range(k))
+    chosen = sorted({int(f) for f in folds})
+    bad = [f for f in chosen if not 0 <= f < k]
+    if not chosen or bad:
+        raise OrchestratorError(
+            f"--folds: {bad or 'none given'} not among the trials' folds 0..{k - 1}; e.g. --folds 0 or 0,2"
+        )
+    return chosen
+
+
 def _train_paths(data_root: Path, rel_paths: np.ndarray) -> list[str]:
     """Absolute training image paths, spelled as trainers.data does (so the training cache is reused)."""
     root = data_root.resolve()
@@ -600,12 +631,15 @@ def run_ensemble(
     cache_dir: Path | None = None,
     greedy_steps: int = DEFAULT_GREEDY_STEPS,
     log: Callable[[str], None] | None = print,
+    folds: Sequence[int] | None = None,
 ) -> EnsembleResult:
     """Select members of search ``search`` on OOF F1, predict eval/images, write the submission last.
 
     ``tta`` None keeps each trial's own TTA views; a sequence (possibly empty) applies those views to every
     member, for the OOF estimate as well as for the submission. ``top`` takes the N best trials with equal
-    weights instead of greedy selection.
+    weights instead of greedy selection. ``folds`` keeps only those fold models of each member (e.g. one
+    fold model, to measure what the k-fold average adds); its OOF figures then cover those folds'
+    validation images only.
     """
     from trainers.data import read_eval
     from trainers.predict import pick_device
@@ -637,7 +671,7 @@ def run_ensemble(
     image_ids = eval_table["image_id"].tolist()
     eval_paths = eval_table["image_path"].tolist()
     summary = read_search_summary(search_dir)
-    candidates, skipped = _discover(search_dir, _failed_in_search(summary))
+    candidates, skipped = _discover(search_dir, _failed_in_search(summary), _stopped_in_search(summary))
     _check_same_split(candidates)
     labels = candidates[0].label
     age_edges = [tuple(c.config.get("age_edges", (30, 60))) for c in candidates]
@@ -646,9 +680,14 @@ def run_ensemble(
             f"the trials use different age_edges {sorted(set(age_edges))}; their classes differ"
         )
     names = class_names(AgeBands(age_edges[0]))
+    k = len(candidates[0].checkpoints)
+    use_folds = _check_folds(folds, k)
+    rows = np.isin(candidates[0].fold, use_folds)  # OOF rows those fold models can be judged on
+    labels = labels[rows]
 
     # selection on stored OOF probabilities, best candidate first (ties: trial id)
     selection_probs, exact = zip(*(_selection_probs(c, tta) for c in candidates), strict=True)
+    selection_probs = [p[rows] for p in selection_probs]
     single_f1 = [macro_f1(labels, p) for p in selection_probs]
     ranking = sorted(range(len(candidates)), key=lambda i: (-single_f1[i], candidates[i].trial_id))
     candidates = [candidates[i] for i in ranking]
@@ -668,8 +707,8 @@ def run_ensemble(
 
     # fail fast on a bad checkpoint before any prediction
     for i in chosen:
-        for fold, path in enumerate(candidates[i].checkpoints):
-            _check_checkpoint(path, candidates[i], fold)
+        for fold in use_folds:
+            _check_checkpoint(candidates[i].checkpoints[fold], candidates[i], fold)
     train_paths = None
     if any(not exact[i] for i in chosen):
         train_paths = _train_paths(data_root, candidates[0].rel_path)
@@ -679,9 +718,10 @@ def run_ensemble(
     for i in chosen:
         candidate = candidates[i]
         views = candidate.own_tta if tta is None else tta
+        which = f"{k} folds" if len(use_folds) == k else f"fold(s) {','.join(map(str, use_folds))} of {k}"
         log(
             f"predicting with trial {candidate.trial_id} ({candidate.config.get('backbone')}, "
-            f"{len(candidate.checkpoints)} folds, TTA {_describe_tta(views)})"
+            f"{which}, TTA {_describe_tta(views)})"
         )
         eval_probs, recomputed = _predict_member(
             candidate,
@@ -693,11 +733,13 @@ def run_ensemble(
             torch_device,
             batch_size,
             log,
+            use_folds,
         )
-        oof = recomputed if recomputed is not None else selection_probs[i]
+        oof = recomputed[rows] if recomputed is not None else selection_probs[i]
+        plain = candidate.probs[rows]
         member_eval.append(eval_probs)
         member_oof.append(oof)
-        member_oof_plain.append(candidate.probs)
+        member_oof_plain.append(plain)
         members.append(
             EnsembleMember(
                 trial_id=candidate.trial_id,
@@ -707,7 +749,7 @@ def run_ensemble(
                 weight=counts[i] / total,
                 tta=tuple(views),
                 oof_f1=macro_f1(labels, oof),
-                oof_f1_no_tta=macro_f1(labels, candidate.probs),
+                oof_f1_no_tta=macro_f1(labels, plain),
                 recomputed=recomputed is not None,
             )
         )
@@ -742,16 +784,18 @@ def run_ensemble(
         },
         eval_probs=ensemble_eval,
         image_ids=image_ids,
-        oof_rel_path=candidates[0].rel_path,
+        oof_rel_path=candidates[0].rel_path[rows],
         oof_labels=labels,
         oof_probs=ensemble_oof,
         member_oof_probs={m.trial_id: p for m, p in zip(members, member_oof, strict=True)},
         skipped=skipped,
+        folds=None if len(use_folds) == k else tuple(use_folds),
     )
     selection = {
         "greedy_max_steps": greedy_steps if method == "greedy" else None,
         "top": top,
         "candidates": len(candidates),
+        "folds": ",".join(map(str, use_folds)) if result.folds is not None else None,
     }
     report = {
         "search": search,
@@ -824,8 +868,9 @@ def run_ensemble(
 def format_report(result: EnsembleResult) -> str:
     """The short printed summary: members, their OOF F1, the ensemble's, the best single trial's."""
     tta = "each trial's own TTA" if result.tta is None else f"TTA {_describe_tta(result.tta)}"
+    folds = "" if result.folds is None else f", fold model(s) {','.join(map(str, result.folds))} only"
     lines = [
-        f"ensemble: {len(result.members)} trial(s), {result.method} selection, {tta}",
+        f"ensemble: {len(result.members)} trial(s), {result.method} selection, {tta}{folds}",
         "  weight  OOF F1  TTA             trial",
     ]
     for m in result.members:
@@ -837,7 +882,8 @@ def format_report(result: EnsembleResult) -> str:
     lines += [
         f"best single trial: {result.best_single_trial}  OOF macro F1 {result.best_single_f1:.4f}",
         f"ensemble OOF macro F1 {result.oof_f1:.4f} with {tta} ({result.oof_f1_no_tta:.4f} without TTA)"
-        f"  <- expected F1",
+        f"  <- expected F1"
+        + ("" if result.folds is None else f" (on the {len(result.oof_labels)} images of those folds)"),
         f"submission: {result.submission} ({len(result.image_ids)} images); "
         f"probabilities {result.probs_path}",
     ]

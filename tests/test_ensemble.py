@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import f1_score
 
@@ -87,17 +88,30 @@ def world(tmp_path_factory, dataset_builder):
     from orchestrator.tracking import SearchTracking
 
     copy_trial(trials / "trial_b", storage, SEARCH, "trial_e_failed")
+    stopped = copy_trial(trials / "trial_b", storage, SEARCH, "trial_f_stopped")  # ASHA: no result, no OOF
+    (stopped / "result.json").unlink()
+    (stopped / "oof.npz").unlink()
     tracking_uri = f"sqlite:///{base / 'mlruns' / 'mlflow.db'}"
     tracking = SearchTracking(tracking_uri, SEARCH)
     parent_run_id = tracking.start_parent(storage / SEARCH)
-    statuses = {"trial_a": "completed", "trial_b": "completed", "trial_e_failed": "failed"}
+    statuses = {
+        "trial_a": "completed",
+        "trial_b": "completed",
+        "trial_e_failed": "failed",
+        "trial_f_stopped": "stopped_early",
+    }
     summary = {
         "name": SEARCH,
         "experiment_name": SEARCH,
         "tracking_uri": tracking_uri,
         "parent_run_id": parent_run_id,
         "trials": [
-            {"trial_id": t, "status": status, "error": "RuntimeError: boom" if status == "failed" else ""}
+            {
+                "trial_id": t,
+                "status": status,
+                "epochs": 1,
+                "error": "RuntimeError: boom" if status == "failed" else "",
+            }
             for t, status in statuses.items()
         ],
     }
@@ -171,7 +185,8 @@ def test_greedy_never_scores_below_its_best_candidate_and_skips_unusable_trials(
     assert greedy.best_single_f1 == pytest.approx(max(singles.values()))
     assert greedy.oof_f1 >= max(singles.values())
     assert greedy.members[0].trial_id == max(singles, key=singles.get)
-    assert set(greedy.skipped) == {"trial_c_diverged", "trial_d_pruned", "trial_e_failed"}
+    assert set(greedy.skipped) == {"trial_c_diverged", "trial_d_pruned", "trial_e_failed", "trial_f_stopped"}
+    assert greedy.skipped["trial_f_stopped"] == "stopped early by ASHA after 1 epoch(s): a weak trial"
     assert "diverged" in greedy.skipped["trial_c_diverged"] and "pruned" in greedy.skipped["trial_d_pruned"]
     assert "boom" in greedy.skipped["trial_e_failed"]
 
@@ -202,6 +217,48 @@ def test_top_one_is_the_best_trial_alone(world, greedy, capsys):
     np.testing.assert_allclose(result.eval_probs, alone, atol=1e-6)
     printed = capsys.readouterr().out
     assert "expected F1" in printed and "best single trial" in printed and str(result.submission) in printed
+
+
+def test_one_fold_model_alone_is_predicted_and_judged_on_its_own_fold(world, capsys):
+    from trainers.cache import build_cache, open_cache
+    from trainers.data import read_eval
+    from trainers.predict import load_checkpoint, predict_proba
+
+    eval_paths = read_eval(world["data"].root)["image_path"].tolist()
+    parts = [
+        ensemble(world, world["base"] / f"fold{fold}" / "submission.csv", top=1, folds=[fold], log=print)
+        for fold in (0, 1)
+    ]
+    for fold, part in enumerate(parts):
+        trial = part.members[0].trial_id
+        run_dir = world["storage"] / SEARCH / "trials" / trial
+        # the submission's probabilities are that one fold model's, with the trial's hflip TTA
+        loaded = load_checkpoint(run_dir / "checkpoints" / f"fold{fold}.pt")
+        images = open_cache(build_cache(eval_paths, loaded.image_size, world["cache"]))
+        direct = predict_proba(
+            loaded.model,
+            loaded.head,
+            images.images,
+            images.rows(eval_paths),
+            loaded.mean,
+            loaded.std,
+            torch.device("cpu"),
+            tta=("hflip",),
+        )
+        np.testing.assert_allclose(part.eval_probs, direct, atol=1e-6)
+        # ... and it is judged on its own fold's validation images only
+        oof = load_oof(run_dir)
+        held_out = oof["fold"] == fold
+        assert part.folds == (fold,) and len(part.members) == 1
+        np.testing.assert_array_equal(part.oof_rel_path, oof["rel_path"][held_out])
+        assert part.oof_f1 == pytest.approx(sk_macro_f1(oof["label"][held_out], oof["probs_tta"][held_out]))
+        assert json.loads(part.report_path.read_text())["folds"] == str(fold)
+    assert not np.allclose(parts[0].eval_probs, parts[1].eval_probs, atol=1e-4)
+    printed = capsys.readouterr().out
+    assert "fold model(s) 0 only" in printed and "fold(s) 1 of 2" in printed
+    with pytest.raises(OrchestratorError, match="--folds.*0..1"):
+        ensemble(world, world["base"] / "fold5" / "submission.csv", top=1, folds=[5])
+    assert not (world["base"] / "fold5").exists()
 
 
 def write_plain_and_mirrored_eval(source_root: Path, target: Path, ids: list[str]) -> Path:

@@ -1,0 +1,99 @@
+"""The `foldtune` command line in-process: summaries on good data, one `error:` line (exit 2) on bad input."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from orchestrator.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_user_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    assert err.startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_check_data_prints_the_summary_and_confirms_eval(capsys, tiny_dataset):
+    code, out, err = run(capsys, "check-data", "--data", str(tiny_dataset.root))
+    assert code == 0 and err == ""
+    assert "persons: 6" in out and "images: 42" in out
+    assert "eval: 4 images listed in eval/info.csv, all present" in out
+
+
+def test_check_data_decode_finds_a_truncated_jpeg_the_header_check_misses(capsys, tiny_dataset):
+    path = tiny_dataset.image("000005", "incorrect_mask")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) * 9 // 10])
+    assert run(capsys, "check-data", "--data", str(tiny_dataset.root))[0] == 0
+    code, _, err = run(capsys, "check-data", "--data", str(tiny_dataset.root), "--decode")
+    assert_user_error(code, err, f"{tiny_dataset.persons[4]['path']}/incorrect_mask.jpg", "replace the file")
+
+
+def test_missing_data_root_and_bad_csv_name_the_file(capsys, tmp_path, tiny_dataset):
+    code, _, err = run(capsys, "check-data", "--data", str(tmp_path / "nowhere"))
+    assert_user_error(code, err, str(tmp_path / "nowhere"))
+    csv = tiny_dataset.root / "train" / "train.csv"
+    csv.write_text(csv.read_text().replace("gender", "sex", 1))
+    code, _, err = run(capsys, "check-data", "--data", str(tiny_dataset.root))
+    assert_user_error(code, err, "train.csv", "gender")
+
+
+def test_folds_writes_a_person_level_fold_file(capsys, make_dataset, tmp_path):
+    data = make_dataset(n_persons=12)
+    out = tmp_path / "folds.csv"
+    code, printed, _ = run(capsys, "folds", "--data", str(data.root), "--k", "3", "--out", str(out))
+    assert code == 0 and f"fold file written: {out}" in printed
+    folds = pd.read_csv(out, dtype=str)
+    assert folds["person_id"].nunique() == 12 and len(folds) == 12 * 7
+    assert folds.groupby("person_id")["fold"].nunique().max() == 1  # a person never spans two folds
+    assert sorted(folds["fold"].unique()) == ["0", "1", "2"]
+
+
+def test_train_with_a_bad_config_is_a_clear_error(capsys, tiny_dataset, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("backbone: resnet10t\nlr: fast\n")
+    code, _, err = run(capsys, "train", "--data", str(tiny_dataset.root), "--config", str(config))
+    assert_user_error(code, err, "config key 'lr': expected a number, got 'fast'")
+    code, _, err = run(
+        capsys, "train", "--data", str(tiny_dataset.root), "--config", str(tmp_path / "no.yaml")
+    )
+    assert_user_error(code, err, "no.yaml")
+
+
+def test_ensemble_flags_and_missing_search_are_clear_errors(capsys, tiny_dataset, tmp_path):
+    base = ["ensemble", "--data", str(tiny_dataset.root), "--storage", str(tmp_path)]
+    code, _, err = run(capsys, *base, "--search", "nothing")
+    assert_user_error(code, err, "search folder", "nothing")
+    code, _, err = run(capsys, *base, "--search", "nothing", "--folds", "zero")
+    assert_user_error(code, err, "--folds", "'zero'")
+    code, _, err = run(capsys, *base, "--search", "nothing", "--tta", "rotate")
+    assert_user_error(code, err, "rotate", "hflip")
+
+
+def test_score_prints_macro_f1_and_names_a_missing_id(capsys, tiny_dataset, tmp_path):
+    ids = tiny_dataset.eval_ids
+    answers = tmp_path / "answers.csv"
+    answers.write_text("ImageID,ans\n" + "".join(f"{i},{n}\n" for n, i in enumerate(ids)))
+    perfect = tmp_path / "perfect.csv"
+    perfect.write_text(answers.read_text())
+    code, out, _ = run(capsys, "score", str(perfect), str(answers))
+    assert code == 0 and "macro F1 1.0000" in out
+    partial = tmp_path / "partial.csv"
+    partial.write_text("ImageID,ans\n" + "".join(f"{i},{n}\n" for n, i in enumerate(ids[:-1])))
+    code, _, err = run(capsys, "score", str(partial), str(answers))
+    assert_user_error(code, err, ids[-1])
+
+
+@pytest.mark.parametrize("argv", [["search"], ["ensemble", "--data", "x"], ["nonsense"]])
+def test_argument_errors_exit_with_usage(capsys, argv):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2 and "usage: foldtune" in capsys.readouterr().err
