@@ -54,9 +54,6 @@ from trainers import cache as image_cache  # noqa: E402
 from trainers import fit as trainer  # noqa: E402
 from trainers.config import TrainConfig  # noqa: E402
 from trainers.io import write_text_atomic  # noqa: E402
-from trainers.labels import NUM_CLASSES  # noqa: E402
-from trainers.losses import build_loss  # noqa: E402
-from trainers.models import build_model, freeze_stages  # noqa: E402
 from trainers.predict import autocast_for  # noqa: E402
 from trainers.transforms import normalize_batch, train_pipeline  # noqa: E402
 
@@ -296,17 +293,16 @@ class SeedStyleImages(Dataset):
 def cached_loader(
     cfg: TrainConfig, cache_path: Path, rows: np.ndarray, labels: np.ndarray, device: torch.device, seed: int
 ) -> DataLoader:
-    """The loader fit's ``_train_one_epoch`` builds: ``_CachedImages`` with the same DataLoader settings."""
-    dataset = trainer._CachedImages(cache_path, rows, labels, cfg.augment, seed)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=trainer._SeededShuffle(len(dataset), seed),
+    """The loader fit's ``train_one_epoch`` builds (``trainers.fit.train_loader``)."""
+    return trainer.train_loader(
+        cache_path,
+        rows,
+        labels,
+        cfg.augment,
+        cfg.batch_size,
+        seed,
         num_workers=cfg.num_workers,
-        collate_fn=trainer._identity_collate,
-        drop_last=len(dataset) > cfg.batch_size,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
     )
 
 
@@ -318,52 +314,23 @@ def seed_style_loader(
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        sampler=trainer._SeededShuffle(len(dataset), seed),
+        sampler=trainer.SeededShuffle(len(dataset), seed),
         num_workers=cfg.num_workers,
         drop_last=len(dataset) > cfg.batch_size,
         pin_memory=device.type == "cuda",
     )
 
 
-def make_fold(cfg: TrainConfig, rows: np.ndarray, labels: np.ndarray, device: torch.device) -> trainer._Fold:
-    """One fold's training state built as ``fit`` builds it (model, freeze, AdamW, schedule, scaler, loss)."""
+def make_fold(
+    cfg: TrainConfig, rows: np.ndarray, labels: np.ndarray, device: torch.device
+) -> trainer.FoldState:
+    """One fold's training state, built by fit's own ``build_fold`` (random init: no weights needed)."""
     trainer.seed_everything(cfg.seed)
-    model = build_model(
-        cfg.backbone,
-        head=cfg.head,
-        num_classes=NUM_CLASSES,
-        drop_rate=cfg.drop_rate,
-        image_size=tuple(cfg.image_size),
-    )
-    freeze = freeze_stages(model, cfg.freeze_depth)
-    model.to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(trainer._param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    steps = max(1, len(rows) // cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, trainer._cosine_with_warmup(steps, 100 * steps))
-    fp16 = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-    empty = np.zeros(0, dtype=np.int64)
-    return trainer._Fold(
-        index=0,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler("cuda", enabled=fp16),
-        freeze=freeze,
-        train_rows=rows,
-        train_labels=labels,
-        val_rows=empty,
-        val_labels=empty,
-        val_positions=empty,
-        criterion=build_loss(
-            cfg.loss, gamma=cfg.focal_gamma, head=cfg.head, task_weights=tuple(cfg.task_weights)
-        ),
-    )
+    return trainer.build_fold(cfg, 0, rows, labels, device)
 
 
 def train_steps(
-    fold: trainer._Fold,
+    fold: trainer.FoldState,
     batches: Iterable,
     cfg: TrainConfig,
     device: torch.device,
@@ -416,7 +383,7 @@ def _timed(device: torch.device, action: Callable[[], int]) -> float:
 def _timing_loader_waits(waits: list[float]):
     """While active, fit's DataLoader records how long each step waited for its batch into ``waits``.
 
-    Instrumentation only: ``trainers.fit`` builds its loader inside ``_train_one_epoch``, so the class it
+    Instrumentation only: ``trainers.fit`` builds its loader inside ``train_one_epoch``, so the class it
     calls is swapped for a subclass that times ``iter()`` (worker start-up) and every ``next()``.
     """
     original = trainer.DataLoader
@@ -458,7 +425,7 @@ class InputRig:
     rows: np.ndarray  # cache rows of the measured images (a seeded order, repeated when data is short)
     labels: np.ndarray
     paths: list[str]  # the same images' files, for the seed-style loader
-    fold: trainer._Fold
+    fold: trainer.FoldState
     memory_batches: list = field(default_factory=list)
 
     @classmethod
@@ -511,7 +478,7 @@ class InputRig:
         )
 
     def cached_epoch(self, train_batches: int, epoch: int) -> tuple[float, float]:
-        """(b) fit's own ``_train_one_epoch`` (loader built per epoch, as fit does) on the cache.
+        """(b) fit's own ``train_one_epoch`` (loader built per epoch, as fit does) on the cache.
 
         Returns images/s and the share of the epoch the loop spent waiting for its loader: a figure taken
         inside one run, so unlike (b)/(a) it does not move with the load of other processes.
@@ -521,7 +488,7 @@ class InputRig:
         waits: list[float] = []
 
         def run() -> int:
-            trainer._train_one_epoch(
+            trainer.train_one_epoch(
                 self.fold,
                 self.cfg,
                 self.cache_path,
@@ -696,12 +663,8 @@ def _stream_cache_worker(cache_path: str, batch_size: int, seed: int, ready, rel
     try:
         cache = image_cache.open_cache(Path(cache_path))
         rows = np.arange(len(cache.images))
-        dataset = trainer._CachedImages(Path(cache_path), rows, np.zeros(len(rows), np.int64), {}, seed)
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=trainer._SeededShuffle(len(rows), seed),
-            collate_fn=trainer._identity_collate,
+        loader = trainer.train_loader(
+            Path(cache_path), rows, np.zeros(len(rows), np.int64), {}, batch_size, seed, drop_last=False
         )
         started = time.perf_counter()
         images = _drain(loader)

@@ -82,7 +82,7 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
-class _CachedImages(Dataset):
+class CachedImages(Dataset):
     """Training images straight from the memory-mapped cache, augmented per image.
 
     The memory map is opened lazily in each loader worker (pickling a memmap would copy the array).
@@ -115,7 +115,7 @@ def _identity_collate(batch):
     return batch
 
 
-class _SeededShuffle(Sampler[int]):
+class SeededShuffle(Sampler[int]):
     """A permutation seeded per (run, fold, epoch), so a resumed run sees the same batches."""
 
     def __init__(self, n: int, seed: int):
@@ -129,7 +129,9 @@ class _SeededShuffle(Sampler[int]):
 
 
 @dataclass
-class _Fold:
+class FoldState:
+    """Everything one fold model trains with; fit keeps k of them and steps them in lockstep."""
+
     index: int
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -153,7 +155,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
@@ -163,7 +165,7 @@ def _cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], 
     return factor
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on norms and biases (1-D tensors); frozen parameters are left out."""
     decay, no_decay = [], []
     for param in model.parameters():
@@ -212,6 +214,98 @@ def _oom_error(cfg: TrainConfig) -> TrainingError:
     )
 
 
+def build_fold(
+    cfg: TrainConfig,
+    index: int,
+    train_rows: np.ndarray,
+    train_labels: np.ndarray,
+    device: torch.device,
+    pretrained_kwargs: dict | None = None,
+    val_rows: np.ndarray | None = None,
+    val_labels: np.ndarray | None = None,
+    val_positions: np.ndarray | None = None,
+) -> FoldState:
+    """One fold's model (frozen as configured), loss, AdamW, warmup-cosine schedule and AMP scaler.
+
+    The one place this is assembled, so ``make bench`` measures exactly what ``fit`` trains.
+    """
+    use_cuda = device.type == "cuda"
+    model = build_model(
+        cfg.backbone,
+        head=cfg.head,
+        num_classes=NUM_CLASSES,
+        pretrained_kwargs=pretrained_kwargs,
+        drop_rate=cfg.drop_rate,
+        image_size=tuple(cfg.image_size),
+    )
+    freeze = freeze_stages(model, cfg.freeze_depth)
+    model.to(device)
+    if cfg.channels_last and use_cuda:
+        model.to(memory_format=torch.channels_last)
+    alpha = class_balanced_alpha(train_labels, NUM_CLASSES).to(device) if cfg.class_alpha else None
+    criterion = build_loss(
+        cfg.loss,
+        gamma=cfg.focal_gamma,
+        alpha=alpha,
+        label_smoothing=cfg.label_smoothing,
+        head=cfg.head,
+        task_weights=tuple(cfg.task_weights),
+    )
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        cosine_with_warmup(int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch),
+    )
+    fp16 = use_cuda and cfg.amp and not torch.cuda.is_bf16_supported()
+    empty = np.zeros(0, dtype=np.int64)
+    return FoldState(
+        index=index,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda", enabled=fp16),
+        freeze=freeze,
+        train_rows=train_rows,
+        train_labels=train_labels,
+        val_rows=empty if val_rows is None else val_rows,
+        val_labels=empty if val_labels is None else val_labels,
+        val_positions=empty if val_positions is None else val_positions,
+        criterion=criterion,
+    )
+
+
+def train_loader(
+    cache_path: Path,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    augment: dict,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    sampler: Sampler | None = None,
+    drop_last: bool | None = None,
+) -> DataLoader:
+    """Augmented training batches from the memory-mapped cache, in a seeded order (or ``sampler``'s).
+
+    Batches are assembled by ``CachedImages.__getitems__`` (one fancy-indexed read + batched
+    augmentation), so collation is the identity. ``drop_last`` defaults to dropping a ragged last batch
+    unless the images fit in one.
+    """
+    dataset = CachedImages(cache_path, rows, labels, augment, seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler if sampler is not None else SeededShuffle(len(dataset), seed),
+        num_workers=num_workers,
+        collate_fn=_identity_collate,
+        drop_last=len(dataset) > batch_size if drop_last is None else drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
 def fit(
     cfg: TrainConfig,
     table: pd.DataFrame,
@@ -248,54 +342,22 @@ def fit(
     write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
     write_csv_atomic(data[["rel_path", "person_id", "fold"]], run_dir / "folds.csv")
 
-    fold_states: list[_Fold] = []
+    fold_states: list[FoldState] = []
     for fold in range(cfg.k):
         seed_everything(cfg.seed + fold)
-        model = build_model(
-            cfg.backbone,
-            head=cfg.head,
-            num_classes=NUM_CLASSES,
-            pretrained_kwargs=pretrained_kwargs,
-            drop_rate=cfg.drop_rate,
-            image_size=tuple(cfg.image_size),
-        )
-        freeze = freeze_stages(model, cfg.freeze_depth)
-        model.to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
         train_mask = (data["fold"].to_numpy() != fold) & trainable
         val_mask = data["fold"].to_numpy() == fold
-        train_labels = labels[train_mask]
-        alpha = class_balanced_alpha(train_labels, NUM_CLASSES).to(device) if cfg.class_alpha else None
-        criterion = build_loss(
-            cfg.loss,
-            gamma=cfg.focal_gamma,
-            alpha=alpha,
-            label_smoothing=cfg.label_smoothing,
-            head=cfg.head,
-            task_weights=tuple(cfg.task_weights),
-        )
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-        steps_per_epoch = math.ceil(int(train_mask.sum()) / cfg.batch_size)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            _cosine_with_warmup(int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch),
-        )
-        fp16 = use_cuda and cfg.amp and not torch.cuda.is_bf16_supported()
         fold_states.append(
-            _Fold(
-                index=fold,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=torch.amp.GradScaler("cuda", enabled=fp16),
-                freeze=freeze,
-                train_rows=all_rows[train_mask],
-                train_labels=train_labels,
+            build_fold(
+                cfg,
+                fold,
+                all_rows[train_mask],
+                labels[train_mask],
+                device,
+                pretrained_kwargs,
                 val_rows=all_rows[val_mask],
                 val_labels=labels[val_mask],
                 val_positions=np.flatnonzero(val_mask),
-                criterion=criterion,
             )
         )
     freeze = fold_states[0].freeze
@@ -329,7 +391,7 @@ def fit(
         fold_metrics = []
         for fold_state in fold_states:
             try:
-                train_loss = _train_one_epoch(
+                train_loss = train_one_epoch(
                     fold_state, cfg, cache_path, device, mean, std, channels_last, epoch
                 )
                 probs = predict_proba(
@@ -423,8 +485,8 @@ def fit(
     return result
 
 
-def _train_one_epoch(
-    fold: _Fold,
+def train_one_epoch(
+    fold: FoldState,
     cfg: TrainConfig,
     cache_path: Path,
     device: torch.device,
@@ -435,21 +497,20 @@ def _train_one_epoch(
 ) -> float:
     """One pass over the fold's training images; returns the mean loss (nan/inf if it diverged)."""
     seed = cfg.seed * 100_003 + fold.index * 1009 + epoch
-    dataset = _CachedImages(cache_path, fold.train_rows, fold.train_labels, cfg.augment, seed)
+    sampler = None
     if cfg.weighted_sampler:
         weights = torch.as_tensor(balanced_sample_weights(fold.train_labels), dtype=torch.double)
         sampler = WeightedRandomSampler(weights, len(weights), generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = _SeededShuffle(len(dataset), seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
+    loader = train_loader(
+        cache_path,
+        fold.train_rows,
+        fold.train_labels,
+        cfg.augment,
+        cfg.batch_size,
+        seed,
         num_workers=cfg.num_workers,
-        collate_fn=_identity_collate,
-        drop_last=len(dataset) > cfg.batch_size,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        sampler=sampler,
     )
     model = fold.model
     model.train()
@@ -472,7 +533,7 @@ def _train_one_epoch(
     return total / max(1, count)
 
 
-def _save_checkpoint(fold: _Fold, cfg: TrainConfig, mean, std, epoch: int, run_dir: Path) -> None:
+def _save_checkpoint(fold: FoldState, cfg: TrainConfig, mean, std, epoch: int, run_dir: Path) -> None:
     """The fold's best weights with what is needed to use them: config, class map, input stats."""
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -495,7 +556,7 @@ def _save_checkpoint(fold: _Fold, cfg: TrainConfig, mean, std, epoch: int, run_d
 
 def _save_resume_state(
     path: Path,
-    folds: list[_Fold],
+    folds: list[FoldState],
     cfg: TrainConfig,
     epoch: int,
     history: list[dict],
@@ -527,7 +588,7 @@ def _save_resume_state(
 
 
 def _write_out_of_fold(
-    folds: list[_Fold],
+    folds: list[FoldState],
     data: pd.DataFrame,
     cfg: TrainConfig,
     cache,
