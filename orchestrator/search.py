@@ -47,6 +47,9 @@ EXPERIMENT_DIRNAME = "tune"
 CHECKPOINT_MARKER = "foldtune_marker.json"
 STATE_ORDER = {"completed": 0, "stopped_early": 1, "failed": 2, "unfinished": 3}
 TUNE_ENVIRON = {  # set for the driver's Tune loop unless the user set them
+    # Tune's newer console output prints a config box, the results path and a TensorBoard hint even at
+    # verbose=0; foldtune prints its own trial table, so the quiet legacy reporter is used instead
+    "RAY_AIR_NEW_OUTPUT": "0",
     "TUNE_GLOBAL_CHECKPOINT_S": "2",  # experiment snapshot period: what a killed driver can lose at most
     # every report checkpoints (num_to_keep=1 forces a snapshot each time); the marker is tiny, so no warning
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
@@ -113,6 +116,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     from trainers.fit import fit
 
     torch.set_num_threads(max(1, int(context.space.cpus_per_trial)))
+    # one "Checkpoint successfully created" line per epoch and trial would drown the epoch lines
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(context.trials_dir) / trial_id
     cfg = context.space.config_for(params)
