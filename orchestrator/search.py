@@ -44,6 +44,7 @@ from trainers.io import write_csv_atomic, write_text_atomic
 METRIC, MODE, TIME_ATTR = "val_f1", "max", "epoch"
 STOPPED_EARLY = "stopped_early"  # result key set on the result a scheduler stopped a trial at
 EXPERIMENT_DIRNAME = "tune"
+ASHA_STATE = "asha_state.json"  # the scheduler's rungs, so a resumed search keeps judging against them
 CHECKPOINT_MARKER = "foldtune_marker.json"
 STATE_ORDER = {"completed": 0, "stopped_early": 1, "failed": 2, "unfinished": 3}
 TUNE_ENVIRON = {  # set for the driver's Tune loop unless the user set them
@@ -253,10 +254,12 @@ def make_searcher(space: SearchSpace, search_dir: Path) -> ConcurrencyLimiter:
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
 
 
-def make_scheduler(space: SearchSpace):
+def make_scheduler(space: SearchSpace, state_path: Path | None = None):
+    """ASHA on the space's settings; ``state_path`` keeps its rungs across a killed driver (see below)."""
     if space.asha is None:
         return None
     return FinishingASHA(
+        state_path=str(state_path) if state_path else None,
         time_attr=TIME_ATTR,
         max_t=space.asha.max_t or space.max_epochs(),
         grace_period=space.asha.grace_period,
@@ -266,19 +269,64 @@ def make_scheduler(space: SearchSpace):
 
 
 class FinishingASHA(ASHAScheduler):
-    """ASHA that never stops a trial at its own last epoch.
+    """ASHA that never stops a trial at its own last epoch, and whose rungs survive a resume.
 
     ASHA has a rung at every ``grace_period * reduction_factor**k`` up to ``max_t``, so a trial whose last
     epoch is a rung can be told to STOP there: nothing is saved by it, and the kill would come before fit
     writes its out-of-fold predictions and ``result.json``. Such a trial finishes instead.
+
+    Ray's Tuner.restore rebuilds the scheduler as it was created, with empty rungs, so after a resume the
+    first trials would be judged against nobody and run to the end. With ``state_path`` the rungs (each
+    trial's score at each milestone) are written after every result and read back once on restore.
     """
 
+    def __init__(self, *args, state_path: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._state_path = state_path
+        self._state_loaded = False
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._load_rungs_once()
+        super().on_trial_add(tune_controller, trial)
+
     def on_trial_result(self, tune_controller, trial, result):
+        self._load_rungs_once()
         decision = super().on_trial_result(tune_controller, trial, result)
+        self._save_rungs()
         at_last_epoch = result.get(TIME_ATTR, 0) >= result.get("epochs_planned", math.inf)
         if decision == TrialScheduler.STOP and at_last_epoch:
             return TrialScheduler.CONTINUE
         return decision
+
+    def _save_rungs(self) -> None:
+        if not self._state_path:
+            return
+        state = {
+            "num_stopped": self._num_stopped,
+            "brackets": [
+                [{"milestone": m, "recorded": {k: float(v) for k, v in r.items()}} for m, r in bracket._rungs]
+                for bracket in self._brackets
+            ],
+        }
+        write_text_atomic(json.dumps(state), Path(self._state_path))
+
+    def _load_rungs_once(self) -> None:
+        if self._state_loaded:
+            return
+        self._state_loaded = True
+        if not self._state_path or not Path(self._state_path).is_file():
+            return
+        try:
+            state = json.loads(Path(self._state_path).read_text())
+            saved_brackets = state["brackets"]
+        except (OSError, ValueError, KeyError) as error:
+            logger.warning("ASHA state %s unreadable (%s); its rungs start empty", self._state_path, error)
+            return
+        for bracket, saved in zip(self._brackets, saved_brackets, strict=False):
+            for (milestone, recorded), rung in zip(bracket._rungs, saved, strict=False):
+                if rung.get("milestone") == milestone:  # same schedule: the rung means the same epoch
+                    recorded.update(rung.get("recorded", {}))
+        self._num_stopped = int(state.get("num_stopped", self._num_stopped))
 
 
 class EarlyStopMarker(Callback):
@@ -397,12 +445,13 @@ def run_search(
                     restart_errored=retry_failed,
                 )
             else:
-                (search_dir / "optuna.db").unlink(missing_ok=True)  # a study left by an abandoned start
+                for stale in ("optuna.db", ASHA_STATE):  # left by an abandoned start
+                    (search_dir / stale).unlink(missing_ok=True)
                 tuner = tune.Tuner(
                     trainable,
                     tune_config=tune.TuneConfig(
                         search_alg=make_searcher(space, search_dir),
-                        scheduler=make_scheduler(space),
+                        scheduler=make_scheduler(space, search_dir / ASHA_STATE),
                         num_samples=space.trials,
                         metric=METRIC,
                         mode=MODE,

@@ -200,6 +200,9 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri,
     assert board.loc[stalled, "state"] == "stopped_early" and board.loc[stalled, "epochs"] == 1
     assert board.loc[exploding, "state"] == "failed" and board.loc[exploding, "error"]
     assert summary.best_trial_id == good and summary.best_config["lr"] == GOOD["lr"]
+    # ASHA's rungs are on disk for a resume: both trials that reported epoch 1 are in the first rung
+    rungs = json.loads((search_dir / "asha_state.json").read_text())["brackets"][0]
+    assert set(next(r for r in rungs if r["milestone"] == 1)["recorded"]) == {good, stalled}
     # trials run one after another in one reused process (no ~9 s start-up per trial)
     pids = {
         path.parent.name.split("_")[2]: json.loads(path.read_text().splitlines()[-1])["pid"]
@@ -458,3 +461,44 @@ def test_asha_never_kills_a_trial_at_its_last_epoch():
     assert TrialScheduler.STOP in decisions(ASHAScheduler)[4:]  # plain ASHA kills at the final rung
     assert TrialScheduler.STOP not in decisions(FinishingASHA)[4:]
     assert decisions(FinishingASHA)[:4] == decisions(ASHAScheduler)[:4]  # earlier rungs decide as before
+
+
+def test_asha_rungs_survive_a_restarted_scheduler(tmp_path):
+    """Ray rebuilds the scheduler empty on resume; ours reads its rungs back, so later trials are judged."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestrator.search import FinishingASHA
+
+    class StandIn:
+        def __init__(self, trial_id: str):
+            self.trial_id = trial_id
+            self.config = {}
+
+    def scheduler(state_path) -> FinishingASHA:
+        return FinishingASHA(
+            time_attr="epoch",
+            metric="val_f1",
+            mode="max",
+            max_t=4,
+            grace_period=1,
+            reduction_factor=2,
+            stop_last_trials=False,
+            state_path=state_path,
+        )
+
+    state = tmp_path / "asha_state.json"
+    before = scheduler(str(state))
+    for name, score in (("a", 0.4), ("b", 0.5)):  # each at least as good as those before: both continue
+        before.on_trial_add(None, StandIn(name))
+        result = {"epoch": 1, "val_f1": score, "epochs_planned": 4}
+        assert before.on_trial_result(None, StandIn(name), result) == TrialScheduler.CONTINUE
+    assert state.is_file()
+
+    weak = {"epoch": 1, "val_f1": 0.1, "epochs_planned": 4}
+    forgetful, remembering = scheduler(None), scheduler(str(state))  # what a resumed driver builds
+    for rebuilt in (forgetful, remembering):
+        rebuilt.on_trial_add(None, StandIn("c"))
+    assert (
+        forgetful.on_trial_result(None, StandIn("c"), dict(weak)) == TrialScheduler.CONTINUE
+    )  # judged alone
+    assert remembering.on_trial_result(None, StandIn("c"), dict(weak)) == TrialScheduler.STOP  # below a and b
