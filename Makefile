@@ -12,6 +12,7 @@ SPACE   ?= search_spaces/cpu.yaml
 TRIALS  ?=                     # number of trials (default: the space's)
 NAME    ?=                     # search name (default: the space's name)
 STORAGE ?= runs                # search results folder (shared storage on a cluster)
+RELABEL ?=                     # search: label-fix CSV (id,field,value), kept with the search
 TOP     ?=                     # ensemble: N best trials instead of greedy selection
 TTA     ?=                     # ensemble: TTA views, e.g. hflip,scale (default: the trials' own)
 OUT     ?=                     # ensemble: submission path
@@ -41,7 +42,7 @@ demo-data: .venv
 
 search: .venv
 	$(FT) search --data $(strip $(DATA)) --space $(strip $(SPACE)) --storage $(strip $(STORAGE)) \
-		$(call opt,--trials,$(TRIALS)) $(call opt,--name,$(NAME))
+		$(call opt,--trials,$(TRIALS)) $(call opt,--name,$(NAME)) $(call opt,--relabel,$(RELABEL))
 
 ensemble: .venv
 	$(FT) ensemble --data $(strip $(DATA)) --storage $(strip $(STORAGE)) \

@@ -110,6 +110,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         storage=Path(args.storage) if args.storage else None,
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
+        relabel=args.relabel,
     )
     return 0 if summary is not None else 1
 
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--gpus-per-trial", type=float)
+    p.add_argument(
+        "--relabel", help="CSV of label fixes (id,field,value) applied before splitting; kept with the search"
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("ensemble", help="soft-vote the best fold models with TTA and write the submission")

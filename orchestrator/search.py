@@ -44,6 +44,7 @@ from trainers.io import write_csv_atomic, write_text_atomic
 METRIC, MODE, TIME_ATTR = "val_f1", "max", "epoch"
 STOPPED_EARLY = "stopped_early"  # result key set on the result a scheduler stopped a trial at
 EXPERIMENT_DIRNAME = "tune"
+RELABEL_COPY = "relabel.csv"  # the label fixes the search was started with
 ASHA_STATE = "asha_state.json"  # the scheduler's rungs, so a resumed search keeps judging against them
 CHECKPOINT_MARKER = "foldtune_marker.json"
 STATE_ORDER = {"completed": 0, "stopped_early": 1, "failed": 2, "unfinished": 3}
@@ -408,24 +409,30 @@ def run_search(
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
     retry_failed: bool = False,
+    relabel: str | os.PathLike | None = None,
 ) -> SearchSummary:
     """Run (or with ``resume``, continue) a search; see the module docstring for what is written where.
 
     ``address`` (or ``RAY_ADDRESS``) joins an existing Ray cluster; otherwise a local one is started.
     ``retry_failed`` restarts failed trials from scratch on resume (they stay failed by default).
+    ``relabel`` is a label-fix CSV (see trainers.data); a copy is kept in the search folder as
+    ``relabel.csv``, used again on resume and logged to MLflow, so every trial sees the same labels.
     """
     storage_dir = Path(storage or "runs").expanduser().absolute()
     space, search_dir, restoring = _settle_space(
         space_path, storage_dir, trials, name, resume, cpus_per_trial, gpus_per_trial
     )
     tracking = _settle_tracking(search_dir, tracking_uri, space.name)
+    relabel_copy = _settle_relabel(search_dir, relabel, resume and (search_dir / "space.yaml").exists())
     write_text_atomic(space.to_yaml(), search_dir / "space.yaml")
     experiment_path = search_dir / EXPERIMENT_DIRNAME
 
     started_ray = _connect_ray(address, progress)
     try:
         space = _fit_resources(space)
-        context = _prepare(Path(data_root).expanduser().absolute(), space, search_dir, cache_dir, progress)
+        context = _prepare(
+            Path(data_root).expanduser().absolute(), space, search_dir, cache_dir, progress, relabel_copy
+        )
         parent_run_id = _start_parent(tracking, space, search_dir, Path(data_root).expanduser().absolute())
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, context=context),
@@ -586,8 +593,42 @@ def _fit_resources(space: SearchSpace) -> SearchSpace:
     return space
 
 
+def _settle_relabel(search_dir: Path, relabel, existing: bool) -> Path | None:
+    """The search's own copy of the label fixes: made at the start, reused (and enforced) on resume."""
+    copy = search_dir / RELABEL_COPY
+    given = None
+    if relabel is not None:
+        source = Path(relabel).expanduser()
+        try:
+            given = source.read_text()
+        except OSError as error:
+            raise OrchestratorError(f"--relabel {source}: cannot read it ({error.strerror})") from None
+    if existing and copy.exists():
+        if given is not None and given != copy.read_text():
+            raise OrchestratorError(
+                f"--relabel {relabel} differs from the label fixes this search started with ({copy}); resume "
+                "without --relabel (the saved fixes are used), or start a new search with --name NEW_NAME"
+            )
+        return copy
+    if existing and given is not None:
+        raise OrchestratorError(
+            f"this search started without label fixes; resume it without --relabel, or start a new search "
+            f"with --relabel {relabel} --name NEW_NAME"
+        )
+    if given is None:
+        copy.unlink(missing_ok=True)  # left by an abandoned start
+        return None
+    write_text_atomic(given, copy)
+    return copy
+
+
 def _prepare(
-    data_root: Path, space: SearchSpace, search_dir: Path, cache_dir, progress: bool
+    data_root: Path,
+    space: SearchSpace,
+    search_dir: Path,
+    cache_dir,
+    progress: bool,
+    relabel: Path | None = None,
 ) -> TrialContext:
     """Once per search, before any trial: data, fold file, image cache, pretrained weights."""
     from trainers.cache import prepare_cache
@@ -598,9 +639,12 @@ def _prepare(
 
     base = space.config_for({name: param.values[0] for name, param in space.search.items()})
     say = print if progress else (lambda message: None)
-    data = read_train(data_root, AgeBands(tuple(base.age_edges)))
+    data = read_train(data_root, AgeBands(tuple(base.age_edges)), relabel=relabel)
     for problem in data.problems:
         say(f"warning: {problem}")
+    fixed = {field: count for field, count in data.fixes.items() if count}
+    if fixed:
+        say("label fixes applied (" + RELABEL_COPY + "): " + ", ".join(f"{n} {f}" for f, n in fixed.items()))
     folds_path = search_dir / "folds.csv"
     if folds_path.exists():
         folds = read_folds(folds_path)
@@ -658,6 +702,8 @@ def _start_parent(tracking: SearchTracking, space: SearchSpace, search_dir: Path
         print(f"warning: MLflow parent params not logged: {error}", file=sys.stderr)
     tracking.client.log_artifact(parent_run_id, str(search_dir / "space.yaml"))
     tracking.client.log_artifact(parent_run_id, str(search_dir / "folds.csv"))
+    if (search_dir / RELABEL_COPY).exists():
+        tracking.client.log_artifact(parent_run_id, str(search_dir / RELABEL_COPY))
     return parent_run_id
 
 

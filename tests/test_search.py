@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import psutil
@@ -183,6 +184,11 @@ def test_new_and_resumed_searches_are_told_apart(tmp_path):
 def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri, local_ray):
     """Three trials in a fixed order: one learns, one stalls (ASHA stops it), one explodes (fails)."""
     space_file = write_space(tmp_path / "tiny.yaml", points_to_evaluate=[GOOD, STALLED, EXPLODING])
+    # a label fix: the first person's gender flipped, for every trial of the search
+    person = pd.read_csv(demo_root / "train" / "train.csv", dtype=str).iloc[0]
+    flipped = "male" if person["gender"] == "female" else "female"
+    relabel = tmp_path / "fixes.csv"
+    relabel.write_text(f"id,field,value\n{person['id']},gender,{flipped}\n")
     summary = run_search(
         demo_root,
         space_file,
@@ -190,6 +196,7 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri,
         tracking_uri=tracking_uri,
         cache_dir=tmp_path / "cache",
         progress=False,
+        relabel=relabel,
     )
     search_dir = tmp_path / "runs" / "tiny"
     board = summary.leaderboard.set_index("trial_id")
@@ -222,6 +229,10 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri,
     for trial_id in (good, stalled):
         assert pd.read_csv(search_dir / "trials" / trial_id / "folds.csv", dtype=str).equals(folds)
     assert (search_dir / "trials" / good / "oof.npz").exists()
+    with np.load(search_dir / "trials" / good / "oof.npz") as oof:  # trained and judged on the fixed labels
+        mine = np.char.find(oof["rel_path"].astype(str), f"/{person['path']}/") >= 0
+        assert mine.sum() == 7 and set((oof["label"][mine] % 6) // 3) == {1 if flipped == "female" else 0}
+    assert (search_dir / "relabel.csv").read_text() == relabel.read_text()
     assert sorted(p.name for p in (search_dir / "trials" / good / "checkpoints").iterdir()) == [
         "fold0.pt",
         "fold1.pt",
@@ -262,10 +273,25 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri,
     assert children[good].data.params["lr"] == str(GOOD["lr"]) and children[good].data.params["epochs"] == "2"
     assert children[good].data.tags["foldtune.run_dir"] == str(search_dir / "trials" / good)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"space.yaml", "folds.csv", "leaderboard.csv", "summary.json", "best_config.yaml"} <= artifacts
+    assert {
+        "space.yaml",
+        "folds.csv",
+        "relabel.csv",
+        "leaderboard.csv",
+        "summary.json",
+        "best_config.yaml",
+    } <= (artifacts)
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/optimization_history.png" in plots
     assert parent.data.tags["foldtune.best_trial"] == good and parent.data.metrics["trials_failed"] == 1
+
+    # resuming with other label fixes is refused before anything runs
+    other = tmp_path / "other.csv"
+    other.write_text(f"id,field,value\n{person['id']},age,33\n")
+    with pytest.raises(OrchestratorError, match="differs from the label fixes this search started with"):
+        run_search(
+            demo_root, space_file, resume=True, storage=tmp_path / "runs", relabel=other, progress=False
+        )
 
     # starting it again without --resume is refused with advice
     with pytest.raises(OrchestratorError, match="pass --resume to continue it"):
