@@ -111,6 +111,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         relabel=args.relabel,
+        tracking_uri=args.tracking_uri,
     )
     return 0 if summary is not None else 1
 
@@ -207,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float)
     p.add_argument(
         "--relabel", help="CSV of label fixes (id,field,value) applied before splitting; kept with the search"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db); "
+        "a resumed search keeps the store it started with",
     )
     p.set_defaults(func=cmd_search)
 

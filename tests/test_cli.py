@@ -97,3 +97,21 @@ def test_argument_errors_exit_with_usage(capsys, argv):
     with pytest.raises(SystemExit) as caught:
         main(argv)
     assert caught.value.code == 2 and "usage: foldtune" in capsys.readouterr().err
+
+
+def test_search_keeps_its_tracking_store_on_resume(capsys, tiny_dataset, tmp_path):
+    space = tmp_path / "tiny.yaml"
+    space.write_text(
+        "name: tiny\ntrials: 1\nfixed: {epochs: 1, k: 2, image_size: [32, 24]}\n"
+        "search: {lr: {loguniform: [1.0e-3, 1.0e-2]}}\n"
+    )
+    search_dir = tmp_path / "runs" / "tiny"
+    search_dir.mkdir(parents=True)
+    (search_dir / "space.yaml").write_text(space.read_text())
+    first = f"sqlite:///{tmp_path / 'first.db'}"
+    (search_dir / "tracking.json").write_text(f'{{"tracking_uri": "{first}", "experiment_name": "tiny"}}')
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    argv = ["search", "--data", str(tiny_dataset.root), "--space", str(space), "--resume"]
+    code, _, err = run(capsys, *argv, "--storage", str(tmp_path / "runs"), "--tracking-uri", other)
+    assert_user_error(code, err, f"is tracked in {first}", "resume without another tracking URI")
+    assert not (tmp_path / "other.db").exists()

@@ -294,3 +294,18 @@ def test_model_without_stage_information_trains_unfrozen_only():
     assert report == FreezeReport(0, 0, 0, report.total_params, report.total_params, ())
     with pytest.raises(ModelError, match="use freeze depth 0"):
         freeze_stages(plain, 1)
+
+
+def test_weight_decay_skips_norms_biases_and_what_timm_names_for_both_heads():
+    from trainers.fit import param_groups
+
+    for head, prefix in (("single", ""), ("multitask", "backbone.")):
+        model = build_model("vit_tiny_patch16_224", head=head, image_size=(64, 48), model_kwargs={"depth": 1})
+        model.get_parameter(f"{prefix}patch_embed.proj.weight").requires_grad_(False)  # frozen: left out
+        decay, no_decay = ({id(p) for p in group["params"]} for group in param_groups(model, 0.05))
+        named = dict(model.named_parameters())
+        assert {
+            id(named[f"{prefix}{n}"]) for n in ("cls_token", "pos_embed", "blocks.0.norm1.weight")
+        } <= no_decay
+        assert id(named[f"{prefix}blocks.0.attn.qkv.weight"]) in decay
+        assert id(named[f"{prefix}patch_embed.proj.weight"]) not in decay | no_decay

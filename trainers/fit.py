@@ -166,11 +166,17 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], f
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms and biases (1-D tensors); frozen parameters are left out."""
+    """No weight decay on norms and biases (1-D tensors) nor on what the timm model names in its
+    ``no_weight_decay()`` (a ViT's position embedding and class token); frozen parameters are left out."""
+    skip: set[str] = set()
+    for prefix, module in model.named_modules():
+        names = getattr(module, "no_weight_decay", None)
+        if callable(names):
+            skip |= {f"{prefix}.{name}" if prefix else name for name in names()}
     decay, no_decay = [], []
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
