@@ -268,8 +268,22 @@ def report_user_error(error: Exception) -> int:
     raise error
 
 
+def quiet_library_logs() -> None:
+    """Console runs show foldtune's own lines; the libraries' routine INFO lines (MLflow creating its tables,
+    Optuna creating a study) are hidden. Warnings and errors still show. Library callers keep their config."""
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import optuna  # sets its own level when first imported, so after the import
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("search", "ensemble"):
+        quiet_library_logs()
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head` and closed early

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from orchestrator.cli import main as cli_main
-    from orchestrator.cli import report_user_error
+    from orchestrator.cli import quiet_library_logs, report_user_error
+
+    quiet_library_logs()
 
     started = time.perf_counter()
     data = Path(args.data)
