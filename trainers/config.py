@@ -143,12 +143,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
         values = dict(values)
-        for key in ("image_size", "task_weights", "drop_ages", "tta", "age_edges", "crop"):
-            if values.get(key) is not None and not isinstance(values[key], str):
-                values[key] = tuple(values[key])
-        for key in ("tta",):
-            if isinstance(values.get(key), str):
-                values[key] = tuple(v for v in values[key].split(",") if v)
+        if isinstance(values.get("tta"), str):  # "hflip,scale" as on the command line
+            values["tta"] = tuple(v for v in values["tta"].split(",") if v)
         try:
             return cls(**values)
         except (TypeError, ValueError) as error:
