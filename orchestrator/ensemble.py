@@ -131,24 +131,22 @@ def read_search_summary(search_dir: Path) -> dict:
     return record
 
 
-def _failed_in_search(summary: dict) -> dict[str, str]:
-    """Trials the search itself saw fail (their folders may still hold files from an earlier attempt)."""
-    failed = {}
-    for trial in summary.get("trials") or []:
-        if isinstance(trial, dict) and trial.get("status") == "failed":
-            failed[str(trial.get("trial_id"))] = f"failed in the search ({trial.get('error') or 'error'})"
-    return failed
+def _left_out_by_search(summary: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """Why the search itself leaves trials out: (failed, stopped early by ASHA), trial id -> reason.
 
-
-def _stopped_in_search(summary: dict) -> dict[str, str]:
-    """Why a trial the scheduler stopped has no result: said plainly rather than as a missing file."""
-    stopped = {}
+    A failed trial's folder may still hold files from an earlier attempt; a stopped one has no result.
+    """
+    failed, stopped = {}, {}
     for trial in summary.get("trials") or []:
-        if isinstance(trial, dict) and trial.get("status") == "stopped_early":
-            epochs = trial.get("epochs")
-            after = f" after {epochs} epoch(s)" if epochs else ""
-            stopped[str(trial.get("trial_id"))] = f"stopped early by ASHA{after}: a weak trial"
-    return stopped
+        if not isinstance(trial, dict):
+            continue
+        trial_id = str(trial.get("trial_id"))
+        if trial.get("status") == "failed":
+            failed[trial_id] = f"failed in the search ({trial.get('error') or 'error'})"
+        elif trial.get("status") == "stopped_early":
+            after = f" after {trial['epochs']} epoch(s)" if trial.get("epochs") else ""
+            stopped[trial_id] = f"stopped early by ASHA{after}: a weak trial"
+    return failed, stopped
 
 
 def _discover(
@@ -671,7 +669,7 @@ def run_ensemble(
     image_ids = eval_table["image_id"].tolist()
     eval_paths = eval_table["image_path"].tolist()
     summary = read_search_summary(search_dir)
-    candidates, skipped = _discover(search_dir, _failed_in_search(summary), _stopped_in_search(summary))
+    candidates, skipped = _discover(search_dir, *_left_out_by_search(summary))
     _check_same_split(candidates)
     labels = candidates[0].label
     age_edges = [tuple(c.config.get("age_edges", (30, 60))) for c in candidates]
