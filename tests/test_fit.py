@@ -29,6 +29,21 @@ TINY = dict(
 )
 
 
+def predict_held_out(loaded, table, image_cache, rel_paths, tta=()) -> np.ndarray:
+    """A reloaded fold model's probabilities for the training images ``rel_paths``, from the cache."""
+    paths = table.set_index("rel_path").loc[rel_paths, "image_path"].tolist()
+    return predict_proba(
+        loaded.model,
+        loaded.head,
+        image_cache.images,
+        image_cache.rows(paths),
+        loaded.mean,
+        loaded.std,
+        torch.device("cpu"),
+        tta=tta,
+    )
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, dataset_builder):
     root = tmp_path_factory.mktemp("fitdata")
@@ -108,27 +123,9 @@ def test_checkpoint_reloads_and_reproduces_validation_predictions(trained, data)
         loaded = load_checkpoint(result.run_dir / "checkpoints" / f"fold{fold}.pt")
         assert loaded.backbone == "resnet10t" and loaded.meta["fold"] == fold
         in_fold = oof["fold"] == fold
-        paths = table.set_index("rel_path").loc[oof["rel_path"][in_fold], "image_path"].tolist()
-        probs = predict_proba(
-            loaded.model,
-            loaded.head,
-            image_cache.images,
-            image_cache.rows(paths),
-            loaded.mean,
-            loaded.std,
-            torch.device("cpu"),
-        )
+        probs = predict_held_out(loaded, table, image_cache, oof["rel_path"][in_fold])
         np.testing.assert_allclose(probs, oof["probs"][in_fold], atol=1e-5)
-        probs_tta = predict_proba(
-            loaded.model,
-            loaded.head,
-            image_cache.images,
-            image_cache.rows(paths),
-            loaded.mean,
-            loaded.std,
-            torch.device("cpu"),
-            tta=("hflip",),
-        )
+        probs_tta = predict_held_out(loaded, table, image_cache, oof["rel_path"][in_fold], tta=("hflip",))
         np.testing.assert_allclose(probs_tta, oof["probs_tta"][in_fold], atol=1e-5)
 
 
@@ -214,16 +211,7 @@ def test_fixed_size_backbone_is_built_for_the_configured_image_size(data, tmp_pa
     loaded = load_checkpoint(result.run_dir / "checkpoints" / "fold1.pt")
     assert loaded.model.patch_embed.grid_size == (2, 3)
     in_fold = oof["fold"] == 1
-    paths = table.set_index("rel_path").loc[oof["rel_path"][in_fold], "image_path"].tolist()
-    probs = predict_proba(
-        loaded.model,
-        loaded.head,
-        image_cache.images,
-        image_cache.rows(paths),
-        loaded.mean,
-        loaded.std,
-        torch.device("cpu"),
-    )
+    probs = predict_held_out(loaded, table, image_cache, oof["rel_path"][in_fold])
     np.testing.assert_allclose(probs, oof["probs"][in_fold], atol=1e-5)
 
 
