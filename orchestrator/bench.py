@@ -208,7 +208,7 @@ def resolve_data_root(arg: str | None, work_dir: Path, demo_persons: int, log=pr
         if (root / "train" / "train.csv").is_file():
             return root.absolute(), f"${DATA_ENV}"
         log(f"note: ${DATA_ENV}={env} has no train/train.csv; benchmarking on generated demo data instead")
-    from trainers.demo import write_demo_data
+    from orchestrator.demo.data import write_demo_data
 
     root = work_dir / "demo-data"
     log(f"generating demo data ({demo_persons} persons) in {root}")

@@ -13,13 +13,9 @@ import warnings
 from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
+from trainers.errors import FoldtuneError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-
-def default_cache_dir() -> Path:
-    """Where decoded-image caches live; shared by every run on the machine (FOLDTUNE_CACHE overrides)."""
-    return Path(os.environ.get("FOLDTUNE_CACHE", Path.home() / ".cache" / "foldtune")) / "images"
 
 
 def _age_edges(text: str) -> tuple[int, int]:
@@ -63,7 +59,7 @@ def cmd_folds(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from trainers.demo import write_demo_data
+    from orchestrator.demo.data import write_demo_data
 
     summary = write_demo_data(
         Path(args.out), persons=args.persons, eval_persons=args.eval_persons, seed=args.seed
@@ -75,6 +71,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import yaml
 
+    from trainers.cache import default_cache_dir
     from trainers.config import ConfigError, TrainConfig
     from trainers.data import read_train
     from trainers.fit import fit
@@ -241,28 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is meant for the user; imported lazily so the CLI starts fast."""
-    from trainers.cache import CacheError
-    from trainers.config import ConfigError
-    from trainers.data import DataError
-    from trainers.fit import TrainingError
-    from trainers.predict import CheckpointError
-
-    errors: list[type[BaseException]] = [CacheError, ConfigError, DataError, TrainingError, CheckpointError]
-    try:
-        from trainers.weights import WeightsError
-
-        errors.append(WeightsError)
-    except ImportError:
-        pass
-    errors.append(OrchestratorError)
-    return tuple(errors)
-
-
 def report_user_error(error: Exception) -> int:
     """Print a user-facing error as one ``error:`` line and return exit code 2; re-raise anything else."""
-    if isinstance(error, user_errors()):
+    if isinstance(error, FoldtuneError):
         print(f"error: {error}", file=sys.stderr)
         return 2
     raise error

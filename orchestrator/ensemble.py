@@ -322,7 +322,7 @@ def _check_checkpoint(path: Path, candidate: _Candidate, fold: int) -> None:
     """
     import torch
 
-    from trainers.predict import CHECKPOINT_FORMAT, CheckpointError
+    from trainers.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 
     todo = f"re-run trial {candidate.trial_id} or delete its folder {candidate.run_dir} so it is skipped"
     try:
@@ -373,8 +373,9 @@ def _predict_member(
     import torch
 
     from trainers.cache import build_cache, open_cache
+    from trainers.checkpoint import CheckpointError, load_checkpoint
     from trainers.models import ModelError
-    from trainers.predict import CheckpointError, load_checkpoint, predict_proba
+    from trainers.predict import predict_proba
 
     config = candidate.config
     size = tuple(int(s) for s in config["image_size"])
@@ -657,7 +658,7 @@ def run_ensemble(
         )
     out = Path(out) if out else search_dir / "submission.csv"
     if cache_dir is None:
-        from orchestrator.cli import default_cache_dir
+        from trainers.cache import default_cache_dir
 
         cache_dir = default_cache_dir()
     try:

@@ -657,7 +657,7 @@ def _prepare(
         folds = make_folds(data.table, k=base.k, seed=base.folds_seed)
         write_folds(folds, folds_path)
     if cache_dir is None:
-        from orchestrator.cli import default_cache_dir
+        from trainers.cache import default_cache_dir
 
         cache_dir = default_cache_dir()
     cache_dir = Path(cache_dir).expanduser().absolute()

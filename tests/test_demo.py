@@ -16,9 +16,9 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
-import trainers.demo as demo
+import orchestrator.demo.data as demo
+from orchestrator.demo.data import MARKER_NAME, STAGING_PREFIX, write_demo_data
 from trainers.data import read_eval, read_train
-from trainers.demo import MARKER_NAME, STAGING_PREFIX, write_demo_data
 from trainers.labels import IMAGE_EXTENSIONS, MASK_STEMS, AgeBands, decode, encode
 
 SMALL = (48, 64)  # (width, height)

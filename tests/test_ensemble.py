@@ -24,11 +24,11 @@ from orchestrator.ensemble import (
     validate_submission,
 )
 from orchestrator.errors import OrchestratorError
+from trainers.checkpoint import CheckpointError
 from trainers.config import TrainConfig
 from trainers.data import DataError, read_train
 from trainers.fit import fit
 from trainers.folds import make_folds
-from trainers.predict import CheckpointError
 
 SEARCH = "tiny"
 TINY = dict(backbone="resnet10t", image_size=(32, 24), batch_size=16, k=2, lr=3e-3, patience=0, num_workers=0)
@@ -221,8 +221,9 @@ def test_top_one_is_the_best_trial_alone(world, greedy, capsys):
 
 def test_one_fold_model_alone_is_predicted_and_judged_on_its_own_fold(world, capsys):
     from trainers.cache import build_cache, open_cache
+    from trainers.checkpoint import load_checkpoint
     from trainers.data import read_eval
-    from trainers.predict import load_checkpoint, predict_proba
+    from trainers.predict import predict_proba
 
     eval_paths = read_eval(world["data"].root)["image_path"].tolist()
     parts = [

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from trainers import cache
+from trainers.checkpoint import CheckpointError, load_checkpoint
 from trainers.config import TrainConfig
 from trainers.data import read_train
 from trainers.fit import EpochReport, TrainingError, fit
 from trainers.folds import make_folds
-from trainers.predict import CheckpointError, load_checkpoint, predict_proba
+from trainers.predict import predict_proba
 
 TINY = dict(
     backbone="resnet10t",

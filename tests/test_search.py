@@ -24,6 +24,7 @@ import ray
 import yaml
 from mlflow import MlflowClient
 
+from orchestrator.demo.data import write_demo_data
 from orchestrator.errors import OrchestratorError
 from orchestrator.search import (
     EXPERIMENT_DIRNAME,
@@ -36,7 +37,6 @@ from orchestrator.search import (
     run_search,
 )
 from orchestrator.space import parse_space
-from trainers.demo import write_demo_data
 
 GOOD = {"backbone": "resnet10t", "lr": 3e-3, "focal_gamma": 1.0, "freeze_depth": 0}
 STALLED = {"backbone": "resnet10t", "lr": 1e-9, "focal_gamma": 1.0, "freeze_depth": 0}  # learns nothing

@@ -22,12 +22,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from trainers.errors import FoldtuneError
+
 CACHE_FORMAT = 2
 _LISTED = 10  # bad files named in one error
 decode_count = 0  # images decoded by this process; tests use it to prove the cache is reused
 
 
-class CacheError(RuntimeError):
+def default_cache_dir() -> Path:
+    """Where decoded-image caches live; shared by every run on the machine (FOLDTUNE_CACHE overrides)."""
+    return Path(os.environ.get("FOLDTUNE_CACHE", Path.home() / ".cache" / "foldtune")) / "images"
+
+
+class CacheError(FoldtuneError, RuntimeError):
     """The cache could not be built or opened; the message names the file."""
 
 

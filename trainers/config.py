@@ -10,13 +10,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainers.errors import FoldtuneError
+
 LOSSES = ("focal", "ce")
 HEADS = ("single", "multitask")
 TTA_VIEWS = ("hflip", "scale", "shift")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(FoldtuneError, ValueError):
     """A configuration value a user must fix; the message names the key and the allowed values."""
 
 

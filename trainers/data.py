@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from trainers.errors import FoldtuneError
 from trainers.labels import (
     GENDER_CODES,
     GENDER_NAMES,
@@ -99,7 +100,7 @@ class Problem:
         return f"{self.severity}: {self.where}: {self.message}"
 
 
-class DataError(Exception):
+class DataError(FoldtuneError):
     """Bad input data; ``problems`` holds every problem found, not just the first."""
 
     def __init__(self, problems: list[Problem] | Problem):

@@ -9,7 +9,6 @@ same seven pictures). The fold file is a CSV ``rel_path,person_id,fold``, one ro
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -19,6 +18,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from trainers.data import DataError, Problem, read_csv_records
+from trainers.io import write_csv_atomic
 from trainers.labels import GENDER_NAMES, NUM_AGE, AgeBands, class_names
 
 FOLD_COLUMNS = ("rel_path", "person_id", "fold")
@@ -161,17 +161,8 @@ def assert_no_leak(folds: pd.DataFrame) -> None:
 def write_folds(folds: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write the fold file atomically (temp file in the same folder, then rename); returns the path."""
     assert_no_leak(folds)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as out:
-            folds.loc[:, list(FOLD_COLUMNS)].to_csv(out, index=False, lineterminator="\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    write_csv_atomic(folds.loc[:, list(FOLD_COLUMNS)], path)
+    return Path(path)
 
 
 def read_folds(path: str | os.PathLike) -> pd.DataFrame:

@@ -9,6 +9,7 @@ rename stays on one filesystem and is atomic.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -78,3 +79,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)
     return Path(path)
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: Any) -> Path:
+    """``numpy.savez_compressed`` atomically (``path`` keeps the name given, ``.npz`` or not)."""
+    import numpy as np
+
+    with atomic_open(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return Path(path)
+
+
+def save_figure_atomic(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """A matplotlib figure as a PNG, atomically."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(buffer.getvalue(), path)

@@ -26,13 +26,12 @@ optimises (`val_f1`).
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from trainers.io import atomic_write_bytes
+from trainers.io import save_figure_atomic
 from trainers.labels import MASK_NAMES, NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK, decode
 
 SCALAR_KEYS = (
@@ -139,12 +138,6 @@ def _new_figure(width: float, height: float):
     return figure
 
 
-def _save_png_atomic(figure, path: str | os.PathLike) -> None:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    atomic_write_bytes(buffer.getvalue(), path)
-
-
 def plot_confusion(cm, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> None:
     """Confusion matrix as a PNG: colour = share of the true class (row), text = count."""
     cm = np.asarray(cm)
@@ -169,7 +162,7 @@ def plot_confusion(cm, class_names: Sequence[str], path: str | os.PathLike, titl
             axes.text(col, row, str(int(count)), ha="center", va="center", fontsize=6, color=colour)
     if title:
         axes.set_title(title)
-    _save_png_atomic(figure, path)
+    save_figure_atomic(figure, path)
 
 
 def plot_per_class_f1(
@@ -202,4 +195,4 @@ def plot_per_class_f1(
     axes.set_ylabel("F1")
     axes.set_title(title)
     axes.legend(fontsize=7, ncols=min(len(series) + 1, 6), loc="lower right")
-    _save_png_atomic(figure, path)
+    save_figure_atomic(figure, path)

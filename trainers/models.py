@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.models._manipulate import group_with_matcher
 from torch import Tensor, nn
 
+from trainers.errors import FoldtuneError
 from trainers.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK, decode
 
 HEADS = ("single", "multitask")
@@ -38,7 +39,7 @@ TASK_SIZES = {"mask": NUM_MASK, "gender": NUM_GENDER, "age": NUM_AGE}
 _UNMATCHED_SENTINEL = "\x00foldtune-matches-nothing"
 
 
-class ModelError(ValueError):
+class ModelError(FoldtuneError, ValueError):
     """A model cannot be built or frozen as configured; the message says what to change."""
 
 

@@ -7,30 +7,26 @@ so a fold model scores its validation images exactly the way it will score the t
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from trainers.errors import FoldtuneError
 from trainers.labels import NUM_CLASSES
-from trainers.models import build_model, class_log_probs
+from trainers.models import class_log_probs
 from trainers.transforms import normalize_batch, tta_views
 
-CHECKPOINT_FORMAT = "foldtune-checkpoint-1"
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
+class DeviceError(FoldtuneError, RuntimeError):
+    """The configured device is not there (CUDA asked for on a machine without a visible GPU)."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' takes CUDA when present; asking for CUDA without one is a clear error."""
+    """'auto' takes CUDA when present; asking for CUDA without one is a clear error, never a hang."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
+        raise DeviceError("device 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
     return torch.device(name)
 
 
@@ -76,62 +72,3 @@ def predict_proba(
         result[order] = probs.cpu().numpy()
         out[start : start + len(batch_rows)] = result
     return out
-
-
-@dataclass
-class LoadedModel:
-    """A fold model rebuilt from its checkpoint, with what is needed to feed it."""
-
-    model: torch.nn.Module
-    head: str
-    backbone: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    image_size: tuple[int, int]
-    crop: tuple[float, ...] | None
-    meta: dict[str, Any]
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a foldtune fold checkpoint safely (``weights_only=True``); clear errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is missing; re-run the search or pick another trial")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many kinds for truncated / foreign files
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a foldtune checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}); delete it and re-run that trial"
-        ) from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a foldtune checkpoint (format {CHECKPOINT_FORMAT})")
-    if payload.get("num_classes") != NUM_CLASSES:
-        raise CheckpointError(
-            f"checkpoint {path} predicts {payload.get('num_classes')} classes, not {NUM_CLASSES}; "
-            "it belongs to another task"
-        )
-    model = build_model(
-        payload["backbone"],
-        head=payload["head"],
-        num_classes=NUM_CLASSES,
-        image_size=tuple(payload["image_size"]),
-    )
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"checkpoint {path} does not match backbone {payload['backbone']!r} "
-            f"({str(error).splitlines()[0]})"
-        ) from None
-    model.to(device).eval()
-    return LoadedModel(
-        model=model,
-        head=payload["head"],
-        backbone=payload["backbone"],
-        mean=tuple(payload["mean"]),
-        std=tuple(payload["std"]),
-        image_size=tuple(payload["image_size"]),
-        crop=tuple(payload["crop"]) if payload.get("crop") else None,
-        meta={k: v for k, v in payload.items() if k != "state_dict"},
-    )

@@ -31,7 +31,6 @@ import importlib
 import importlib.metadata
 import os
 import re
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -44,6 +43,9 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
+
+from trainers.errors import FoldtuneError
+from trainers.io import atomic_torch_save
 
 WeightsKind = Literal["none", "timm", "file"]
 KINDS: tuple[str, ...] = ("none", "timm", "file")
@@ -62,7 +64,7 @@ WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
 PACKAGE_FOR_BACKBONE = {backbone: dist for dist, (backbone, _, _) in WEIGHT_PACKAGES.items()}
 
 
-class WeightsError(RuntimeError):
+class WeightsError(FoldtuneError, RuntimeError):
     """Pretrained weights could not be found, read or matched; the message says which and what to do."""
 
 
@@ -359,7 +361,7 @@ def _resolve_package(backbone: str, dist: str) -> ResolvedWeights:
         package_file = _package_file(dist, module_name, class_name)
         converted = _map_onto_timm(backbone, package_file, dist)
         try:
-            _save_atomic(converted, cache_file)
+            atomic_torch_save(converted, cache_file)
         except OSError as error:
             raise WeightsError(
                 f"could not write converted weights to {cache_file} ({error}): "
@@ -417,18 +419,6 @@ def _map_onto_timm(backbone: str, package_file: Path, dist: str) -> dict[str, to
             )
         mapped[dst_name] = tensor.to(expected.dtype).contiguous()  # TF ports ship permuted views
     return mapped
-
-
-def _save_atomic(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state_dict, stream)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 # --- small helpers --------------------------------------------------------------------------------------

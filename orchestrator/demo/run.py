@@ -14,7 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
+SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "demo.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +80,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

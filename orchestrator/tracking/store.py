@@ -1,0 +1,227 @@
+"""The MLflow store of a search: where it is (one absolute URI), its experiment, and run bookkeeping.
+
+Why written from the driver only: trial processes writing one SQLite store at the same time hit "database
+is locked", and Ray Tune's own MLflow callback cannot nest trials under a search. So a single process
+writes everything: one experiment per search name, a parent run per search and a nested child run per
+trial (the ``mlflow.parentRunId`` tag). Runs are found again by their tags, so a resumed search reuses its
+parent run and never duplicates a trial's child run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
+
+from orchestrator.errors import OrchestratorError
+
+TAG = "foldtune."
+PARENT_ROLE, CHILD_ROLE = "search", "trial"
+DEFAULT_STORE = Path("mlruns") / "mlflow.db"
+# Result keys Ray adds itself or that steer the search; everything else numeric is a trial metric.
+NOT_METRICS = (
+    frozenset(AUTO_RESULT_KEYS)
+    | frozenset(DEBUG_METRICS)
+    | {
+        "done",
+        "epoch",
+        "epochs_planned",
+        "stopped_early",
+        "should_checkpoint",
+        "experiment_tag",
+        "trial_id",
+    }
+)
+MAX_TAG_CHARS = 4000
+
+
+def resolve_tracking_uri(uri: str | os.PathLike | None) -> str:
+    """An absolute tracking URI: trials and the UI run in other folders than the one a path was typed in.
+
+    ``None`` means the default store; a bare ``.db`` path or folder becomes a SQLite store; server URIs
+    (http, postgresql, ...) pass through unchanged.
+    """
+    if uri is None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or str(DEFAULT_STORE)
+    uri = str(uri)
+    if uri.startswith("sqlite:///"):
+        path = Path(unquote(uri[len("sqlite:///") :]))
+        return f"sqlite:///{path.expanduser().absolute()}"
+    if uri.startswith("file:"):
+        raise OrchestratorError(
+            f"tracking URI {uri}: MLflow 3 refuses local file stores (unless MLFLOW_ALLOW_FILE_STORE=true); "
+            "use a SQLite store such as sqlite:///ABSOLUTE/PATH/mlruns/mlflow.db"
+        )
+    if "://" in uri or uri.startswith("databricks"):
+        return uri
+    path = Path(uri).expanduser().absolute()
+    if path.suffix != ".db":
+        path = path / "mlflow.db"
+    return f"sqlite:///{path}"
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """A SQLite store keeps artifacts beside the database (``<dir>/artifacts``); servers choose their own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    return Path(tracking_uri[len("sqlite:///") :]) if tracking_uri.startswith("sqlite:///") else None
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value))
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _finite_metrics(values: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in values.items():
+        if key in NOT_METRICS or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(float(value)):
+            out[str(key)] = float(value)
+    return out
+
+
+class SearchTracking:
+    """The MLflow side of one search: its experiment, parent run and child runs (found by trial id).
+
+    Picklable (Ray stores callbacks with the experiment): the client is created lazily in each process.
+    """
+
+    def __init__(self, tracking_uri: str | None, experiment_name: str):
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment_name = experiment_name
+        self._client = None
+        self._experiment_id: str | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            store = sqlite_path(self.tracking_uri)
+            if store is not None:
+                store.parent.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        """The search's experiment, created (or restored from the trash) on first use."""
+        if self._experiment_id is None:
+            experiment = self.client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                root = artifact_root(self.tracking_uri)
+                location = f"{root}/{self.experiment_name}" if root else None
+                self._experiment_id = self.client.create_experiment(self.experiment_name, location)
+            else:
+                if experiment.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(experiment.experiment_id)
+                self._experiment_id = experiment.experiment_id
+        return self._experiment_id
+
+    def _find_runs(self, tags: Mapping[str, str]) -> list:
+        query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+        return self.client.search_runs([self.experiment_id], filter_string=query, max_results=10)
+
+    def start_parent(self, search_dir: Path, tags: Mapping[str, str] | None = None) -> str:
+        """The search's parent run: the existing one for this search folder (resume), else a new one."""
+        search_dir = str(Path(search_dir).absolute())
+        found = self._find_runs({f"{TAG}role": PARENT_ROLE, f"{TAG}search_dir": search_dir})
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, f"{TAG}resumed", "true")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=self.experiment_name,
+            tags={f"{TAG}role": PARENT_ROLE, f"{TAG}search_dir": search_dir, **(tags or {})},
+        )
+        return run.info.run_id
+
+    def find_child(self, parent_run_id: str, trial_id: str) -> str | None:
+        found = self._find_runs({"mlflow.parentRunId": parent_run_id, f"{TAG}trial_id": trial_id})
+        return found[0].info.run_id if found else None
+
+    def child_runs(self, parent_run_id: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            max_results=5000,
+        )
+
+    def start_child(self, parent_run_id: str, trial_id: str, tags: Mapping[str, str]) -> tuple[str, bool]:
+        """(run id, created) for a trial: its existing child run when resumed, else a new nested one."""
+        run_id = self.find_child(parent_run_id, trial_id)
+        if run_id is not None:
+            return run_id, False
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=trial_id,
+            tags={
+                "mlflow.parentRunId": parent_run_id,
+                f"{TAG}role": CHILD_ROLE,
+                f"{TAG}trial_id": trial_id,
+                **tags,
+            },
+        )
+        return run.info.run_id, True
+
+    def last_step(self, run_id: str, key: str = "val_f1") -> int:
+        """The last step logged for ``key`` (0 when none), so a resumed trial does not log an epoch twice."""
+        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), _param_value(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, step) for k, v in _finite_metrics(metrics).items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start : start + 1000])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()]
+        self.client.log_batch(run_id, tags=items)
+
+    def log_files(self, run_id: str, folder: Path, patterns: Iterable[str], artifact_path: str) -> list[str]:
+        """Log the files of ``folder`` matching ``patterns``, keeping sub-folders; returns what was logged."""
+        logged = []
+        for pattern in patterns:
+            for path in sorted(Path(folder).glob(pattern)):
+                if path.is_file():
+                    sub = path.parent.relative_to(folder).as_posix()
+                    target = artifact_path if sub == "." else f"{artifact_path}/{sub}"
+                    self.client.log_artifact(run_id, str(path), target)
+                    logged.append(path.relative_to(folder).as_posix())
+        return logged
+
+    def finish(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)

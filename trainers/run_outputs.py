@@ -1,0 +1,109 @@
+"""What a finished run leaves beside its checkpoints: out-of-fold predictions, metrics files and plots,
+and ``result.json``.
+
+``oof.npz`` holds every training image's probabilities from the one fold model that never saw it, at that
+fold's best epoch, with and without TTA: the honest material the ensemble selects on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from trainers.checkpoint import fold_checkpoint_path, load_best_weights
+from trainers.config import TrainConfig
+from trainers.io import atomic_savez, write_csv_atomic, write_text_atomic
+from trainers.labels import NUM_CLASSES, AgeBands, class_names
+from trainers.metrics import compute_metrics, flat_scalars, plot_confusion, plot_per_class_f1
+from trainers.predict import predict_proba
+
+if TYPE_CHECKING:
+    from trainers.fit import FitResult
+    from trainers.fold_state import FoldState
+
+
+def write_out_of_fold(
+    folds: list[FoldState],
+    data: pd.DataFrame,
+    cfg: TrainConfig,
+    cache,
+    device,
+    mean,
+    std,
+    channels_last: bool,
+    run_dir: Path,
+    result: FitResult,
+) -> None:
+    """Every training image's probabilities from the fold model that never saw it, at its best epoch."""
+    probs = np.zeros((len(data), NUM_CLASSES), dtype=np.float32)
+    probs_tta = np.zeros_like(probs)
+    names = class_names(AgeBands(tuple(cfg.age_edges)))
+    per_class = {}
+    for fold in folds:
+        load_best_weights(fold.model, fold_checkpoint_path(run_dir, fold.index))
+        probs[fold.val_positions] = fold.best_probs
+        probs_tta[fold.val_positions] = predict_proba(
+            fold.model,
+            cfg.head,
+            cache.images,
+            fold.val_rows,
+            mean,
+            std,
+            device,
+            batch_size=max(cfg.batch_size, 64),
+            tta=cfg.tta,
+            amp=cfg.amp,
+            channels_last=channels_last,
+        )
+        metrics = compute_metrics(fold.val_labels, fold.best_probs)
+        per_class[f"fold{fold.index}"] = metrics["per_class_f1"]
+        write_csv_atomic(
+            pd.DataFrame(metrics["confusion"], index=names, columns=names),
+            run_dir / "metrics" / f"confusion_fold{fold.index}.csv",
+            index=True,
+        )
+    labels = data["label"].to_numpy()
+    oof = compute_metrics(labels, probs)
+    oof_tta = compute_metrics(labels, probs_tta)
+    result.oof_f1, result.oof_f1_tta = float(oof["f1"]), float(oof_tta["f1"])
+    result.extra = {
+        "oof": flat_scalars(oof, prefix="oof_"),
+        "oof_tta": flat_scalars(oof_tta, prefix="oof_tta_"),
+        "fold_best_epochs": [f.best_epoch for f in folds],
+        "fold_best_f1": [float(f.best_f1) for f in folds],
+    }
+    per_class["oof"] = oof["per_class_f1"]
+    per_class["oof_tta"] = oof_tta["per_class_f1"]
+    write_csv_atomic(
+        pd.DataFrame(per_class, index=names), run_dir / "metrics" / "per_class_f1.csv", index=True
+    )
+    write_csv_atomic(
+        pd.DataFrame(oof["confusion"], index=names, columns=names),
+        run_dir / "metrics" / "confusion_oof.csv",
+        index=True,
+    )
+    plot_confusion(
+        np.asarray(oof["confusion"]),
+        names,
+        run_dir / "plots" / "confusion.png",
+        title=f"{cfg.backbone} out-of-fold confusion (macro F1 {result.oof_f1:.3f})",
+    )
+    plot_per_class_f1(per_class, names, run_dir / "plots" / "per_class_f1.png")
+    atomic_savez(
+        run_dir / "oof.npz",
+        rel_path=data["rel_path"].to_numpy(dtype=str),
+        label=labels,
+        fold=data["fold"].to_numpy(),
+        probs=probs,
+        probs_tta=probs_tta,
+    )
+
+
+def write_result(result: FitResult, cfg: TrainConfig, run_dir: Path) -> None:
+    payload = {**asdict(result), "run_dir": str(result.run_dir), "config": cfg.to_dict()}
+    write_text_atomic(json.dumps(payload, indent=2, default=float), run_dir / "result.json")
