@@ -13,6 +13,7 @@ TRIALS  ?=                     # number of trials (default: the space's)
 NAME    ?=                     # search name (default: the space's name)
 STORAGE ?= runs                # search results folder (shared storage on a cluster)
 RELABEL ?=                     # search: label-fix CSV (id,field,value), kept with the search
+FOLD_FILE ?=                   # search: a fold file from `foldtune folds` (default: made from the space)
 TOP     ?=                     # ensemble: N best trials instead of greedy selection
 TTA     ?=                     # ensemble: TTA views, e.g. hflip,scale (default: the trials' own)
 OUT     ?=                     # ensemble: submission path
@@ -42,7 +43,8 @@ demo-data: .venv
 
 search: .venv
 	$(FT) search --data $(strip $(DATA)) --space $(strip $(SPACE)) --storage $(strip $(STORAGE)) \
-		$(call opt,--trials,$(TRIALS)) $(call opt,--name,$(NAME)) $(call opt,--relabel,$(RELABEL))
+		$(call opt,--trials,$(TRIALS)) $(call opt,--name,$(NAME)) $(call opt,--relabel,$(RELABEL)) \
+		$(call opt,--folds,$(FOLD_FILE))
 
 ensemble: .venv
 	$(FT) ensemble --data $(strip $(DATA)) --storage $(strip $(STORAGE)) \
@@ -60,7 +62,7 @@ test-slow: .venv
 	$(BIN)/python -m pytest -q -m slow
 
 bench: .venv
-	$(BIN)/python -m orchestrator.bench $(call opt,--data,$(BENCH_DATA))
+	$(BIN)/python -m benchmarks $(call opt,--data,$(BENCH_DATA))
 
 lint: .venv
 	$(BIN)/ruff check orchestrator trainers tests

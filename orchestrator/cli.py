@@ -54,7 +54,7 @@ def cmd_folds(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(args.data) / f"folds_k{args.k}_seed{args.seed}.csv")
     write_folds(folds, out)
     print(fold_summary(folds, data.table, data.age_bands))
-    print(f"fold file written: {out}")
+    print(f"fold file written: {out}\nuse it with: foldtune train|search ... --folds {out}")
     return 0
 
 
@@ -75,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainers.config import ConfigError, TrainConfig
     from trainers.data import read_train
     from trainers.fit import fit
-    from trainers.folds import make_folds
+    from trainers.folds import make_folds, read_folds
     from trainers.labels import AgeBands
 
     config_path = Path(args.config)
@@ -87,7 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"config {config_path} must be a mapping of TrainConfig keys")
     cfg = TrainConfig.from_dict(values)
     data = read_train(Path(args.data), AgeBands(tuple(cfg.age_edges)), relabel=args.relabel)
-    folds = make_folds(data.table, k=cfg.k, seed=cfg.folds_seed)
+    if args.folds:
+        folds = read_folds(args.folds)  # fit checks it covers these images with k folds
+    else:
+        folds = make_folds(data.table, k=cfg.k, seed=cfg.folds_seed)
     run_dir = Path(args.out or Path("runs") / "train" / config_path.stem).absolute()
     result = fit(cfg, data.table, folds, run_dir, Path(args.cache_dir or default_cache_dir()))
     print(f"run folder: {run_dir}")
@@ -109,6 +112,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         gpus_per_trial=args.gpus_per_trial,
         relabel=args.relabel,
         tracking_uri=args.tracking_uri,
+        folds_file=args.folds,
     )
     return 0 if summary is not None else 1
 
@@ -185,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--config", required=True, help="YAML of TrainConfig keys")
     p.add_argument("--relabel")
+    p.add_argument("--folds", help="fold file from `foldtune folds` (default: made from k and folds_seed)")
     p.add_argument("--out", help="run folder (default runs/train/<config name>)")
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_train)
@@ -205,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float)
     p.add_argument(
         "--relabel", help="CSV of label fixes (id,field,value) applied before splitting; kept with the search"
+    )
+    p.add_argument(
+        "--folds",
+        help="fold file from `foldtune folds` for all trials (default: from the space's k and folds_seed)",
     )
     p.add_argument(
         "--tracking-uri",

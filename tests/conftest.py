@@ -188,3 +188,28 @@ def tracking_uri(tmp_path: Path, store_template: Path) -> str:
     target.parent.mkdir()
     shutil.copy(store_template, target)
     return f"sqlite:///{target}"
+
+
+@pytest.fixture(scope="session")
+def count_decodes():
+    """A context manager counting the images ``trainers.cache`` decodes while it is active (thread-safe:
+    the cache decodes in a thread pool): ``with count_decodes() as counted: ...; counted["images"]``."""
+    import contextlib
+    import threading
+    from unittest import mock
+
+    from trainers import cache
+
+    @contextlib.contextmanager
+    def counting():
+        counted, lock, original = {"images": 0}, threading.Lock(), cache.decode_image
+
+        def decode(*args, **kwargs):
+            with lock:
+                counted["images"] += 1
+            return original(*args, **kwargs)
+
+        with mock.patch.object(cache, "decode_image", decode):
+            yield counted
+
+    return counting

@@ -18,13 +18,13 @@ def paths(make_dataset) -> list[str]:
     return sorted(read_train(make_dataset(n_persons=3, extensions=(".jpg", ".png")).root).table["image_path"])
 
 
-def test_cache_is_built_once_and_reused(paths, tmp_path):
-    before = cache.decode_count
-    first = cache.build_cache(paths, (16, 12), tmp_path / "c")
-    assert cache.decode_count - before == len(paths)
-    second = cache.build_cache(paths, (16, 12), tmp_path / "c")
+def test_cache_is_built_once_and_reused(paths, tmp_path, count_decodes):
+    with count_decodes() as counted:
+        first = cache.build_cache(paths, (16, 12), tmp_path / "c")
+        assert counted["images"] == len(paths)
+        second = cache.build_cache(paths, (16, 12), tmp_path / "c")
     assert second == first
-    assert cache.decode_count - before == len(paths)  # nothing decoded the second time
+    assert counted["images"] == len(paths)  # nothing decoded the second time
     opened = cache.open_cache(first)
     assert opened.images.shape == (len(paths), 16, 12, 3) and opened.images.dtype == np.uint8
     assert isinstance(opened.images, np.memmap)

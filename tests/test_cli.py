@@ -115,3 +115,40 @@ def test_search_keeps_its_tracking_store_on_resume(capsys, tiny_dataset, tmp_pat
     code, _, err = run(capsys, *argv, "--storage", str(tmp_path / "runs"), "--tracking-uri", other)
     assert_user_error(code, err, f"is tracked in {first}", "resume without another tracking URI")
     assert not (tmp_path / "other.db").exists()
+
+
+def test_train_reads_the_fold_file_foldtune_folds_wrote(capsys, make_dataset, tmp_path):
+    data = make_dataset(n_persons=8)
+    fold_file = tmp_path / "folds.csv"
+    assert (
+        run(capsys, "folds", "--data", str(data.root), "--k", "2", "--seed", "3", "--out", str(fold_file))[0]
+        == 0
+    )
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "backbone: resnet10t\nk: 2\nepochs: 1\nimage_size: [32, 24]\nbatch_size: 8\nfolds_seed: 99\n"
+    )
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(data.root), "--config", str(config), "--out", str(out)]
+    code, _, err = run(capsys, *argv, "--folds", str(fold_file), "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0, err
+    used = pd.read_csv(out / "folds.csv", dtype=str).set_index("rel_path")["fold"]
+    written = pd.read_csv(fold_file, dtype=str).set_index("rel_path")["fold"]
+    assert used.sort_index().equals(written.sort_index())  # the file's split, not one made from folds_seed 99
+
+    config.write_text(config.read_text().replace("k: 2", "k: 3"))
+    code, _, err = run(capsys, *argv, "--folds", str(fold_file))
+    assert_user_error(code, err, "k=3", "foldtune folds --k 3")
+    code, _, err = run(capsys, *argv, "--folds", str(tmp_path / "missing.csv"))
+    assert_user_error(code, err, "missing.csv")
+
+
+def test_cuda_asked_for_without_a_gpu_is_one_error_line(capsys, tiny_dataset, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = tmp_path / "cuda.yaml"
+    config.write_text("backbone: resnet10t\nk: 2\nepochs: 1\nimage_size: [32, 24]\ndevice: cuda\n")
+    argv = ["train", "--data", str(tiny_dataset.root), "--config", str(config), "--out", str(tmp_path / "r")]
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, "device 'cuda'", "no CUDA GPU is visible")

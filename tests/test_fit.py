@@ -54,15 +54,15 @@ def data(tmp_path_factory, dataset_builder):
 
 
 @pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
+def trained(data, tmp_path_factory, count_decodes):
     table, folds, _ = data
     base = tmp_path_factory.mktemp("fit")
     reports: list[EpochReport] = []
-    decodes = cache.decode_count
-    result = fit(
-        TrainConfig(**TINY), table, folds, base / "run", base / "cache", callback=reports.append, log=None
-    )
-    return result, reports, cache.decode_count - decodes, base
+    with count_decodes() as counted:
+        result = fit(
+            TrainConfig(**TINY), table, folds, base / "run", base / "cache", callback=reports.append, log=None
+        )
+    return result, reports, counted["images"], base
 
 
 def test_run_writes_every_artifact(trained):

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainers.heads import build_loss
 from trainers.labels import NUM_CLASSES, decode
 from trainers.losses import (
     FocalLoss,
     MultiTaskLoss,
     balanced_sample_weights,
-    build_loss,
     class_balanced_alpha,
 )
 

@@ -12,15 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.heads import MultiTaskNet, class_log_probs
 from trainers.labels import NUM_CLASSES, decode
 from trainers.models import (
     FreezeReport,
     ModelError,
-    MultiTaskNet,
     apply_freeze_train_mode,
     backbone_of,
     build_model,
-    class_log_probs,
     count_stages,
     freeze_stages,
     native_input_size,
@@ -297,7 +296,7 @@ def test_model_without_stage_information_trains_unfrozen_only():
 
 
 def test_weight_decay_skips_norms_biases_and_what_timm_names_for_both_heads():
-    from trainers.fit import param_groups
+    from trainers.fold_state import param_groups
 
     for head, prefix in (("single", ""), ("multitask", "backbone.")):
         model = build_model("vit_tiny_patch16_224", head=head, image_size=(64, 48), model_kwargs={"depth": 1})

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +27,17 @@ from mlflow import MlflowClient
 
 from orchestrator.demo.data import write_demo_data
 from orchestrator.errors import OrchestratorError
-from orchestrator.search import (
-    EXPERIMENT_DIRNAME,
-    STOPPED_EARLY,
-    EarlyStopMarker,
-    _settle_space,
-    make_searcher,
-    optuna_storage_url,
-    progress_table,
-    run_search,
-)
+from orchestrator.search import run_search
+from orchestrator.search.console import progress_table
+from orchestrator.search.constants import EXPERIMENT_DIRNAME, STOPPED_EARLY
+from orchestrator.search.optuna_adapter import make_searcher, optuna_storage_url
+from orchestrator.search.prepare import settle_folds
+from orchestrator.search.settle import settle_space
+from orchestrator.search.stopping import EarlyStopMarker, FinishingASHA
 from orchestrator.space import parse_space
+from trainers.data import read_train
+from trainers.errors import FoldtuneError
+from trainers.folds import FoldWarning, make_folds, read_folds, write_folds
 
 GOOD = {"backbone": "resnet10t", "lr": 3e-3, "focal_gamma": 1.0, "freeze_depth": 0}
 STALLED = {"backbone": "resnet10t", "lr": 1e-9, "focal_gamma": 1.0, "freeze_depth": 0}  # learns nothing
@@ -157,31 +158,93 @@ def test_progress_table_shows_state_epoch_and_f1():
 def test_new_and_resumed_searches_are_told_apart(tmp_path):
     space_file = write_space(tmp_path / "tiny.yaml")
     storage = tmp_path / "runs"
-    space, search_dir, restoring = _settle_space(space_file, storage, 5, "renamed", False, None, None)
+    space, search_dir, restoring = settle_space(space_file, storage, 5, "renamed", False, None, None)
     assert (space.name, space.trials, search_dir, restoring) == ("renamed", 5, storage / "renamed", False)
 
     search_dir = storage / "tiny"
     (search_dir / EXPERIMENT_DIRNAME).mkdir(parents=True)
     (search_dir / "summary.json").write_text("{}")
     with pytest.raises(OrchestratorError, match=r"'tiny' already exists in .*: pass --resume"):
-        _settle_space(space_file, storage, None, None, False, None, None)
+        settle_space(space_file, storage, None, None, False, None, None)
     with pytest.raises(OrchestratorError, match=r"nothing to resume: .*space.yaml does not exist"):
-        _settle_space(None, storage, None, "tiny", True, None, None)
+        settle_space(None, storage, None, "tiny", True, None, None)
     (search_dir / "space.yaml").write_text(parse_space(space_dict()).to_yaml())
     changed = write_space(tmp_path / "changed.yaml", max_concurrent=2)
     with pytest.raises(OrchestratorError, match=r"different space \(max_concurrent differ"):
-        _settle_space(changed, storage, None, "tiny", True, None, None)
-    resumed, _, restoring = _settle_space(None, storage, None, "tiny", True, None, None)
+        settle_space(changed, storage, None, "tiny", True, None, None)
+    resumed, _, restoring = settle_space(None, storage, None, "tiny", True, None, None)
     assert (
         resumed.to_dict() == parse_space(space_dict()).to_dict() and restoring is False
     )  # no Tune state yet
-    _, _, _ = _settle_space(space_file, storage, None, None, True, 2, None)  # other resources are fine
+    _, _, _ = settle_space(space_file, storage, None, None, True, 2, None)  # other resources are fine
+
+
+@pytest.fixture(scope="module")
+def demo_table(demo_root) -> pd.DataFrame:
+    return read_train(demo_root, check_images=False).table
+
+
+def split(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
+    """A fold split of the tiny demo data (whose strata are too small for k folds: FoldWarning, ignored)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FoldWarning)
+        return make_folds(table, k=k, seed=seed)
+
+
+def test_a_given_fold_file_becomes_the_search_fold_file(tmp_path, demo_root, demo_table):
+    given = split(demo_table, 2, 5).sample(frac=1, random_state=0)  # any row order
+    write_folds(given, tmp_path / "mine.csv")
+    folds_path = tmp_path / "search" / "folds.csv"
+    folds_path.parent.mkdir()
+    folds_path.write_text("left by an abandoned start")  # a new search: the given file wins
+    folds = settle_folds(folds_path, demo_table, 2, 42, demo_root, folds_file=tmp_path / "mine.csv")
+    assert folds.equals(read_folds(tmp_path / "mine.csv"))
+    assert read_folds(folds_path).equals(folds)
+
+    # on resume the saved file stays; the same split in another order is the same split
+    write_folds(given.sort_values("rel_path"), tmp_path / "sorted.csv")
+    resumed = settle_folds(folds_path, demo_table, 2, 42, demo_root, tmp_path / "sorted.csv", resuming=True)
+    assert resumed.equals(folds)
+    person = given["person_id"].iloc[0]
+    moved = given.assign(fold=given["fold"].where(given["person_id"] != person, 1 - given["fold"]))
+    write_folds(moved, tmp_path / "other.csv")  # one person in the other fold
+    with pytest.raises(OrchestratorError, match=r"^--folds .*other.csv differs from the folds this search"):
+        settle_folds(folds_path, demo_table, 2, 42, demo_root, tmp_path / "other.csv", resuming=True)
+    assert read_folds(folds_path).equals(folds)  # untouched by the refused resume
+
+
+@pytest.mark.filterwarnings("ignore::trainers.folds.FoldWarning")  # strata of the tiny data < k
+def test_without_a_fold_file_the_search_splits_the_data_or_keeps_its_split(tmp_path, demo_root, demo_table):
+    folds_path = tmp_path / "folds.csv"
+    made = settle_folds(folds_path, demo_table, 2, 42, demo_root)
+    assert made.equals(split(demo_table, 2, 42)) and read_folds(folds_path).equals(made)
+    write_folds(split(demo_table, 2, 9), folds_path)  # saved by an earlier start: kept
+    assert settle_folds(folds_path, demo_table, 2, 42, demo_root).equals(read_folds(folds_path))
+    with pytest.raises(OrchestratorError, match=r"folds.csv does not match the data .* \(or k=3\)"):
+        settle_folds(folds_path, demo_table, 3, 42, demo_root, resuming=True)
+
+
+def test_a_fold_file_that_does_not_fit_the_data_or_k_is_refused(tmp_path, demo_root, demo_table):
+    folds_path = tmp_path / "search" / "folds.csv"
+    short = tmp_path / "short.csv"
+    write_folds(split(demo_table, 2, 5).iloc[1:], short)
+    with pytest.raises(OrchestratorError, match=r"^--folds .*short.csv does not cover the images in .*data "):
+        settle_folds(folds_path, demo_table, 2, 42, demo_root, folds_file=short)
+    with pytest.raises(OrchestratorError, match=r"\(0 only in the fold file, 1 only in the data\)"):
+        settle_folds(folds_path, demo_table, 2, 42, demo_root, folds_file=short)
+    three = tmp_path / "three.csv"
+    write_folds(split(demo_table, 3, 5), three)
+    with pytest.raises(OrchestratorError, match=r"three.csv has 3 folds but the space has k=2: set k: 3"):
+        settle_folds(folds_path, demo_table, 2, 42, demo_root, folds_file=three)
+    with pytest.raises(FoldtuneError, match=r"none.csv"):  # read_folds names a missing file
+        settle_folds(folds_path, demo_table, 2, 42, demo_root, folds_file=tmp_path / "none.csv")
+    assert not folds_path.exists()  # nothing written for a refused file
 
 
 # --- real searches ----------------------------------------------------------------------------------------
 
 
-def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri, local_ray):
+def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, demo_table, tracking_uri, local_ray):
     """Three trials in a fixed order: one learns, one stalls (ASHA stops it), one explodes (fails)."""
     space_file = write_space(tmp_path / "tiny.yaml", points_to_evaluate=[GOOD, STALLED, EXPLODING])
     # a label fix: the first person's gender flipped, for every trial of the search
@@ -189,6 +252,9 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri,
     flipped = "male" if person["gender"] == "female" else "female"
     relabel = tmp_path / "fixes.csv"
     relabel.write_text(f"id,field,value\n{person['id']},gender,{flipped}\n")
+    # the user's own split (not the one the space's seed would make) is the split of every trial
+    given_folds = tmp_path / "my_folds.csv"
+    write_folds(split(demo_table, 2, 5), given_folds)
     summary = run_search(
         demo_root,
         space_file,
@@ -197,6 +263,7 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri,
         cache_dir=tmp_path / "cache",
         progress=False,
         relabel=relabel,
+        folds_file=given_folds,
     )
     search_dir = tmp_path / "runs" / "tiny"
     board = summary.leaderboard.set_index("trial_id")
@@ -226,6 +293,7 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri,
 
     # the search folder: one fold file for all trials, summary files, bounded disk
     folds = pd.read_csv(search_dir / "folds.csv", dtype=str)
+    assert folds.equals(pd.read_csv(given_folds, dtype=str))
     for trial_id in (good, stalled):
         assert pd.read_csv(search_dir / "trials" / trial_id / "folds.csv", dtype=str).equals(folds)
     assert (search_dir / "trials" / good / "oof.npz").exists()
@@ -292,6 +360,20 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, tracking_uri,
         run_search(
             demo_root, space_file, resume=True, storage=tmp_path / "runs", relabel=other, progress=False
         )
+
+    # ... and so is resuming with another fold file, before any trial runs
+    other_folds = tmp_path / "other_folds.csv"
+    write_folds(read_folds(given_folds).assign(fold=lambda f: 1 - f["fold"]), other_folds)
+    with pytest.raises(OrchestratorError, match="differs from the folds this search started with"):
+        run_search(
+            demo_root,
+            space_file,
+            resume=True,
+            storage=tmp_path / "runs",
+            folds_file=other_folds,
+            progress=False,
+        )
+    assert pd.read_csv(search_dir / "folds.csv", dtype=str).equals(folds)
 
     # starting it again without --resume is refused with advice
     with pytest.raises(OrchestratorError, match="pass --resume to continue it"):
@@ -457,8 +539,6 @@ def test_asha_never_kills_a_trial_at_its_last_epoch():
     """A rung at the last epoch must not kill the trial before fit writes its OOF predictions."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from orchestrator.search import FinishingASHA
-
     class StandIn:
         def __init__(self, trial_id: str):
             self.trial_id = trial_id
@@ -492,8 +572,6 @@ def test_asha_never_kills_a_trial_at_its_last_epoch():
 def test_asha_rungs_survive_a_restarted_scheduler(tmp_path):
     """Ray rebuilds the scheduler empty on resume; ours reads its rungs back, so later trials are judged."""
     from ray.tune.schedulers import TrialScheduler
-
-    from orchestrator.search import FinishingASHA
 
     class StandIn:
         def __init__(self, trial_id: str):

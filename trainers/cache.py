@@ -26,7 +26,6 @@ from trainers.errors import FoldtuneError
 
 CACHE_FORMAT = 2
 _LISTED = 10  # bad files named in one error
-decode_count = 0  # images decoded by this process; tests use it to prove the cache is reused
 
 
 def default_cache_dir() -> Path:
@@ -70,7 +69,6 @@ def cache_key(image_paths: Sequence[str], size: tuple[int, int], crop: Sequence[
 
 def decode_image(path: str, size: tuple[int, int], crop: Sequence[float] | None = None) -> np.ndarray:
     """Decode one image to RGB uint8 of ``size`` = (height, width), cropping fractions first if given."""
-    global decode_count
     height, width = size
     with Image.open(path) as image:
         # JPEG DCT scaling: decode at the smallest scale still >= the target size (much faster)
@@ -85,7 +83,6 @@ def decode_image(path: str, size: tuple[int, int], crop: Sequence[float] | None 
             w, h = image.size
             image = image.crop((round(left * w), round(top * h), round(right * w), round(bottom * h)))
         image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        decode_count += 1
         return np.asarray(image, dtype=np.uint8)
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainers.errors import FoldtuneError
+from trainers.heads import HEADS
+from trainers.losses import LOSSES
+from trainers.transforms import AUGMENTATIONS, TTA_VIEWS
 
-LOSSES = ("focal", "ce")
-HEADS = ("single", "multitask")
-TTA_VIEWS = ("hflip", "scale", "shift")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -105,8 +105,8 @@ class TrainConfig:
                 raise ConfigError(f"config key '{key}': {message}")
 
         need(isinstance(self.backbone, str) and bool(self.backbone), "backbone", "must be a timm model name")
-        need(self.head in HEADS, "head", f"must be one of {list(HEADS)}, got {self.head!r}")
-        need(self.loss in LOSSES, "loss", f"must be one of {list(LOSSES)}, got {self.loss!r}")
+        need(self.head in HEADS, "head", f"must be one of {list(HEADS.names())}, got {self.head!r}")
+        need(self.loss in LOSSES, "loss", f"must be one of {list(LOSSES.names())}, got {self.loss!r}")
         need(self.device in DEVICES, "device", f"must be one of {list(DEVICES)}, got {self.device!r}")
         need(
             len(self.image_size) == 2 and all(int(s) >= 16 for s in self.image_size),
@@ -122,8 +122,14 @@ class TrainConfig:
         need(int(self.k) >= 2, "k", f"must be >= 2 folds, got {self.k!r}")
         need(int(self.patience) >= 0, "patience", f"must be >= 0, got {self.patience!r}")
         need(len(self.task_weights) == 3, "task_weights", "must be three weights [mask, gender, age]")
-        bad_views = [v for v in self.tta if v not in TTA_VIEWS]
-        need(not bad_views, "tta", f"unknown views {bad_views}; allowed: {list(TTA_VIEWS)}")
+        bad_views = TTA_VIEWS.unknown(self.tta)
+        need(not bad_views, "tta", f"unknown views {bad_views}; allowed: {list(TTA_VIEWS.names())}")
+        unknown_steps = AUGMENTATIONS.unknown(self.augment)
+        need(
+            not unknown_steps,
+            "augment",
+            f"unknown augmentation(s) {unknown_steps}; known: {list(AUGMENTATIONS.names())}",
+        )
         if self.crop is not None:
             top, bottom, left, right = self.crop
             need(

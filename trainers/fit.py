@@ -28,12 +28,12 @@ from trainers import cache as image_cache
 from trainers.checkpoint import fold_checkpoint_path, save_fold_checkpoint
 from trainers.config import TrainConfig
 from trainers.errors import FoldtuneError
-from trainers.fold_state import FoldState, build_fold, seed_everything
+from trainers.fold_state import FoldState, build_fold, predict_validation, seed_everything
 from trainers.io import atomic_torch_save, write_csv_atomic, write_text_atomic
 from trainers.loader import fold_loader
 from trainers.metrics import compute_metrics, flat_scalars
 from trainers.models import apply_freeze_train_mode
-from trainers.predict import autocast_for, pick_device, predict_proba
+from trainers.predict import autocast_for, pick_device
 from trainers.run_outputs import write_out_of_fold, write_result
 from trainers.transforms import normalize_batch
 
@@ -114,7 +114,6 @@ def fit(
     for sub in ("checkpoints", "metrics", "plots"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    channels_last = cfg.channels_last and device.type == "cuda"
     resolved_weights = _resolve_weights(cfg, resolved_weights)
     mean, std = input_stats(resolved_weights)
 
@@ -189,7 +188,7 @@ def fit(
         total_params=freeze.total_params,
     )
     if status != "diverged":
-        write_out_of_fold(fold_states, data, cfg, cache, device, mean, std, channels_last, run_dir, result)
+        write_out_of_fold(fold_states, data, cfg, cache, device, mean, std, run_dir, result)
         resume_path.unlink(missing_ok=True)
     write_result(result, cfg, run_dir)
     log(f"{status}: {message}; OOF macro F1 {result.oof_f1:.4f} (TTA {result.oof_f1_tta:.4f})")
@@ -306,18 +305,7 @@ def _train_and_validate(
     loader = fold_loader(cache_path, fold.train_rows, fold.train_labels, cfg, fold.index, epoch, device)
     try:
         train_loss = train_one_epoch(fold, cfg, loader, device, mean, std, channels_last)
-        probs = predict_proba(
-            fold.model,
-            cfg.head,
-            cache.images,
-            fold.val_rows,
-            mean,
-            std,
-            device,
-            batch_size=max(cfg.batch_size, 64),
-            amp=cfg.amp,
-            channels_last=channels_last,
-        )
+        probs = predict_validation(fold, cfg, cache.images, device, mean, std)
     except torch.OutOfMemoryError:
         raise _oom_error(cfg) from None
     if not math.isfinite(train_loss) or not np.isfinite(probs).all():

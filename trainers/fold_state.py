@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from trainers.config import TrainConfig
+from trainers.heads import build_loss
 from trainers.labels import NUM_CLASSES
-from trainers.losses import build_loss, class_balanced_alpha
+from trainers.losses import class_balanced_alpha
 from trainers.models import build_model, freeze_stages
+from trainers.predict import predict_proba
 
 
 @dataclass
@@ -130,4 +132,24 @@ def build_fold(
         val_labels=empty if val_labels is None else val_labels,
         val_positions=empty if val_positions is None else val_positions,
         criterion=criterion,
+    )
+
+
+def predict_validation(
+    fold: FoldState, cfg: TrainConfig, images: np.ndarray, device: torch.device, mean, std, tta=()
+) -> np.ndarray:
+    """The fold model's probabilities for its validation images (``images`` is the run's image cache),
+    scored the way every validation and out-of-fold prediction of a run is."""
+    return predict_proba(
+        fold.model,
+        cfg.head,
+        images,
+        fold.val_rows,
+        mean,
+        std,
+        device,
+        batch_size=max(cfg.batch_size, 64),
+        tta=tta,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last and device.type == "cuda",
     )

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from trainers.data import DataError, Problem, read_csv_records
+from trainers.data_checks import DataError, Problem, read_csv_records
 from trainers.io import write_csv_atomic
 from trainers.labels import GENDER_NAMES, NUM_AGE, AgeBands, class_names
 

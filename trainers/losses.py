@@ -6,14 +6,14 @@
   weight=alpha, label_smoothing=ls)`, including the "mean" reduction dividing by the summed alpha of the
   targets, so "ce" and "focal" differ only by gamma.
 - `MultiTaskLoss` takes the multitask output dict (`mask`, `gender`, `age` logits, see
-  trainers.models.MultiTaskNet), decodes the 18-class target with trainers.labels.decode and sums the three
+  trainers.heads.MultiTaskNet), decodes the 18-class target with trainers.labels.decode and sums the three
   focal losses with task weights. Its `alpha` is an 18-class weight used per SAMPLE (the weight of the
   sample's full class), so `class_balanced_alpha` serves both heads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainers.labels import NUM_CLASSES, decode
+from trainers.registry import Registry
 
-LOSS_NAMES = ("focal", "ce")
-HEADS = ("single", "multitask")
+# The loss registry: name -> the focusing gamma it trains with, given the config's focal_gamma. Cross-entropy
+# is the focal loss with gamma 0 exactly (see FocalLoss), so the two differ only there.
+LOSSES: Registry[Callable[[float], float]] = Registry("loss")
+LOSSES.register("focal", lambda gamma: float(gamma))
+LOSSES.register("ce", lambda gamma: 0.0)
 TASKS = ("mask", "gender", "age")
 
 
@@ -70,6 +74,13 @@ def focal_terms(
     return per_class.sum(dim=1)
 
 
+def _check_focal_arguments(gamma: float, label_smoothing: float) -> None:
+    if gamma < 0:
+        raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
 def _reduce(per_sample: Tensor, reduction: str, normaliser: Tensor | None) -> Tensor:
     if reduction == "none":
         return per_sample
@@ -95,10 +106,7 @@ class FocalLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if gamma < 0:
-            raise ValueError(f"focal gamma must be >= 0, got {gamma}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        _check_focal_arguments(gamma, label_smoothing)
         self.gamma = float(gamma)
         self.label_smoothing = float(label_smoothing)
         self.reduction = _check_reduction(reduction)
@@ -141,10 +149,7 @@ class MultiTaskLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if gamma < 0:
-            raise ValueError(f"focal gamma must be >= 0, got {gamma}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        _check_focal_arguments(gamma, label_smoothing)
         if len(weights) != len(TASKS) or any(w < 0 for w in weights):
             raise ValueError(
                 f"task weights must be three non-negative numbers (mask, gender, age), got {weights}"
@@ -191,25 +196,14 @@ class MultiTaskLoss(nn.Module):
         )
 
 
-def build_loss(
-    name: str,
-    gamma: float = 2.0,
-    alpha: Tensor | Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    head: str = "single",
-    task_weights: Sequence[float] = (1.0, 1.0, 1.0),
-) -> nn.Module:
-    """The loss for a config: "focal" uses `gamma`, "ce" is the same loss with gamma forced to 0."""
-    if name not in LOSS_NAMES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-    effective_gamma = gamma if name == "focal" else 0.0
-    if head == "multitask":
-        return MultiTaskLoss(effective_gamma, task_weights, alpha, label_smoothing)
-    return FocalLoss(
-        effective_gamma, _as_weight(alpha, NUM_CLASSES, "alpha (18 class weights)"), label_smoothing
-    )
+def single_head_loss(gamma: float, alpha, label_smoothing: float, task_weights=None) -> FocalLoss:
+    """The 18-way focal loss of the single head (``task_weights`` do not apply)."""
+    return FocalLoss(gamma, _as_weight(alpha, NUM_CLASSES, "alpha (18 class weights)"), label_smoothing)
+
+
+def multitask_loss(gamma: float, alpha, label_smoothing: float, task_weights) -> MultiTaskLoss:
+    """The weighted mask + gender + age focal losses of the multitask head."""
+    return MultiTaskLoss(gamma, task_weights, alpha, label_smoothing)
 
 
 def _class_counts(labels, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

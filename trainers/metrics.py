@@ -34,18 +34,6 @@ import numpy as np
 from trainers.io import save_figure_atomic
 from trainers.labels import MASK_NAMES, NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK, decode
 
-SCALAR_KEYS = (
-    "acc",
-    "f1",
-    "mask_f1",
-    "gender_f1",
-    "age_f1",
-    "age_f1_wear",
-    "age_f1_incorrect",
-    "age_f1_not_wear",
-    "loss",
-)
-
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(k, k) int64 counts, rows = true, columns = predicted; one bincount instead of a Python loop."""

@@ -1,13 +1,8 @@
 """The timm model factory: any timm backbone, a single 18-class head or three task heads, freeze depth.
 
-Two heads, one interface for everything after the forward pass:
-
-- head="single": the timm model itself with an 18-class classifier; `model(x)` returns logits (N, 18).
-- head="multitask": `MultiTaskNet`, the timm backbone as a feature extractor (`num_classes=0`) plus three
-  linear heads; `model(x)` returns a dict of logits {"mask": (N, 3), "gender": (N, 2), "age": (N, 3)}.
-
-`class_log_probs(output, head)` turns either output into log-probabilities over the 18 classes, so
-metrics, OOF files, TTA and the ensemble never care which head produced them.
+The head on top of the backbone comes from the head registry (trainers.heads): an 18-class classifier
+("single") or three task heads ("multitask"); `trainers.heads.class_log_probs` turns either output into
+log-probabilities over the 18 classes.
 
 Freezing is generic: timm models describe their own layer groups through `group_matcher(coarse=True)`
 (stem first, then one group per stage; the classifier and other head layers match nothing). We use those
@@ -17,51 +12,19 @@ groups instead of a per-family table of module names, so new timm families work 
 from __future__ import annotations
 
 import difflib
-import functools
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import timm
-import torch
-import torch.nn.functional as F
 from timm.models._manipulate import group_with_matcher
-from torch import Tensor, nn
+from torch import nn
 
-from trainers.errors import FoldtuneError
-from trainers.labels import NUM_AGE, NUM_CLASSES, NUM_GENDER, NUM_MASK, decode
-
-HEADS = ("single", "multitask")
-TASK_SIZES = {"mask": NUM_MASK, "gender": NUM_GENDER, "age": NUM_AGE}
+from trainers.heads import HEADS, ModelError, MultiTaskNet
+from trainers.labels import NUM_CLASSES
 
 # A parameter name no group pattern can match: timm files unmatched names (the head) into a last group of
 # their own, so the group holding this name is the head group, whatever the head's layers are called.
 _UNMATCHED_SENTINEL = "\x00foldtune-matches-nothing"
-
-
-class ModelError(FoldtuneError, ValueError):
-    """A model cannot be built or frozen as configured; the message says what to change."""
-
-
-class MultiTaskNet(nn.Module):
-    """A timm backbone (pooled features) with three linear heads: mask (3), gender (2) and age band (3).
-
-    `forward(x)` returns a dict {"mask": (N, 3), "gender": (N, 2), "age": (N, 3)} of raw logits. Predicting
-    the three factors separately shares data across the 18 classes (an old woman without a mask teaches the
-    age head about old women with masks too). Combine them with `class_log_probs(output, "multitask")`.
-    """
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        # head_hidden_size is the width of what forward() returns when it differs from num_features (e.g.
-        # MobileNetV3's conv_head after pooling); older timm models only define num_features
-        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
-        self.heads = nn.ModuleDict({task: nn.Linear(width, size) for task, size in TASK_SIZES.items()})
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        features = self.backbone(x)
-        return {task: head(features) for task, head in self.heads.items()}
 
 
 def _check_backbone_name(backbone: str) -> None:
@@ -94,7 +57,7 @@ def build_model(
     (ViT, Swin, EVA, LeViT, ...) are built for it (position embeddings resampled from pretrained weights).
     """
     if head not in HEADS:
-        raise ModelError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+        raise ModelError(f"unknown head {head!r}; choose one of {', '.join(HEADS.names())}")
     if head == "multitask" and num_classes != NUM_CLASSES:
         raise ModelError(
             f"the multitask head always predicts {NUM_CLASSES} classes, got num_classes={num_classes}"
@@ -113,7 +76,7 @@ def build_model(
     native = native_input_size(backbone)
     if size is not None and native is not None and size != native and "img_size" not in kwargs:
         kwargs["img_size"] = size
-    kwargs["num_classes"] = num_classes if head == "single" else 0
+    kwargs["num_classes"] = HEADS.get(head).timm_classes(num_classes)
     kwargs["drop_rate"] = drop_rate
     try:
         model = timm.create_model(backbone, **kwargs)
@@ -121,7 +84,7 @@ def build_model(
         raise ModelError(
             f"could not build timm model {backbone!r} with {kwargs}: {type(exc).__name__}: {exc}"
         ) from exc
-    return MultiTaskNet(model) if head == "multitask" else model
+    return HEADS.get(head).wrap(model)
 
 
 def native_input_size(backbone: str) -> tuple[int, int] | None:
@@ -140,50 +103,6 @@ def native_input_size(backbone: str) -> tuple[int, int] | None:
 def backbone_of(model: nn.Module) -> nn.Module:
     """The timm model inside (itself for the single head), e.g. for `timm.data.resolve_data_config`."""
     return model.backbone if isinstance(model, MultiTaskNet) else model
-
-
-@functools.lru_cache(maxsize=8)
-def _task_index_of_class(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """For every class 0..17, its mask, gender and age-band index (trainers.labels order) on `device`."""
-    return tuple(
-        torch.as_tensor(part, dtype=torch.long, device=device) for part in decode(np.arange(NUM_CLASSES))
-    )
-
-
-def class_log_probs(model_output: Tensor | Mapping[str, Tensor], head: str) -> Tensor:
-    """Log-probabilities (N, 18), float32, from the raw output of either head.
-
-    Multitask: log p(class) = log p(mask) + log p(gender) + log p(age band), i.e. the three factors are
-    treated as independent given the image; the result still sums to 1 over the 18 classes.
-    """
-    if head == "single":
-        if (
-            not isinstance(model_output, Tensor)
-            or model_output.ndim != 2
-            or model_output.shape[1] != NUM_CLASSES
-        ):
-            raise ModelError(
-                f"single head output must be a (N, {NUM_CLASSES}) tensor, got {_describe(model_output)}"
-            )
-        return F.log_softmax(model_output.float(), dim=1)
-    if head == "multitask":
-        if not isinstance(model_output, Mapping) or set(model_output) != set(TASK_SIZES):
-            raise ModelError(
-                f"multitask output must be a dict with keys {tuple(TASK_SIZES)}, "
-                f"got {_describe(model_output)}"
-            )
-        mask_lp, gender_lp, age_lp = (F.log_softmax(model_output[task].float(), dim=1) for task in TASK_SIZES)
-        mask_of, gender_of, age_of = _task_index_of_class(mask_lp.device)
-        return mask_lp[:, mask_of] + gender_lp[:, gender_of] + age_lp[:, age_of]
-    raise ModelError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-
-
-def _describe(value) -> str:
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    if isinstance(value, Mapping):
-        return f"a dict with keys {sorted(value)}"
-    return type(value).__name__
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from trainers.errors import FoldtuneError
+from trainers.heads import class_log_probs
 from trainers.labels import NUM_CLASSES
-from trainers.models import class_log_probs
 from trainers.transforms import normalize_batch, tta_views
 
 

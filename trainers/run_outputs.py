@@ -17,10 +17,10 @@ import pandas as pd
 
 from trainers.checkpoint import fold_checkpoint_path, load_best_weights
 from trainers.config import TrainConfig
+from trainers.fold_state import predict_validation
 from trainers.io import atomic_savez, write_csv_atomic, write_text_atomic
 from trainers.labels import NUM_CLASSES, AgeBands, class_names
 from trainers.metrics import compute_metrics, flat_scalars, plot_confusion, plot_per_class_f1
-from trainers.predict import predict_proba
 
 if TYPE_CHECKING:
     from trainers.fit import FitResult
@@ -35,7 +35,6 @@ def write_out_of_fold(
     device,
     mean,
     std,
-    channels_last: bool,
     run_dir: Path,
     result: FitResult,
 ) -> None:
@@ -47,18 +46,8 @@ def write_out_of_fold(
     for fold in folds:
         load_best_weights(fold.model, fold_checkpoint_path(run_dir, fold.index))
         probs[fold.val_positions] = fold.best_probs
-        probs_tta[fold.val_positions] = predict_proba(
-            fold.model,
-            cfg.head,
-            cache.images,
-            fold.val_rows,
-            mean,
-            std,
-            device,
-            batch_size=max(cfg.batch_size, 64),
-            tta=cfg.tta,
-            amp=cfg.amp,
-            channels_last=channels_last,
+        probs_tta[fold.val_positions] = predict_validation(
+            fold, cfg, cache.images, device, mean, std, cfg.tta
         )
         metrics = compute_metrics(fold.val_labels, fold.best_probs)
         per_class[f"fold{fold.index}"] = metrics["per_class_f1"]

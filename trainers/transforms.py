@@ -9,6 +9,7 @@ tensor ops, so they run on the GPU beside the model.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -17,44 +18,33 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-AUGMENT_KEYS = ("hflip", "shift_scale_rotate", "color_jitter", "coarse_dropout")
+from trainers.registry import Registry  # noqa: E402
+
+# The augmentation registry: config name -> builder(probability) of one albumentations step. The training
+# pipeline applies them in this order (registration order), each with its configured probability.
+AUGMENTATIONS: Registry[Callable[[float], A.BasicTransform]] = Registry("augmentation")
+AUGMENTATIONS.register("hflip", lambda p: A.HorizontalFlip(p=p))
+AUGMENTATIONS.register(
+    "shift_scale_rotate",
+    lambda p: A.Affine(
+        scale=(0.92, 1.08), translate_percent=(-0.05, 0.05), rotate=(-8, 8), border_mode=0, p=p
+    ),
+)
+AUGMENTATIONS.register(
+    "color_jitter", lambda p: A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=p)
+)
+AUGMENTATIONS.register(
+    "coarse_dropout",
+    lambda p: A.CoarseDropout(
+        num_holes_range=(1, 4), hole_height_range=(0.05, 0.15), hole_width_range=(0.05, 0.15), p=p
+    ),
+)
 
 
 def train_pipeline(augment: dict[str, float], seed: int | None = None) -> A.Compose:
     """Training augmentation from the config's ``augment`` mapping of name -> probability."""
-    unknown = sorted(set(augment) - set(AUGMENT_KEYS))
-    if unknown:
-        from trainers.config import ConfigError
-
-        raise ConfigError(
-            f"config key 'augment': unknown augmentation(s) {unknown}; known: {list(AUGMENT_KEYS)}"
-        )
-    steps: list[A.BasicTransform] = []
-    if augment.get("hflip", 0) > 0:
-        steps.append(A.HorizontalFlip(p=augment["hflip"]))
-    if augment.get("shift_scale_rotate", 0) > 0:
-        steps.append(
-            A.Affine(
-                scale=(0.92, 1.08),
-                translate_percent=(-0.05, 0.05),
-                rotate=(-8, 8),
-                border_mode=0,
-                p=augment["shift_scale_rotate"],
-            )
-        )
-    if augment.get("color_jitter", 0) > 0:
-        steps.append(
-            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=augment["color_jitter"])
-        )
-    if augment.get("coarse_dropout", 0) > 0:
-        steps.append(
-            A.CoarseDropout(
-                num_holes_range=(1, 4),
-                hole_height_range=(0.05, 0.15),
-                hole_width_range=(0.05, 0.15),
-                p=augment["coarse_dropout"],
-            )
-        )
+    AUGMENTATIONS.check(augment)
+    steps = [build(augment[name]) for name, build in AUGMENTATIONS.items() if augment.get(name, 0) > 0]
     return A.Compose(steps, seed=seed)
 
 
@@ -83,19 +73,17 @@ def _shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+# The TTA view registry: name -> the view of a normalised NCHW batch. Views are averaged in probability
+# space with the original, so their order does not matter.
+TTA_VIEWS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("TTA view")
+TTA_VIEWS.register("hflip", lambda x: torch.flip(x, dims=[3]))
+TTA_VIEWS.register("scale", lambda x: _zoom(x, 1.1))  # 1.1x centre zoom
+TTA_VIEWS.register("shift", lambda x: _shift(x, 0.04, 0.04))  # 4% right and down
+
+
 def tta_views(x: torch.Tensor, views: tuple[str, ...] | list[str]) -> list[torch.Tensor]:
-    """The original batch plus one batch per TTA view (hflip, scale = 1.1x zoom, shift = 4% right/down)."""
-    out = [x]
-    for view in views:
-        if view == "hflip":
-            out.append(torch.flip(x, dims=[3]))
-        elif view == "scale":
-            out.append(_zoom(x, 1.1))
-        elif view == "shift":
-            out.append(_shift(x, 0.04, 0.04))
-        else:
-            raise ValueError(f"unknown TTA view {view!r}; known: hflip, scale, shift")
-    return out
+    """The original batch plus one batch per TTA view."""
+    return [x, *(TTA_VIEWS.get(view)(x) for view in views)]
 
 
 def augment_batch(pipeline: A.Compose, images: np.ndarray) -> np.ndarray:

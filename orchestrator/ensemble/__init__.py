@@ -1,0 +1,68 @@
+"""The ensemble stage: soft-vote the best fold models of a finished search, with TTA, into the submission.
+
+Why it works the way it does:
+
+- Members are whole trials (all k fold models of one configuration), chosen on out-of-fold (OOF)
+  probabilities, which every trial already wrote for every training image: greedy forward selection with
+  replacement (Caruana et al. 2004) by default, or the N best trials with equal weights (``top``).
+- Soft voting averages softmax probabilities (never logits: heads and temperatures differ between trials),
+  weighted by how often a trial was picked; TTA views are averaged in probability space as well.
+- The OOF estimate uses the same TTA as the submission, so the printed "expected F1" is honest: a stored
+  OOF array is used when it was made with the requested views, otherwise the selected fold models score
+  their validation images again with those views.
+- Everything is computed before anything is written, and the submission is written last, atomically and
+  only after it has been re-read and checked: on any error no new submission exists and an old one is
+  untouched.
+
+One room per responsibility, in the order a run goes through them:
+
+- ``candidates``: finding the usable trials of a search and checking they agree;
+- ``selection``: ranking them and choosing the members (plain NumPy);
+- ``members``: checking the members' checkpoints and predicting with them (torch, one fold model at a time);
+- ``submission``: writing the submission and its probabilities, and scoring a submission;
+- ``result``: the result, its printed summary and ensemble.json;
+- ``stage``: ``run_ensemble``, the steps in order.
+
+The MLflow record lives with the rest of MLflow, in ``orchestrator.tracking.ensemble_run``.
+"""
+
+from orchestrator.ensemble.candidates import FAILED_STATUSES, Candidate, read_search_summary
+from orchestrator.ensemble.result import EnsembleMember, EnsembleResult, format_report
+from orchestrator.ensemble.selection import (
+    DEFAULT_GREEDY_STEPS,
+    Selection,
+    greedy_selection,
+    macro_f1,
+    select,
+    soft_vote,
+)
+from orchestrator.ensemble.stage import DEFAULT_STORAGE, run_ensemble
+from orchestrator.ensemble.submission import (
+    SUBMISSION_COLUMNS,
+    score_arrays,
+    score_submission,
+    score_submission_arrays,
+    validate_submission,
+)
+
+__all__ = [
+    "DEFAULT_GREEDY_STEPS",
+    "DEFAULT_STORAGE",
+    "FAILED_STATUSES",
+    "SUBMISSION_COLUMNS",
+    "Candidate",
+    "EnsembleMember",
+    "EnsembleResult",
+    "Selection",
+    "format_report",
+    "greedy_selection",
+    "macro_f1",
+    "read_search_summary",
+    "run_ensemble",
+    "score_arrays",
+    "score_submission",
+    "score_submission_arrays",
+    "select",
+    "soft_vote",
+    "validate_submission",
+]

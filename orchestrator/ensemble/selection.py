@@ -1,0 +1,148 @@
+"""Choosing the members: which trials, and how many votes each, judged on out-of-fold probabilities only.
+
+A functional core of plain NumPy (no torch, no MLflow, no files): every function takes arrays and returns
+numbers or indices, so selection can be tested on made-up probabilities and re-run on any subset of rows
+(e.g. to estimate, with nested cross-validation, how optimistic the selected ensemble's OOF F1 is).
+
+Two methods, both on macro F1 of the per-row argmax (the competition's score):
+
+- greedy forward selection with replacement (Caruana et al. 2004), the default: start from the best trial
+  and keep adding whichever trial raises the ensemble's OOF F1 most; the counts are the vote weights;
+- the N best trials with equal votes (``top``).
+
+Candidates are ranked best first (ties: trial id) so that both methods are deterministic and the first
+member is always the best single trial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from trainers.labels import NUM_CLASSES
+from trainers.metrics import confusion_matrix, f1_per_class
+
+if TYPE_CHECKING:
+    from orchestrator.ensemble.candidates import Candidate
+
+DEFAULT_GREEDY_STEPS = 20  # picks at most; greedy selection usually stops far earlier
+
+
+def macro_f1(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The competition score of the per-row argmax (any positive scaling of ``probs`` gives the same)."""
+    predicted = np.asarray(probs).argmax(axis=1)
+    return float(f1_per_class(confusion_matrix(np.asarray(labels), predicted, NUM_CLASSES)).mean())
+
+
+def greedy_selection(
+    oof_probs: Sequence[np.ndarray], labels: np.ndarray, max_steps: int = DEFAULT_GREEDY_STEPS
+) -> list[int]:
+    """Counts per candidate: start from the best one, add (with replacement) whichever raises OOF F1 most.
+
+    Stops when no addition improves the score or after ``max_steps`` picks. Ties go to the lower index, so
+    order candidates best-first for a deterministic result. The ensemble is ``sum(count * probs)``.
+    """
+    if not oof_probs:
+        raise ValueError("greedy_selection needs at least one candidate")
+    counts = [0] * len(oof_probs)
+    singles = [macro_f1(labels, probs) for probs in oof_probs]
+    first = int(np.argmax(singles))
+    counts[first] = 1
+    total = np.array(oof_probs[first], dtype=np.float64)
+    best = singles[first]
+    for _ in range(max(0, max_steps - 1)):
+        scores = [macro_f1(labels, total + probs) for probs in oof_probs]
+        pick = int(np.argmax(scores))
+        if not scores[pick] > best + 1e-12:
+            break
+        counts[pick] += 1
+        total += oof_probs[pick]
+        best = scores[pick]
+    return counts
+
+
+def soft_vote(weights: np.ndarray, probs: Sequence[np.ndarray]) -> np.ndarray:
+    """The ensemble's probabilities: the ``weights``-weighted sum of the members' ``probs``, in float64.
+
+    Probabilities, never logits: heads and temperatures differ between trials.
+    """
+    return np.tensordot(weights, np.stack(probs).astype(np.float64), axes=1)
+
+
+def top_selection(n_candidates: int, top: int) -> list[int]:
+    """Counts per candidate (ordered best first): one vote each for the ``top`` first, none for the rest."""
+    return [1 if i < top else 0 for i in range(n_candidates)]
+
+
+def same_views(a: Sequence[str], b: Sequence[str]) -> bool:
+    """TTA views average in probability space, so their order does not matter (repeats do)."""
+    return sorted(a) == sorted(b)
+
+
+def selection_probs(candidate: Candidate, tta: tuple[str, ...] | None) -> tuple[np.ndarray, bool]:
+    """The stored OOF probabilities closest to the requested TTA, and whether they are exactly it."""
+    if tta is None:
+        return candidate.probs_tta, True
+    if not tta:
+        return candidate.probs, True
+    if same_views(tta, candidate.own_tta):
+        return candidate.probs_tta, True
+    return candidate.probs_tta, False  # a proxy for choosing; members are predicted again with ``tta``
+
+
+def rank(single_f1: Sequence[float], trial_ids: Sequence[str]) -> list[int]:
+    """Candidate indices best first: highest single OOF F1, ties broken by trial id."""
+    return sorted(range(len(single_f1)), key=lambda i: (-single_f1[i], trial_ids[i]))
+
+
+@dataclass
+class Selection:
+    """The candidates best first, what each was judged on, and how many votes each received."""
+
+    candidates: list[Candidate]  # best single OOF F1 first (ties: trial id)
+    probs: list[np.ndarray]  # each one's selection OOF probabilities on the judged rows
+    exact: list[bool]  # whether ``probs`` were made with exactly the requested TTA
+    single_f1: list[float]  # each one's OOF macro F1 alone
+    method: str  # "greedy" or "top"
+    counts: list[int]  # votes per candidate; the ensemble is sum(count * probs) / sum(counts)
+
+    @property
+    def chosen(self) -> list[int]:
+        """Indices of the members (candidates with at least one vote), best first."""
+        return [i for i, count in enumerate(self.counts) if count > 0]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def select(
+    candidates: Sequence[Candidate],
+    labels: np.ndarray,
+    rows: np.ndarray,
+    tta: tuple[str, ...] | None,
+    top: int | None,
+    greedy_steps: int = DEFAULT_GREEDY_STEPS,
+) -> Selection:
+    """Rank ``candidates`` on their OOF F1 over ``rows`` (``labels`` are those rows'), then give out votes:
+    the ``top`` best once each, or greedily when ``top`` is None."""
+    probs, exact = zip(*(selection_probs(c, tta) for c in candidates), strict=True)
+    probs = [p[rows] for p in probs]
+    single_f1 = [macro_f1(labels, p) for p in probs]
+    order = rank(single_f1, [c.trial_id for c in candidates])
+    probs = [probs[i] for i in order]
+    if top is not None:
+        method, counts = "top", top_selection(len(order), top)
+    else:
+        method, counts = "greedy", greedy_selection(probs, labels, max_steps=greedy_steps)
+    return Selection(
+        candidates=[candidates[i] for i in order],
+        probs=probs,
+        exact=[exact[i] for i in order],
+        single_f1=[single_f1[i] for i in order],
+        method=method,
+        counts=counts,
+    )

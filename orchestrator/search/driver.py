@@ -1,0 +1,255 @@
+"""The driver: one call that starts (or resumes) a search and returns its summary.
+
+``run_search`` reads as the search's steps: settle which search this is (``settle``), join or start Ray
+and fit the trials to it, prepare what every trial shares (``prepare``), open the MLflow parent run,
+build Tune's tuner (new, or restored from ``tune/`` on resume), let it run the trials, and summarise
+(``summary``). Everything else the search does lives in the room named for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune import Callback
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.search.console import ProgressTable
+from orchestrator.search.constants import (
+    ASHA_STATE,
+    EXPERIMENT_DIRNAME,
+    FOLDS_FILE,
+    METRIC,
+    MODE,
+    RELABEL_COPY,
+)
+from orchestrator.search.optuna_adapter import make_searcher
+from orchestrator.search.prepare import prepare
+from orchestrator.search.settle import settle_relabel, settle_space, settle_tracking
+from orchestrator.search.stopping import EarlyStopMarker, make_scheduler
+from orchestrator.search.summary import SearchSummary, summarize
+from orchestrator.search.trial import TrialContext, run_trial
+from orchestrator.space import SearchSpace
+from orchestrator.tracking.search_runs import start_parent_run
+from orchestrator.tracking.store import SearchTracking
+from orchestrator.tracking.trials import MlflowTrialCallback
+from trainers.io import write_text_atomic
+
+TUNE_ENVIRON = {  # set for the driver's Tune loop unless the user set them
+    # Tune's newer console output prints a config box, the results path and a TensorBoard hint even at
+    # verbose=0; foldtune prints its own trial table, so the quiet legacy reporter is used instead
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_GLOBAL_CHECKPOINT_S": "2",  # experiment snapshot period: what a killed driver can lose at most
+    # every report checkpoints (num_to_keep=1 forces a snapshot each time); the marker is tiny, so no warning
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+
+
+def run_search(
+    data_root: str | os.PathLike,
+    space_path: str | os.PathLike | None,
+    trials: int | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    storage: str | os.PathLike | None = None,
+    tracking_uri: str | None = None,
+    cpus_per_trial: float | None = None,
+    gpus_per_trial: float | None = None,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    retry_failed: bool = False,
+    relabel: str | os.PathLike | None = None,
+    folds_file: str | os.PathLike | None = None,
+    trial_fn: Callable[[dict[str, Any], TrialContext], None] | None = None,
+) -> SearchSummary:
+    """Run (or with ``resume``, continue) a search; see the package docstring for what is written where.
+
+    ``address`` (or ``RAY_ADDRESS``) joins an existing Ray cluster; otherwise a local one is started.
+    ``retry_failed`` restarts failed trials from scratch on resume (they stay failed by default).
+    ``relabel`` is a label-fix CSV (see trainers.data); a copy is kept in the search folder as
+    ``relabel.csv``, used again on resume and logged to MLflow, so every trial sees the same labels.
+    ``folds_file`` is a fold file (``foldtune folds``) to split by instead of a new split; it must cover
+    exactly the data's images in k folds. It becomes the search's ``folds.csv``, which a resume keeps.
+    ``trial_fn`` is what each trial runs instead of ``run_trial``, called the same way, as
+    ``trial_fn(params, context)`` in a Ray trial process, reporting with ``ray.tune.report`` (tests use it
+    to run the real driver and scheduling with a stand-in trial); a resume must pass the same one.
+    """
+    storage_dir = Path(storage or "runs").expanduser().absolute()
+    space, search_dir, restoring = settle_space(
+        space_path, storage_dir, trials, name, resume, cpus_per_trial, gpus_per_trial
+    )
+    tracking = settle_tracking(search_dir, tracking_uri, space.name)
+    started_before = resume and (search_dir / "space.yaml").exists()
+    relabel_copy = settle_relabel(search_dir, relabel, started_before)
+    write_text_atomic(space.to_yaml(), search_dir / "space.yaml")
+    data_root = Path(data_root).expanduser().absolute()
+
+    started_ray = _connect_ray(address, progress)
+    try:
+        space = _fit_resources(space)
+        context = prepare(
+            data_root,
+            space,
+            search_dir,
+            cache_dir,
+            progress,
+            relabel_copy,
+            folds_file=folds_file,
+            resuming=started_before,
+        )
+        parent_run_id = start_parent_run(
+            tracking, space, search_dir, data_root, _parent_artifacts(search_dir)
+        )
+        trainable = _trainable(trial_fn or run_trial, context, space)
+        with _tune_environ():
+            if restoring:
+                tuner = _restored_tuner(trainable, search_dir, space, retry_failed)
+            else:
+                tuner = _new_tuner(trainable, space, search_dir, tracking, parent_run_id, progress)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                results = tuner.fit()
+        summary = summarize(results, space, search_dir, tracking, parent_run_id)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    if progress:
+        print(summary.report())
+    return summary
+
+
+# --- Ray ---------------------------------------------------------------------------------------------------
+
+
+def _connect_ray(address: str | None, progress: bool) -> bool:
+    """Join ``address``/``RAY_ADDRESS`` or start a local Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=progress)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=progress)
+    return True
+
+
+def _fit_resources(space: SearchSpace) -> SearchSpace:
+    """Trials must fit the cluster: no GPU means CPU trials; more CPUs than any node has is an error."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if space.gpus_per_trial > 0 and resources.get("GPU", 0) == 0:
+        if space.fixed.get("device") == "cuda":
+            raise OrchestratorError(
+                f"the space asks for device 'cuda' but the Ray cluster has no GPU ({space.source})"
+            )
+        print(f"no GPU in the Ray cluster: trials run on CPU (resources.gpu {space.gpus_per_trial} -> 0)")
+        space = space.with_overrides(gpus_per_trial=0)
+    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    if space.cpus_per_trial > largest:
+        raise OrchestratorError(
+            f"each trial asks for {space.cpus_per_trial} CPUs but the largest Ray node has {largest:g}: "
+            "lower resources.cpu or --cpus-per-trial"
+        )
+    return space
+
+
+# --- Tune --------------------------------------------------------------------------------------------------
+
+
+def _parent_artifacts(search_dir: Path) -> list[Path]:
+    """The files the parent run keeps from the start: the space, the fold file, the label fixes if any."""
+    artifacts = [search_dir / "space.yaml", search_dir / FOLDS_FILE]
+    if (search_dir / RELABEL_COPY).exists():
+        artifacts.append(search_dir / RELABEL_COPY)
+    return artifacts
+
+
+def _trainable(trial_fn, context: TrialContext, space: SearchSpace):
+    """``trial_fn`` (``run_trial`` unless a caller gives another) with the shared context and each trial's
+    resources."""
+    return tune.with_resources(
+        tune.with_parameters(trial_fn, context=context),
+        {"cpu": space.cpus_per_trial, "gpu": space.gpus_per_trial},
+    )
+
+
+@contextlib.contextmanager
+def _tune_environ() -> Iterator[None]:
+    """``TUNE_ENVIRON`` for the Tune loop, where the user has not set them; removed again afterwards."""
+    saved_environ = {key: os.environ.get(key) for key in TUNE_ENVIRON}
+    for key, value in TUNE_ENVIRON.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved_environ.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def _restored_tuner(trainable, search_dir: Path, space: SearchSpace, retry_failed: bool) -> tune.Tuner:
+    """Tune's experiment in ``tune/``, with its searcher, scheduler and callbacks as they were saved."""
+    experiment_path = search_dir / EXPERIMENT_DIRNAME
+    print(f"resuming search '{space.name}' from {experiment_path}")
+    return tune.Tuner.restore(
+        str(experiment_path),
+        trainable=trainable,
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=retry_failed,
+    )
+
+
+def _new_tuner(
+    trainable,
+    space: SearchSpace,
+    search_dir: Path,
+    tracking: SearchTracking,
+    parent_run_id: str,
+    progress: bool,
+) -> tune.Tuner:
+    """A fresh experiment: Optuna proposes, ASHA stops, results go to ``tune/``, MLflow and the console."""
+    for stale in ("optuna.db", ASHA_STATE):  # left by an abandoned start
+        (search_dir / stale).unlink(missing_ok=True)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(space, search_dir),
+            scheduler=make_scheduler(space, search_dir / ASHA_STATE),
+            num_samples=space.trials,
+            metric=METRIC,
+            mode=MODE,
+            # One trial process runs many trials: a fresh actor per trial cost ~9 s of
+            # start-up (imports, torch, the context) each; see BENCHMARKS.md, overhead.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT_DIRNAME,
+            storage_path=str(search_dir),
+            callbacks=_callbacks(space, search_dir, tracking, parent_run_id, progress),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=space.max_failures, fail_fast=False),
+            verbose=0,
+        ),
+    )
+
+
+def _callbacks(space, search_dir, tracking, parent_run_id, progress) -> list[Callback]:
+    callbacks: list[Callback] = [
+        EarlyStopMarker(),
+        MlflowTrialCallback(tracking, parent_run_id, search_dir / "trials", space.config_for),
+    ]
+    if progress:
+        callbacks.append(ProgressTable(list(space.search)))
+    return callbacks

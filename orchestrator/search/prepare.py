@@ -1,0 +1,150 @@
+"""Once per search, in the driver, before any trial: the data, the fold file, the image cache, the weights.
+
+Everything every trial shares is prepared here exactly once: the data is read and validated, the fold
+file is written (all trials split the same persons the same way, so their scores and out-of-fold
+predictions are comparable), the image cache is built (trials only open it) and the pretrained weights are
+resolved per candidate backbone (trials never touch the network). The result is the ``TrialContext``
+every trial receives.
+
+The fold file is the search's ``folds.csv``: made from the data (k and seed from the space), or copied
+from a fold file the user gives (``folds_file``) after checking it fits the data and k. A resumed search
+always keeps the fold file it started with.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.search.constants import FOLDS_FILE, RELABEL_COPY
+from orchestrator.search.trial import TrialContext
+from orchestrator.space import SearchSpace
+
+
+def prepare(
+    data_root: Path,
+    space: SearchSpace,
+    search_dir: Path,
+    cache_dir,
+    progress: bool,
+    relabel: Path | None = None,
+    folds_file: str | os.PathLike | None = None,
+    resuming: bool = False,
+) -> TrialContext:
+    """Once per search, before any trial: data, fold file, image cache, pretrained weights."""
+    from trainers.cache import prepare_cache
+    from trainers.data import read_train
+    from trainers.labels import AgeBands
+    from trainers.weights import resolve_pretrained
+
+    base = space.config_for({name: param.values[0] for name, param in space.search.items()})
+    say = print if progress else (lambda message: None)
+    data = read_train(data_root, AgeBands(tuple(base.age_edges)), relabel=relabel)
+    for problem in data.problems:
+        say(f"warning: {problem}")
+    fixed = {field: count for field, count in data.fixes.items() if count}
+    if fixed:
+        say("label fixes applied (" + RELABEL_COPY + "): " + ", ".join(f"{n} {f}" for f, n in fixed.items()))
+    folds = settle_folds(
+        search_dir / FOLDS_FILE,
+        data.table,
+        k=base.k,
+        seed=base.folds_seed,
+        data_root=data_root,
+        folds_file=folds_file,
+        resuming=resuming,
+    )
+    if cache_dir is None:
+        from trainers.cache import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser().absolute()
+    prepare_cache(base, data.table, cache_dir, log=say)
+    weights = {
+        backbone: resolve_pretrained(backbone, space.pretrained_spec(backbone))
+        for backbone in space.backbones()
+    }
+    for backbone, resolved in weights.items():
+        say(f"{backbone}: weights from {resolved.source}")
+    (search_dir / "trials").mkdir(parents=True, exist_ok=True)
+    return TrialContext(
+        space=space,
+        table=data.table,
+        folds=folds,
+        cache_dir=str(cache_dir),
+        trials_dir=str(search_dir / "trials"),
+        weights=weights,
+        log_epochs=progress,
+    )
+
+
+def settle_folds(
+    folds_path: Path,
+    table: pd.DataFrame,
+    k: int,
+    seed: int,
+    data_root: Path,
+    folds_file: str | os.PathLike | None = None,
+    resuming: bool = False,
+) -> pd.DataFrame:
+    """The search's fold file at ``folds_path``: the saved one, the user's ``folds_file``, or a new split.
+
+    A saved fold file is kept when resuming, and when no ``folds_file`` is given (a start abandoned before
+    its first trial reuses its split); it must still fit the data and ``k``. A ``folds_file`` given on
+    resume must be the split the search started with. Otherwise ``folds_file`` is checked against the data
+    and ``k`` and copied, or the data is split into ``k`` folds by person with ``seed``.
+    """
+    from trainers.folds import make_folds, read_folds, write_folds
+
+    if folds_path.exists() and (resuming or folds_file is None):
+        folds = read_folds(folds_path)
+        if set(folds["rel_path"]) != set(table["rel_path"]) or folds["fold"].nunique() != k:
+            raise OrchestratorError(
+                f"{folds_path} does not match the data in {data_root} (or k={k}): the search was "
+                "started on other data; use that data root or start a new search with --name NEW_NAME"
+            )
+        if folds_file is not None and not _same_split(read_folds(Path(folds_file).expanduser()), folds):
+            raise OrchestratorError(
+                f"--folds {folds_file} differs from the folds this search started with ({folds_path}); "
+                "resume without --folds (the saved folds are used), or start a new search with --name "
+                "NEW_NAME"
+            )
+        return folds
+    if folds_file is None:
+        folds = make_folds(table, k=k, seed=seed)
+    else:
+        folds = _given_folds(Path(folds_file).expanduser(), table, k, data_root)
+    write_folds(folds, folds_path)
+    return folds
+
+
+def _given_folds(path: Path, table: pd.DataFrame, k: int, data_root: Path) -> pd.DataFrame:
+    """The user's fold file, if it splits exactly the data's images into ``k`` folds."""
+    from trainers.folds import read_folds
+
+    folds = read_folds(path)
+    only_file = set(folds["rel_path"]) - set(table["rel_path"])
+    only_data = set(table["rel_path"]) - set(folds["rel_path"])
+    if only_file or only_data:
+        raise OrchestratorError(
+            f"--folds {path} does not cover the images in {data_root} ({len(only_file)} only in the fold "
+            f"file, {len(only_data)} only in the data): write one for this data with `foldtune folds`"
+        )
+    count = folds["fold"].nunique()
+    if count != k:
+        raise OrchestratorError(
+            f"--folds {path} has {count} folds but the space has k={k}: set k: {count} in the space's "
+            f"fixed settings, or write a fold file with `foldtune folds --k {k}`"
+        )
+    return folds
+
+
+def _same_split(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two fold files put every image, and its person, in the same fold (row order aside)."""
+    columns = ["rel_path", "person_id", "fold"]
+    a = a[columns].sort_values("rel_path").reset_index(drop=True)
+    b = b[columns].sort_values("rel_path").reset_index(drop=True)
+    return a.equals(b)

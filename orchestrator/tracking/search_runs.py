@@ -1,0 +1,111 @@
+"""A search's parent MLflow run: opened with the search's settings, closed with its results.
+
+The search rooms decide what happened; this module is the only place that writes it to MLflow, so the
+whole MLflow side of a search reads in one room (trial child runs are ``trials.py``). Every call is made
+from the driver, and a tracking problem is reported on stderr without stopping the search, except when
+the parent run is opened: a search that cannot be tracked at all should not start.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import yaml
+
+from orchestrator.space import SearchSpace
+from orchestrator.tracking.store import TAG, SearchTracking
+
+if TYPE_CHECKING:
+    from orchestrator.search.summary import SearchSummary
+
+
+def start_parent_run(
+    tracking: SearchTracking, space: SearchSpace, search_dir: Path, data_root: Path, artifacts: Sequence[Path]
+) -> str:
+    """The search's parent run (reused on resume), with the search's settings as params and its files."""
+    parent_run_id = tracking.start_parent(
+        search_dir, tags={f"{TAG}search": space.name, f"{TAG}data_root": str(data_root)}
+    )
+    params = {
+        "trials": space.trials,
+        "max_concurrent": space.max_concurrent,
+        "cpus_per_trial": space.cpus_per_trial,
+        "gpus_per_trial": space.gpus_per_trial,
+        "scheduler": "none" if space.asha is None else f"asha{tuple(vars(space.asha).values())}",
+        "sampler": f"tpe(seed={space.sampler_seed}, n_startup_trials={space.n_startup_trials})",
+        "keep_top": space.keep_top,
+        "max_failures": space.max_failures,
+        **{f"search.{p.name}": p.describe() for p in space.search.values()},
+        **{f"fixed.{k}": v for k, v in space.to_dict()["fixed"].items()},
+    }
+    try:
+        tracking.log_params(parent_run_id, params)
+    except Exception as error:  # params cannot change; a resumed search with equal params logs nothing new
+        print(f"warning: MLflow parent params not logged: {error}", file=sys.stderr)
+    for path in artifacts:
+        tracking.client.log_artifact(parent_run_id, str(path))
+    return parent_run_id
+
+
+def mark_checkpoints_deleted(tracking: SearchTracking, parent_run_id: str, trial_id: str) -> None:
+    """Tag a trial's child run when its checkpoints were deleted to bound the search's disk."""
+    try:
+        run_id = tracking.find_child(parent_run_id, trial_id)
+        if run_id is not None:
+            tracking.set_tags(run_id, {f"{TAG}checkpoints_deleted": "true"})
+    except Exception as error:
+        print(
+            f"warning: MLflow tag for deleted checkpoints of {trial_id} failed: {error}",
+            file=sys.stderr,
+        )
+
+
+def log_parent_results(
+    tracking: SearchTracking,
+    parent_run_id: str,
+    summary: SearchSummary,
+    rows: list[dict],
+    plots: list[Path],
+    states: Iterable[str],
+) -> None:
+    """The parent run's results; children left RUNNING by an interrupted or killed driver are closed.
+
+    ``states`` are the trial states counted as ``trials_<state>`` metrics (zero when no trial has one).
+    """
+    try:
+        client = tracking.client
+        search_dir = summary.search_dir
+        for name in ("leaderboard.csv", "summary.json"):
+            client.log_artifact(parent_run_id, str(search_dir / name))
+        client.log_table(
+            parent_run_id, summary.leaderboard.drop(columns=["run_dir"]), "leaderboard_table.json"
+        )
+        for plot in plots:
+            client.log_artifact(parent_run_id, str(plot), "plots")
+        counts = pd.Series([r["state"] for r in rows]).value_counts().to_dict()
+        metrics = {f"trials_{state}": counts.get(state, 0) for state in states}
+        metrics["disk_bytes"] = summary.disk_bytes
+        tags = {f"{TAG}finished": str(summary.finished).lower()}
+        if summary.best_trial_id is not None:
+            metrics["best_val_f1"] = rows[0]["best_f1"]
+            tags[f"{TAG}best_trial"] = summary.best_trial_id
+            client.log_text(
+                parent_run_id, yaml.safe_dump(summary.best_config, sort_keys=False), "best_config.yaml"
+            )
+        tracking.log_metrics(parent_run_id, metrics)
+        tracking.set_tags(parent_run_id, tags)
+        known = {r["trial_id"] for r in rows}
+        for child in tracking.child_runs(parent_run_id):
+            if child.info.status == "RUNNING":
+                orphan = child.data.tags.get(f"{TAG}trial_id") not in known
+                tracking.set_tags(
+                    child.info.run_id, {f"{TAG}{'orphaned' if orphan else 'interrupted'}": "true"}
+                )
+                tracking.finish(child.info.run_id, "KILLED")
+        tracking.finish(parent_run_id, "FINISHED" if summary.finished else "KILLED")
+    except Exception as error:
+        print(f"warning: MLflow results of the search not fully logged: {error}", file=sys.stderr)

@@ -1,0 +1,104 @@
+"""The house rules, checked on the source itself: no import circle, trainers/ free of Ray, Optuna and MLflow,
+MLflow only in orchestrator/tracking/, and no product file over 500 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ROOMS = ("trainers", "orchestrator", "benchmarks")
+MAX_LINES = 500
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for room in ROOMS:
+        for path in (ROOT / room).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module named by an import in the file, function-local ones included, except those under
+    ``if TYPE_CHECKING:`` (never executed)."""
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return names
+
+
+MODULES = _modules()
+IMPORTS = {name: _imports(path) for name, path in MODULES.items()}
+
+
+def test_no_import_circle():
+    graph = {name: {m for m in IMPORTS[name] if m in MODULES and m != name} for name in MODULES}
+    # a package's __init__ re-exporting its own rooms is not a circle through the code
+    for name in graph:
+        graph[name] = {m for m in graph[name] if not m.startswith(name + ".")}
+    circles, state = [], {}
+
+    def walk(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                circles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                walk(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            walk(name, [])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+@pytest.mark.parametrize("library", ["ray", "optuna", "mlflow"])
+def test_trainers_never_import_the_orchestration_libraries(library):
+    offenders = [
+        name
+        for name, imported in IMPORTS.items()
+        if name.startswith("trainers") and any(m == library or m.startswith(library + ".") for m in imported)
+    ]
+    assert not offenders, f"{library} imported by {offenders}"
+
+
+def test_mlflow_lives_in_the_tracking_room_only():
+    offenders = [
+        name
+        for name, imported in IMPORTS.items()
+        if any(m == "mlflow" or m.startswith("mlflow.") for m in imported)
+        and not name.startswith("orchestrator.tracking")
+    ]
+    assert not offenders, f"mlflow imported outside orchestrator/tracking: {offenders}"
+
+
+def test_no_product_file_over_the_limit():
+    long = {
+        name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_benchmarks_are_not_installed_with_the_product():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'include = ["orchestrator*", "trainers*"]' in pyproject
