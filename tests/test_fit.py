@@ -16,6 +16,7 @@ from trainers.data import read_train
 from trainers.fit import EpochReport, TrainingError, fit
 from trainers.folds import make_folds
 from trainers.predict import predict_proba
+from trainers.resume import ResumeError
 
 TINY = dict(
     backbone="resnet10t",
@@ -182,7 +183,7 @@ def test_resume_refuses_a_run_folder_of_another_config(data, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         fit(TrainConfig(**TINY), table, folds, tmp_path / "run", tmp_path / "cache", callback=stop, log=None)
-    with pytest.raises(TrainingError, match="another configuration"):
+    with pytest.raises(ResumeError, match="another configuration"):
         fit(TrainConfig(**{**TINY, "lr": 1e-4}), table, folds, tmp_path / "run", tmp_path / "cache", log=None)
 
 

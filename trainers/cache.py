@@ -28,9 +28,15 @@ CACHE_FORMAT = 2
 _LISTED = 10  # bad files named in one error
 
 
+def foldtune_home() -> Path:
+    """foldtune's node-local folder (FOLDTUNE_CACHE, else ~/.cache/foldtune): image caches, weights, resume
+    states. Node-local on purpose: on a cluster the search storage is shared, and these are per machine."""
+    return Path(os.environ.get("FOLDTUNE_CACHE", Path.home() / ".cache" / "foldtune"))
+
+
 def default_cache_dir() -> Path:
-    """Where decoded-image caches live; shared by every run on the machine (FOLDTUNE_CACHE overrides)."""
-    return Path(os.environ.get("FOLDTUNE_CACHE", Path.home() / ".cache" / "foldtune")) / "images"
+    """Where decoded-image caches live; shared by every run on the machine."""
+    return foldtune_home() / "images"
 
 
 class CacheError(FoldtuneError, RuntimeError):
@@ -167,6 +173,9 @@ def open_cache(path: Path) -> ImageCache:
     return ImageCache(path=path, images=images, paths=paths)
 
 
-def prepare_cache(cfg, table, cache_dir: Path, log=None) -> Path:
-    """Build (or reuse) the cache holding every training image of ``table`` at the config's size and crop."""
-    return build_cache(sorted(table["image_path"]), tuple(cfg.image_size), cache_dir, cfg.crop, log=log)
+def prepare_cache(cfg, table, cache_dir: Path, log=None, workers: int | None = None) -> Path:
+    """Build (or reuse) the cache holding every training image of ``table`` at the config's size and crop;
+    ``workers`` decoding threads (a trial passes its CPU reservation, so it never takes more cores)."""
+    return build_cache(
+        sorted(table["image_path"]), tuple(cfg.image_size), cache_dir, cfg.crop, log=log, workers=workers
+    )

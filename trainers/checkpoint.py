@@ -5,7 +5,8 @@ ensemble (which read them) cannot drift apart. A checkpoint is a plain dict of t
 atomically and loaded with ``weights_only=True`` (no pickled code runs on load):
 
 ``format``, ``state_dict``, ``backbone``, ``head``, ``num_classes``, ``class_names``, ``mean``, ``std``,
-``image_size``, ``crop``, ``fold``, ``epoch``, ``val_f1`` and the run's whole ``config``.
+``image_size``, ``crop``, ``fold``, ``epoch``, ``val_f1``, ``val_probs`` (the fold's out-of-fold
+probabilities at that epoch) and the run's whole ``config``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from trainers.config import TrainConfig
@@ -43,8 +45,14 @@ def save_fold_checkpoint(
     fold: int,
     epoch: int,
     val_f1: float,
+    val_probs: np.ndarray | None = None,
 ) -> Path:
-    """A fold's weights with what is needed to use them anywhere: config, class map, input stats."""
+    """A fold's weights with what is needed to use them anywhere: config, class map, input stats.
+
+    ``val_probs`` (the fold's validation probabilities at this epoch, its out-of-fold predictions) go in
+    the same file, so weights and OOF predictions are written in one atomic step and can never come from
+    different epochs, whenever a run is killed.
+    """
     payload = {
         "format": CHECKPOINT_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -61,6 +69,8 @@ def save_fold_checkpoint(
         "val_f1": float(val_f1),
         "config": cfg.to_dict(),
     }
+    if val_probs is not None:
+        payload["val_probs"] = torch.from_numpy(np.asarray(val_probs, dtype=np.float32))
     return atomic_torch_save(payload, path)
 
 

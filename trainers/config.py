@@ -16,6 +16,7 @@ from trainers.losses import LOSSES
 from trainers.transforms import AUGMENTATIONS, TTA_VIEWS
 
 DEVICES = ("auto", "cpu", "cuda")
+AUGMENT_PLACES = ("auto", "loader", "device")
 
 
 class ConfigError(FoldtuneError, ValueError):
@@ -54,7 +55,11 @@ class TrainConfig:
     )
     tta: tuple[str, ...] = ("hflip",)
     age_edges: tuple[int, int] = (30, 60)
-    num_workers: int = 0
+    num_workers: int = 0  # loader worker processes per fold; they persist for the whole run
+    # where augmentation runs: "loader" (CPU, per image), "device" (batched, on the GPU); auto: device on CUDA
+    augment_on: str = "auto"
+    resume_every_epochs: int = 1  # write the resume state (last.pt) every N epochs ...
+    resume_every_minutes: float = 0.0  # ... or when this many minutes passed since the last one (0: off)
     device: str = "auto"
     amp: bool = True  # CUDA only: bf16 where supported, else fp16 with loss scaling
     channels_last: bool = True  # CUDA only
@@ -108,6 +113,13 @@ class TrainConfig:
         need(self.head in HEADS, "head", f"must be one of {list(HEADS.names())}, got {self.head!r}")
         need(self.loss in LOSSES, "loss", f"must be one of {list(LOSSES.names())}, got {self.loss!r}")
         need(self.device in DEVICES, "device", f"must be one of {list(DEVICES)}, got {self.device!r}")
+        need(
+            self.augment_on in AUGMENT_PLACES,
+            "augment_on",
+            f"must be one of {list(AUGMENT_PLACES)}, got {self.augment_on!r}",
+        )
+        need(int(self.resume_every_epochs) >= 1, "resume_every_epochs", "must be >= 1")
+        need(float(self.resume_every_minutes) >= 0, "resume_every_minutes", "must be >= 0 (0: off)")
         need(
             len(self.image_size) == 2 and all(int(s) >= 16 for s in self.image_size),
             "image_size",

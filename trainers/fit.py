@@ -13,6 +13,7 @@ format), ``run_outputs`` (out-of-fold predictions, metrics files, ``result.json`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -27,19 +28,25 @@ import yaml
 from trainers import cache as image_cache
 from trainers.checkpoint import fold_checkpoint_path, save_fold_checkpoint
 from trainers.config import TrainConfig
+from trainers.device_augment import DeviceAugment
 from trainers.errors import FoldtuneError
-from trainers.fold_state import FoldState, build_fold, predict_validation, seed_everything
-from trainers.io import atomic_torch_save, write_csv_atomic, write_text_atomic
-from trainers.loader import fold_loader
+from trainers.fold_state import (
+    FoldState,
+    build_fold,
+    predict_validation,
+    seed_everything,
+)
+from trainers.io import write_csv_atomic, write_text_atomic
+from trainers.loader import FoldLoader, epoch_seed
 from trainers.metrics import compute_metrics, flat_scalars
 from trainers.models import apply_freeze_train_mode
 from trainers.predict import autocast_for, pick_device
+from trainers.resume import RESUME_STATE, Progress, load_resume_state, resume_state_due, save_resume_state
 from trainers.run_outputs import write_out_of_fold, write_result
 from trainers.transforms import normalize_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESUME_STATE = "last.pt"
 
 
 class TrainingError(FoldtuneError, RuntimeError):
@@ -88,16 +95,6 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
-@dataclass
-class _Progress:
-    """The run's bookkeeping across epochs (saved in the resume state)."""
-
-    history: list[dict] = field(default_factory=list)
-    best_mean_f1: float = -1.0
-    best_mean_epoch: int = 0
-    last_epoch: int = 0
-
-
 def fit(
     cfg: TrainConfig,
     table: pd.DataFrame,
@@ -107,8 +104,13 @@ def fit(
     resolved_weights=None,
     callback: Callable[[EpochReport], None] | None = None,
     log: Callable[[str], None] | None = print,
+    resume_dir: Path | None = None,
 ) -> FitResult:
-    """Train ``cfg`` on all k folds in lockstep; see the module docstring for what is written where."""
+    """Train ``cfg`` on all k folds in lockstep; see the module docstring for what is written where.
+
+    ``resume_dir`` holds the resume state (default: the run folder); a search puts it on node-local disk,
+    so k models and their optimizer states are not written to shared storage every few epochs.
+    """
     log = log or (lambda message: None)
     run_dir = Path(run_dir).absolute()
     for sub in ("checkpoints", "metrics", "plots"):
@@ -118,7 +120,8 @@ def fit(
     mean, std = input_stats(resolved_weights)
 
     data = join_folds(table, folds, cfg.k)
-    cache_path = image_cache.prepare_cache(cfg, data, cache_dir, log=log)
+    # decoding threads within this run's CPU share (a search sets torch's threads to the trial's CPUs)
+    cache_path = image_cache.prepare_cache(cfg, data, cache_dir, log=log, workers=torch.get_num_threads())
     cache = image_cache.open_cache(cache_path)
     write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
     write_csv_atomic(data[["rel_path", "person_id", "fold"]], run_dir / "folds.csv")
@@ -129,15 +132,27 @@ def fit(
         f"{cfg.backbone}: {freeze.trainable_params:,} of {freeze.total_params:,} parameters trainable "
         f"(freeze_depth {cfg.freeze_depth}); {cfg.k} folds on {device.type}"
     )
-    resume_path = run_dir / RESUME_STATE
-    progress = _load_resume_state(resume_path, fold_states, cfg, run_dir, log)
+    resume_path = Path(resume_dir or run_dir).absolute() / RESUME_STATE
+    progress = load_resume_state(resume_path, fold_states, cfg, run_dir, log)
+    on_device = augment_on_device(cfg, device)
+    loaders = [
+        FoldLoader(
+            cache_path, f.train_rows, f.train_labels, cfg, f.index, device, augment_on_loader=not on_device
+        )
+        for f in fold_states
+    ]
+    device_augment = DeviceAugment(cfg.augment) if on_device else None
+    last_saved = (progress.last_epoch, time.monotonic())
 
     status, message, epoch = "completed", f"trained {cfg.epochs} epochs", progress.last_epoch
     for epoch in range(progress.last_epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
         fold_metrics = []
         for fold_state in fold_states:
-            outcome = _train_and_validate(fold_state, cfg, cache_path, cache, device, mean, std, epoch)
+            if device_augment is not None:
+                device_augment.reseed(epoch_seed(cfg, fold_state.index, epoch))
+            batches = loaders[fold_state.index].epoch(epoch)
+            outcome = _train_and_validate(fold_state, cfg, batches, device_augment, cache, device, mean, std)
             if outcome.scalars is None:
                 status = "diverged"
                 message = (
@@ -161,11 +176,14 @@ def fit(
                     fold_state.index,
                     epoch,
                     fold_state.best_f1,
+                    val_probs=fold_state.best_probs,
                 )
         if status == "diverged":
             break
         report = _end_epoch(progress, fold_metrics, epoch, run_dir, time.perf_counter() - started)
-        _save_resume_state(resume_path, fold_states, cfg, progress)
+        if resume_state_due(cfg, epoch, last_saved):
+            save_resume_state(resume_path, fold_states, cfg, progress)
+            last_saved = (epoch, time.monotonic())
         _log_epoch(log, cfg, report)
         if callback is not None:
             callback(report)
@@ -190,6 +208,9 @@ def fit(
     if status != "diverged":
         write_out_of_fold(fold_states, data, cfg, cache, device, mean, std, run_dir, result)
         resume_path.unlink(missing_ok=True)
+        if resume_path.parent != run_dir:
+            with contextlib.suppress(OSError):  # its own folder goes too, unless something else is in it
+                resume_path.parent.rmdir()
     write_result(result, cfg, run_dir)
     log(f"{status}: {message}; OOF macro F1 {result.oof_f1:.4f} (TTA {result.oof_f1_tta:.4f})")
     return result
@@ -265,26 +286,6 @@ def _build_folds(cfg: TrainConfig, data: pd.DataFrame, cache, device, resolved_w
     return states
 
 
-def _load_resume_state(
-    path: Path, folds: list[FoldState], cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]
-) -> _Progress:
-    """Continue after the last finished epoch when ``last.pt`` is there; a fresh start otherwise."""
-    if not path.exists():
-        return _Progress()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["config"] != cfg.to_dict():
-        raise TrainingError(f"{run_dir} holds a run of another configuration; use a new run folder")
-    for fold_state, saved in zip(folds, state["folds"], strict=True):
-        fold_state.model.load_state_dict(saved["model"])
-        fold_state.optimizer.load_state_dict(saved["optimizer"])
-        fold_state.scheduler.load_state_dict(saved["scheduler"])
-        fold_state.scaler.load_state_dict(saved["scaler"])
-        fold_state.best_f1, fold_state.best_epoch = saved["best_f1"], saved["best_epoch"]
-        fold_state.best_probs = saved["best_probs"].numpy() if saved["best_probs"] is not None else None
-    log(f"resuming {run_dir.name} after epoch {state['epoch']}")
-    return _Progress(state["history"], state["best_mean_f1"], state["best_mean_epoch"], state["epoch"])
-
-
 # --- one epoch --------------------------------------------------------------------------------------------
 
 
@@ -298,13 +299,12 @@ class _FoldEpoch:
 
 
 def _train_and_validate(
-    fold: FoldState, cfg: TrainConfig, cache_path: Path, cache, device, mean, std, epoch: int
+    fold: FoldState, cfg: TrainConfig, batches, augment, cache, device, mean, std
 ) -> _FoldEpoch:
-    """Train one fold for one epoch and score its validation images."""
+    """Train one fold for one epoch on ``batches`` and score its validation images."""
     channels_last = cfg.channels_last and device.type == "cuda"
-    loader = fold_loader(cache_path, fold.train_rows, fold.train_labels, cfg, fold.index, epoch, device)
     try:
-        train_loss = train_one_epoch(fold, cfg, loader, device, mean, std, channels_last)
+        train_loss = train_one_epoch(fold, cfg, batches, device, mean, std, channels_last, augment)
         probs = predict_validation(fold, cfg, cache.images, device, mean, std)
     except torch.OutOfMemoryError:
         raise _oom_error(cfg) from None
@@ -324,31 +324,47 @@ def train_one_epoch(
     mean,
     std,
     channels_last: bool,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """One pass over ``batches`` (uint8 NHWC images, labels); returns the mean loss (nan/inf if it diverged).
+    """One pass over ``batches`` (uint8 NHWC images, labels); the mean loss (nan/inf if it diverged).
 
-    ``fit`` passes ``trainers.loader.fold_loader``; any iterable of batches works, which is how ``make
-    bench`` times this same step on in-memory batches and on other loaders.
+    ``fit`` passes its ``FoldLoader``'s epoch; any iterable of batches works, which is how ``make bench``
+    times this same step on in-memory batches and on other loaders. ``augment`` (device augmentation)
+    runs on the batch once it is on the device.
+
+    No host sync per step: the loss is summed on the device and read once, at the end of the epoch (a
+    ``loss.item()`` per step makes the CPU wait for the GPU to drain, so the next batch is queued late).
+    A non-finite loss is therefore found at the end of the epoch; the run then ends as "diverged".
     """
     model = fold.model
     model.train()
     apply_freeze_train_mode(model, fold.freeze)
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for images, targets in batches:
-        x = normalize_batch(images.to(device, non_blocking=True), mean, std, channels_last)
+        images = images.to(device, non_blocking=True)
+        if augment is not None:
+            images = augment(images)
+        x = normalize_batch(images, mean, std, channels_last)
         y = targets.to(device, non_blocking=True)
         with autocast_for(device, cfg.amp):
             loss = fold.criterion(model(x), y)
-        if not torch.isfinite(loss):
-            return float(loss.item())
         fold.optimizer.zero_grad(set_to_none=True)
         fold.scaler.scale(loss).backward()
         fold.scaler.step(fold.optimizer)
         fold.scaler.update()
         fold.scheduler.step()
-        total += float(loss.item()) * len(y)
+        total += loss.detach().double() * len(y)
         count += len(y)
-    return total / max(1, count)
+    return float(total.item()) / max(1, count)
+
+
+def augment_on_device(cfg: TrainConfig, device: torch.device) -> bool:
+    """Where augmentation runs: ``augment_on`` as configured; ``auto`` means on the GPU when training on
+    one (the CPU then only slices cached batches), on the loader otherwise."""
+    if cfg.augment_on == "auto":
+        return device.type == "cuda"
+    return cfg.augment_on == "device"
 
 
 def _oom_error(cfg: TrainConfig) -> TrainingError:
@@ -364,7 +380,7 @@ def _oom_error(cfg: TrainConfig) -> TrainingError:
 
 
 def _end_epoch(
-    progress: _Progress, fold_metrics: list[dict[str, float]], epoch: int, run_dir: Path, seconds: float
+    progress: Progress, fold_metrics: list[dict[str, float]], epoch: int, run_dir: Path, seconds: float
 ) -> EpochReport:
     """Mean over folds, best-so-far, ``metrics/epochs.csv``; the report the callback receives."""
     mean_metrics = {key: float(np.mean([m[key] for m in fold_metrics])) for key in fold_metrics[0]}
@@ -377,31 +393,6 @@ def _end_epoch(
     write_csv_atomic(pd.DataFrame(progress.history), run_dir / "metrics" / "epochs.csv")
     return EpochReport(
         epoch, mean_metrics, fold_metrics, progress.best_mean_f1, progress.best_mean_epoch, run_dir, seconds
-    )
-
-
-def _save_resume_state(path: Path, folds: list[FoldState], cfg: TrainConfig, progress: _Progress) -> None:
-    atomic_torch_save(
-        {
-            "epoch": progress.last_epoch,
-            "config": cfg.to_dict(),
-            "history": progress.history,
-            "best_mean_f1": progress.best_mean_f1,
-            "best_mean_epoch": progress.best_mean_epoch,
-            "folds": [
-                {
-                    "model": f.model.state_dict(),
-                    "optimizer": f.optimizer.state_dict(),
-                    "scheduler": f.scheduler.state_dict(),
-                    "scaler": f.scaler.state_dict(),
-                    "best_f1": f.best_f1,
-                    "best_epoch": f.best_epoch,
-                    "best_probs": torch.from_numpy(f.best_probs) if f.best_probs is not None else None,
-                }
-                for f in folds
-            ],
-        },
-        path,
     )
 
 

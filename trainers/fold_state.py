@@ -10,6 +10,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from trainers.heads import build_loss
 from trainers.labels import NUM_CLASSES
 from trainers.losses import class_balanced_alpha
 from trainers.models import build_model, freeze_stages
-from trainers.predict import predict_proba
+from trainers.predict import amp_dtype, predict_proba
 
 
 @dataclass
@@ -117,7 +118,7 @@ def build_fold(
         optimizer,
         cosine_with_warmup(int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch),
     )
-    fp16 = use_cuda and cfg.amp and not torch.cuda.is_bf16_supported()
+    fp16 = amp_dtype(device, cfg.amp) == torch.float16
     empty = np.zeros(0, dtype=np.int64)
     return FoldState(
         index=index,
@@ -153,3 +154,21 @@ def predict_validation(
         amp=cfg.amp,
         channels_last=cfg.channels_last and device.type == "cuda",
     )
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What of a model's state training can change: everything but its frozen parameters, which stay as
+    built (a resume state needs no copy of them, and they are most of a frozen backbone)."""
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    return {name: value for name, value in model.state_dict().items() if name not in frozen}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load a ``trainable_state``; anything missing must be a frozen parameter of the model as built."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    wrong = sorted(set(missing) - frozen) + sorted(unexpected)
+    if wrong:
+        raise RuntimeError(
+            f"{source} does not fit this model ({', '.join(wrong[:5])}); start a new run folder"
+        )

@@ -9,12 +9,19 @@ rename stays on one filesystem and is atomic.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from trainers.errors import FoldtuneError
+
+
+class DiskFullError(FoldtuneError, OSError):
+    """The disk filled up while writing a file; the old version of the file is intact."""
 
 
 def _default_file_mode() -> int:
@@ -46,9 +53,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
             os.fsync(handle.fileno())
         os.chmod(tmp_name, _FILE_MODE)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = "the previous version is kept" if path.exists() else "nothing was written"
+            raise DiskFullError(
+                f"no space left on the disk of {path.parent} while writing {path.name} ({kept}); free space "
+                "there (or move the folder) and run the same command again to continue"
+            ) from None
         raise
 
 

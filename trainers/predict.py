@@ -30,12 +30,22 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device, amp: bool):
-    """bf16 autocast where the GPU supports it, else fp16; nothing on the CPU (plain fp32 there)."""
+def amp_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
+    """The autocast dtype: bf16 where the GPU computes it natively (Ampere and later), else fp16 (which
+    needs loss scaling: see ``fold_state.build_fold``); None on the CPU or without AMP (plain fp32).
+
+    ``including_emulation=False``: plain ``is_bf16_supported()`` is True on V100/T4 too, where bf16 is
+    emulated and slower than fp32.
+    """
     if device.type != "cuda" or not amp:
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def autocast_for(device: torch.device, amp: bool):
+    """Autocast in ``amp_dtype``; nothing on the CPU (plain fp32 there)."""
+    dtype = amp_dtype(device, amp)
+    return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
 @torch.no_grad()

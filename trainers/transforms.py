@@ -8,6 +8,7 @@ tensor ops, so they run on the GPU beside the model.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -53,10 +54,16 @@ def normalize_batch(
 ) -> torch.Tensor:
     """uint8 NHWC -> float NCHW normalised with the backbone's mean/std (on whatever device batch is on)."""
     x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    mean_t, std_t = _stats_on(x.device, tuple(mean), tuple(std))
     x = (x - mean_t) / std_t
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _stats_on(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]):
+    """The normalisation constants on ``device``, made once (not a host-to-device copy every batch)."""
+    as_tensor = functools.partial(torch.tensor, device=device, dtype=torch.float32)
+    return as_tensor(mean).view(1, -1, 1, 1), as_tensor(std).view(1, -1, 1, 1)
 
 
 def _zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
