@@ -44,6 +44,16 @@ STALLED = {"backbone": "resnet10t", "lr": 1e-9, "focal_gamma": 1.0, "freeze_dept
 EXPLODING = {"backbone": "lcnet_050", "lr": 1e6, "focal_gamma": 1.0, "freeze_depth": 0}  # NaN at once
 
 
+def resume_states(search_dir: Path) -> list[str]:
+    """Trials with a resume state (``last.pt``, on node-local disk, see trainers.resume)."""
+    from trainers.resume import RESUME_STATE, local_resume_dir
+
+    trials = search_dir / "trials"
+    if not trials.is_dir():
+        return []
+    return [d.name for d in trials.iterdir() if (local_resume_dir(d) / RESUME_STATE).exists()]
+
+
 def space_dict(epochs: int = 2, **changes) -> dict:
     """A tiny search over the four core parameters; trials run one at a time so ASHA's view is fixed."""
     raw = {
@@ -306,7 +316,7 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, demo_table, t
         "fold1.pt",
     ]
     assert not (search_dir / "trials" / stalled / "checkpoints").exists()  # keep_top 1
-    assert not list((search_dir / "trials").glob("*/last.pt"))
+    assert not resume_states(search_dir)  # the trials' node-local resume states are gone too
     assert pd.read_csv(search_dir / "leaderboard.csv", dtype={"trial_id": str})["trial_id"].tolist() == [
         good,
         stalled,
@@ -423,7 +433,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, demo_root, tracking_uri):
             done = [
                 i for i, s in snapshot_statuses(search_dir / EXPERIMENT_DIRNAME).items() if s == "TERMINATED"
             ]
-            midway = [p.parent.name for p in (search_dir / "trials").glob("*/last.pt")]
+            midway = resume_states(search_dir)
             if done and midway:
                 break
             time.sleep(0.1)
@@ -504,7 +514,7 @@ def test_search_survives_losing_a_node(tmp_path, demo_root, tracking_uri):
     def kill_worker_when_both_trials_train() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed.is_set():
-            if len(list((search_dir / "trials").glob("*/last.pt"))) >= 2:
+            if len(resume_states(search_dir)) >= 2:
                 cluster.remove_node(worker)
                 killed.set()
                 return

@@ -13,14 +13,17 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from orchestrator.search.constants import FOLDS_FILE, METRIC, STATE_ORDER, STOPPED_EARLY, TIME_ATTR
+from orchestrator.search.closing import interrupted_line
+from orchestrator.search.constants import ASHA_STATE, FOLDS_FILE, METRIC, STATE_ORDER, TIME_ATTR
 from orchestrator.search.plots import plot_study
+from orchestrator.search.stopping import EarlyStops
 from orchestrator.space import SearchSpace
 from orchestrator.tracking.search_runs import log_parent_results, mark_checkpoints_deleted
 from orchestrator.tracking.store import SearchTracking
@@ -41,6 +44,25 @@ class SearchSummary:
     disk_bytes: int
     tracking_uri: str
     finished: bool = True  # False when the search was interrupted and can be resumed
+    trials_planned: int = 0  # the space's number of trials (0: as many as the leaderboard has)
+
+    def problem(self) -> str | None:
+        """None when the search finished with a usable trial; else the one line that says why not (the
+        search was interrupted, or every trial failed, or none finished)."""
+        states = self.leaderboard["state"].tolist() if "state" in self.leaderboard else []
+        ended = sum(state != "unfinished" for state in states)
+        if not self.finished:
+            return interrupted_line(self.name, ended, self.trials_planned or len(states))
+        if any(state in ("completed", "stopped_early") for state in states):
+            return None
+        failed = self.leaderboard[self.leaderboard["state"] == "failed"] if states else self.leaderboard
+        if len(failed):
+            first = failed.sort_values("trial_id").iloc[0]
+            return (
+                f"search '{self.name}': every trial failed: first error ({first['trial_id']}) "
+                f"{first['error'] or 'unknown'}; see {self.search_dir / 'leaderboard.csv'}"
+            )
+        return f"search '{self.name}': no trial finished; see {self.search_dir}"
 
     def report(self, rows: int = 10) -> str:
         columns = [c for c in self.leaderboard.columns if c not in ("run_dir", "error", "best_epoch")]
@@ -62,7 +84,7 @@ def summarize(
     results, space: SearchSpace, search_dir: Path, tracking: SearchTracking, parent_run_id: str
 ) -> SearchSummary:
     """Leaderboard, ``summary.json``, plots and the parent run's results, from Tune's results and run dirs."""
-    rows = trial_rows(results, space, search_dir)
+    rows = trial_rows(results, space, search_dir, EarlyStops(search_dir / ASHA_STATE))
     finished = all(r["state"] != "unfinished" for r in rows) and len(rows) >= space.trials
     kept = _prune_checkpoints(rows, space.keep_top, tracking, parent_run_id) if finished else None
     leaderboard = pd.DataFrame([{k: v for k, v in r.items() if k != "config"} for r in rows])
@@ -84,6 +106,7 @@ def summarize(
         disk_bytes=disk,
         tracking_uri=tracking.tracking_uri,
         finished=finished,
+        trials_planned=space.trials,
     )
     write_csv_atomic(leaderboard, search_dir / "leaderboard.csv")
     payload = {
@@ -119,8 +142,11 @@ def summarize(
     return summary
 
 
-def trial_rows(results, space: SearchSpace, search_dir: Path) -> list[dict[str, Any]]:
-    """One row per trial, its state read from Tune's result and fit's ``result.json``, best first."""
+def trial_rows(
+    results, space: SearchSpace, search_dir: Path, early_stops: Collection[str] = ()
+) -> list[dict[str, Any]]:
+    """One row per trial, best first; its state from Tune's result (an error), fit's ``result.json`` (it
+    finished) and ``early_stops``, the scheduler's record of the trials it stopped early."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
@@ -133,7 +159,7 @@ def trial_rows(results, space: SearchSpace, search_dir: Path) -> list[dict[str, 
             state = "failed"
         elif fit_result.get("status") in ("completed", "early_stopped"):  # fit wrote its results
             state = "completed"
-        elif metrics.get(STOPPED_EARLY):
+        elif trial_id in early_stops:
             state = "stopped_early"
         else:  # Ray's "done" flag is not kept in its snapshots, so a restored search cannot use it
             state = "unfinished"
@@ -168,13 +194,18 @@ def _prune_checkpoints(
     rows: list[dict], keep_top: int, tracking: SearchTracking, parent_run_id: str
 ) -> set[str]:
     """Bounded disk: trials outside the best ``keep_top`` lose their checkpoints; none keeps ``last.pt``."""
+    from trainers.resume import RESUME_STATE, local_resume_dir  # torch: only once the search is over
+
     ranked = [r for r in rows if r["state"] in ("completed", "stopped_early") and math.isfinite(r["best_f1"])]
     kept = {r["trial_id"] for r in ranked[:keep_top]}
     for row in rows:
         run_dir = Path(row["run_dir"])
         if row["state"] != "failed":
             # the resume state of a stopped trial: never resumed now
-            (run_dir / "last.pt").unlink(missing_ok=True)
+            resume_dir = local_resume_dir(run_dir)
+            (resume_dir / RESUME_STATE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                resume_dir.rmdir()
         checkpoints = run_dir / "checkpoints"
         if row["trial_id"] in kept or not checkpoints.exists():
             continue

@@ -3,9 +3,10 @@
 This is the only room that runs inside Ray's trial processes; everything it needs arrives prepared in a
 ``TrialContext`` (data, folds, cache folder, resolved weights), so a trial never reads the data root or
 the network. Each epoch is reported with mean-over-folds validation macro F1 (so ASHA compares trials at
-equal epochs) and a tiny marker checkpoint: the real resume state is fit's own ``last.pt``. A trial whose
-fit already finished (its driver was killed before recording it) reports the final epoch again instead of
-retraining.
+equal epochs) and a tiny marker checkpoint: the real resume state is fit's own ``last.pt``, kept on the
+node's local disk (``trainers.resume.local_resume_dir``), not in the run folder on shared storage. A
+trial whose fit already finished (its driver was killed before recording it) reports the final epoch
+again instead of retraining.
 
 Trials packed onto one GPU (``resources.gpu`` below 1, e.g. 0.5 for two per GPU) each cap PyTorch's
 allocator at their share of that GPU's memory (``limit_gpu_memory``), so one trial cannot starve the other.
@@ -49,6 +50,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     import torch
 
     from trainers.fit import fit
+    from trainers.resume import local_resume_dir
 
     torch.set_num_threads(max(1, int(context.space.cpus_per_trial)))
     # one "Checkpoint successfully created" line per epoch and trial would drown the epoch lines
@@ -77,6 +79,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         resolved_weights=context.weights.get(cfg.backbone),
         callback=report_epoch,
         log=log,
+        resume_dir=local_resume_dir(run_dir),
     )
     if result.status == "diverged":
         raise TrialFailed(result.message)
