@@ -13,8 +13,15 @@ median, the repeats interleaved so a burst of load hits every variant alike.
 - ``overhead``: a search of N trials (Ray Tune + Optuna + MLflow, one trial at a time) against the same
   trials' ``fit`` run bare in one process.
 - ``asha``: the same space and seed with and without ASHA: epochs trained and best mean CV macro F1.
+- ``ceiling``: fit's loop (``FoldLoader`` epoch + step + epoch writes) with a null model, images/s per CPU
+  core with augmentation on the loader and on the device, against published GPU training rates per trial.
+- ``checkpoint`` (opt-in: ``--only checkpoint``): bytes and seconds of one epoch's checkpoint writes per
+  default backbone, the old resume state (every epoch, whole models) against the new one.
 - ``gpu``: AMP + channels_last vs fp32 vs compute-only, and two processes sharing one GPU vs one process;
   skipped with a note when no CUDA device is visible.
+
+``python -m benchmarks.gpu_device`` (``make bench-gpu``) is the GPU machine's own script: it imports only
+``trainers`` (no Ray, Optuna, MLflow or ``orchestrator``), and neither does this file.
 
 Data: ``--data``, else ``$FOLDTUNE_BENCH_DATA``, else demo data generated into a temporary folder.
 
@@ -23,8 +30,9 @@ through the public functions of ``trainers`` and ``orchestrator`` (``trainers.fi
 one training step, fed by whichever batches a section measures), so the bench measures what ``fit`` runs.
 
 The rooms: ``settings`` (settings, CLI, small figures), ``data`` (data root, person subset, cache builds),
-``input``, ``memory``, ``search`` (overhead and asha), ``gpu``, ``report`` (targets, table, JSON) and
-``run`` (the driver behind ``python -m benchmarks``).
+``input``, ``memory``, ``search`` (overhead and asha), ``ceiling``, ``checkpoint_io``, ``gpu``, ``report``
+(targets, table, JSON), ``reference`` (published GPU rates, the default space's figures), ``run`` (the
+driver behind ``python -m benchmarks``), and ``gpu_device`` with ``gpu_device_rig`` and ``gpu_device_report``.
 """
 
 from __future__ import annotations

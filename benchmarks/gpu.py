@@ -2,7 +2,8 @@
 sharing one GPU vs one; skipped with a note when no CUDA device is visible.
 
 Every figure is an :class:`benchmarks.input.InputRig` measurement: ``trainers.fit.train_one_epoch`` fed by
-batches in memory (compute only) or by fit's own loader on the cache.
+batches in memory (compute only) or by fit's own loader (``FoldLoader``) on the cache, with augmentation
+where fit puts it (on CUDA: on the device). ``python -m benchmarks.gpu_device`` is the fuller GPU bench.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import pandas as pd
 import torch
 
 from benchmarks.data import build_cache_timed
-from benchmarks.input import InputRig, has_no_step_sync_hook
+from benchmarks.input import InputRig
 from benchmarks.memory import collect_reports
 from benchmarks.settings import WORKER_TIMEOUT_S, BenchError, BenchSettings, ratio, summarize_runs
 from trainers.config import TrainConfig
+from trainers.fit import augment_on_device
 
 
 def _gpu_train_worker(
@@ -147,15 +149,10 @@ def bench_gpu(
     runs: dict[str, list[float]] = {
         f"{v}_{kind}": [] for v in variants for kind in ("compute_only", "cached")
     }
-    runs["amp_channels_last_compute_only_no_step_sync"] = []
-    if not has_no_step_sync_hook():
-        log("gpu: no-step-sync figure n/a: trainers.fit.train_one_epoch cannot skip its per-step syncs")
     waits: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(settings.repeats):
         for name, rig in rigs.items():
             runs[f"{name}_compute_only"].append(rig.compute_only())
-            if name == "amp_channels_last":
-                runs[f"{name}_compute_only_no_step_sync"].append(rig.compute_only(sync_each_step=False))
             rate, wait_share = rig.cached_epoch(settings.gpu_batches, repeat + 1)
             runs[f"{name}_cached"].append(rate)
             waits[name].append(wait_share)
@@ -179,6 +176,7 @@ def bench_gpu(
             "batch_size": settings.gpu_batch_size,
             "num_workers": settings.gpu_workers,
             "images_per_measurement": n_images,
+            "augment_on": "device" if augment_on_device(configs["amp_channels_last"], device) else "loader",
         },
         "cache_build_seconds": build_seconds,
         "images_per_second": {name: summarize_runs(values) for name, values in runs.items()},
@@ -192,17 +190,6 @@ def bench_gpu(
                 ratio(b, a)
                 for a, b in zip(
                     runs["amp_channels_last_compute_only"], runs["amp_channels_last_cached"], strict=True
-                )
-            ]
-        ),
-        # what fit's two host-GPU syncs per step cost: compute-only speed without them / with them
-        "no_step_sync_speedup": summarize_runs(
-            [
-                ratio(b, a)
-                for a, b in zip(
-                    runs["amp_channels_last_compute_only"],
-                    runs["amp_channels_last_compute_only_no_step_sync"],
-                    strict=True,
                 )
             ]
         ),

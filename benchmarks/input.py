@@ -1,15 +1,18 @@
 """Section ``input``: is the training step ever left waiting for its batches?
 
 Every training figure here is ``trainers.fit.train_one_epoch`` (the step ``fit`` runs) fed by a different
-iterable of batches: (a) batches already in memory, (b) fit's own loader (``trainers.loader.fold_loader``,
-built per epoch as fit builds it) on the decode-once cache, (c) a seed-style loader that decodes every JPEG
-every epoch. Each feed is wrapped in :class:`TimedBatches`, which counts the images trained and times how
-long the step waited for each batch.
+iterable of batches: (a) batches already in memory, (b) fit's own loader (``trainers.loader.FoldLoader``,
+built once per fold for the whole run and asked for ``.epoch(e)`` each epoch, as fit does) on the decode-once
+cache, (c) a seed-style loader that decodes every JPEG every epoch. Each feed is wrapped in
+:class:`TimedBatches`, which counts the images trained and times how long the step waited for each batch.
+
+Augmentation runs where fit would run it (``trainers.fit.augment_on_device``): on the loader on the CPU, on
+the device (``trainers.device_augment.DeviceAugment``, applied inside the step) on CUDA unless the config
+says otherwise.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import time
@@ -28,18 +31,11 @@ from benchmarks.data import build_cache_timed
 from benchmarks.settings import BenchSettings, ratio, summarize_runs
 from trainers import cache as image_cache
 from trainers.config import TrainConfig
-from trainers.fit import input_stats, train_one_epoch
+from trainers.device_augment import DeviceAugment
+from trainers.fit import augment_on_device, input_stats, train_one_epoch
 from trainers.fold_state import FoldState, build_fold, seed_everything
-from trainers.loader import SeededShuffle, fold_loader
+from trainers.loader import FoldLoader, SeededShuffle, epoch_seed
 from trainers.transforms import train_pipeline
-
-# the keyword of train_one_epoch that would skip its per-step host-GPU syncs (the gpu section's
-# no-step-sync figure); the trainer does not take it yet, and without it that figure is n/a
-NO_STEP_SYNC_HOOK = "sync_each_step"
-
-
-def has_no_step_sync_hook() -> bool:
-    return NO_STEP_SYNC_HOOK in inspect.signature(train_one_epoch).parameters
 
 
 class TimedBatches:
@@ -138,7 +134,11 @@ def drain(loader: Iterable) -> int:
 
 @dataclass
 class InputRig:
-    """What the input measurements share: one config, one fold state, one cache and the same images."""
+    """What the input measurements share: one config, one fold state, one cache and the same images.
+
+    fit's loaders (``FoldLoader``) are built once per image count and worker count, outside every timed
+    region, and their first epoch is read untimed: worker start-up happens once per run in fit too.
+    """
 
     cfg: TrainConfig
     device: torch.device
@@ -148,6 +148,8 @@ class InputRig:
     paths: list[str]  # the same images' files, for the seed-style loader
     fold: FoldState
     memory_batches: list = field(default_factory=list)
+    loaders: dict[tuple[int, int], FoldLoader] = field(default_factory=dict)
+    augment: DeviceAugment | None = None  # device augmentation, when fit would augment on the device
 
     @classmethod
     def build(
@@ -167,57 +169,65 @@ class InputRig:
         chosen_labels = np.asarray(labels, dtype=np.int64)[order]
         rows = cache.rows(chosen_paths)
         fold = make_fold(cfg, rows, chosen_labels, device)
-        return cls(cfg, device, cache_path, rows, chosen_labels, chosen_paths, fold)
+        augment = DeviceAugment(cfg.augment, cfg.seed) if augment_on_device(cfg, device) else None
+        return cls(cfg, device, cache_path, rows, chosen_labels, chosen_paths, fold, augment=augment)
 
     def _first(self, n_images: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         return self.rows[:n_images], self.labels[:n_images], self.paths[:n_images]
 
-    def train(self, batches: Iterable, **hook: Any) -> TimedBatches:
+    def train(self, batches: Iterable, epoch: int = 0) -> TimedBatches:
         """One ``train_one_epoch`` over ``batches``, as fit calls it (random init: ImageNet mean/std)."""
         timed = TimedBatches(batches)
         mean, std = input_stats(None)
         channels_last = self.cfg.channels_last and self.device.type == "cuda"
-        train_one_epoch(self.fold, self.cfg, timed, self.device, mean, std, channels_last, **hook)
+        if self.augment is not None:  # fit reseeds its device augmentation per fold and epoch
+            self.augment.reseed(epoch_seed(self.cfg, self.fold.index, epoch))
+        train_one_epoch(self.fold, self.cfg, timed, self.device, mean, std, channels_last, self.augment)
         return timed
 
-    def loader(self, cfg: TrainConfig, n_images: int, epoch: int) -> DataLoader:
-        """fit's loader of this fold in ``epoch`` over the first ``n_images`` measured images."""
-        rows, labels, _ = self._first(n_images)
-        return fold_loader(self.cache_path, rows, labels, cfg, self.fold.index, epoch, self.device)
+    def loader(self, cfg: TrainConfig, n_images: int) -> FoldLoader:
+        """fit's loader of this fold over the first ``n_images`` measured images, built once (untimed)."""
+        key = (n_images, cfg.num_workers)
+        if key not in self.loaders:
+            rows, labels, _ = self._first(n_images)
+            loader = FoldLoader(
+                self.cache_path,
+                rows,
+                labels,
+                cfg,
+                self.fold.index,
+                self.device,
+                augment_on_loader=self.augment is None,
+            )
+            drain(loader.epoch(0))  # start the (persistent) workers and read the pages once
+            self.loaders[key] = loader
+        return self.loaders[key]
 
     def warm_up(self, train_batches: int) -> None:
-        """Run the first (slow) steps untimed and keep real augmented batches in memory for (a)."""
-        loader = self.loader(replace(self.cfg, num_workers=0), train_batches * self.cfg.batch_size, 0)
+        """Run the first (slow) steps untimed and keep real batches in memory for (a): augmented when the
+        loader augments, as cached when the device does (the step then augments them, as in fit)."""
+        loader = self.loader(replace(self.cfg, num_workers=0), train_batches * self.cfg.batch_size)
         pin = self.device.type == "cuda"  # as the loader's pin_memory would
         self.memory_batches = [
-            (images.pin_memory() if pin else images, targets) for images, targets in loader
+            (images.pin_memory() if pin else images, targets) for images, targets in loader.epoch(0)
         ]
         self.train(self.memory_batches[:3])
 
-    def compute_only(self, sync_each_step: bool = True) -> float:
-        """(a) the training step alone on batches already in memory: what no loader can beat.
-
-        fit reads the loss back every step (``torch.isfinite`` before backward, ``loss.item()`` after),
-        which makes the host wait for the GPU twice a step; ``sync_each_step=False`` asks the trainer to
-        skip those waits, to measure what they cost. nan when the trainer has no such hook.
-        """
-        if sync_each_step:
-            return timed_rate(self.device, lambda: self.train(self.memory_batches).images)
-        if not has_no_step_sync_hook():
-            return float("nan")
-        hook = {NO_STEP_SYNC_HOOK: False}
-        return timed_rate(self.device, lambda: self.train(self.memory_batches, **hook).images)
+    def compute_only(self) -> float:
+        """(a) the training step alone on batches already in memory: what no loader can beat."""
+        return timed_rate(self.device, lambda: self.train(self.memory_batches).images)
 
     def cached_epoch(self, train_batches: int, epoch: int) -> tuple[float, float]:
-        """(b) fit's epoch: its loader (built per epoch, as fit does) on the cache, feeding its step.
+        """(b) fit's epoch: its loader's ``epoch(epoch)`` on the cache, feeding its step.
 
         Returns images/s and the share of the epoch the loop spent waiting for its loader: a figure taken
         inside one run, so unlike (b)/(a) it does not move with the load of other processes.
         """
+        loader = self.loader(self.cfg, train_batches * self.cfg.batch_size)
         fed: list[TimedBatches] = []
 
         def run() -> int:
-            fed.append(self.train(self.loader(self.cfg, train_batches * self.cfg.batch_size, epoch)))
+            fed.append(self.train(loader.epoch(epoch), epoch))
             return fed[-1].images
 
         started = time.perf_counter()
@@ -226,15 +236,15 @@ class InputRig:
         return rate, sum(fed[-1].waits) / seconds
 
     def seed_style_train(self, train_batches: int, epoch: int) -> float:
-        """(c) the same training step fed by the seed-style loader."""
+        """(c) the same training step fed by the seed-style loader (built per epoch, as the seed did)."""
         _, labels, paths = self._first(train_batches * self.cfg.batch_size)
         loader = seed_style_loader(self.cfg, paths, labels, self.device, epoch)
-        return timed_rate(self.device, lambda: self.train(loader).images)
+        return timed_rate(self.device, lambda: self.train(loader, epoch).images)
 
     def cached_loader_only(self, loader_batches: int, epoch: int) -> float:
-        """(b)'s loader alone: images/s the decode-once cache + augmentations can deliver."""
-        loader = self.loader(self.cfg, loader_batches * self.cfg.batch_size, epoch)
-        return timed_rate(torch.device("cpu"), lambda: drain(loader))
+        """(b)'s loader alone: images/s the decode-once cache (+ loader augmentation) can deliver."""
+        loader = self.loader(self.cfg, loader_batches * self.cfg.batch_size)
+        return timed_rate(torch.device("cpu"), lambda: drain(loader.epoch(epoch)))
 
     def seed_loader_only(self, loader_batches: int, epoch: int) -> float:
         """(c)'s loader alone: images/s of decoding every JPEG every epoch + the same augmentations."""

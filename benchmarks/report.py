@@ -31,6 +31,20 @@ def target_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "cache_pss_sum_over_cache_bytes" in section:
         value = section["cache_pss_sum_over_cache_bytes"]
         check("cache PSS summed over processes / cache size", value, "~1 (shared, not copied)", value <= 1.1)
+    section = results.get("ceiling", {})
+    if section.get("ratios"):
+        for placement in ("loader", "device"):
+            name = f"{placement}_cpu_side"
+            backbone = min(section["ratios"], key=lambda b: section["ratios"][b][name])
+            value = section["ratios"][backbone][name]
+            target = section["target_ratio"]
+            check(
+                f"pipeline ceiling, {placement} augmentation (CPU side) x trial CPUs / GPU rate per trial "
+                f"({backbone}, the fastest published)",
+                value,
+                f">= {target:g}",
+                value >= target,
+            )
     section = results.get("overhead", {})
     if "overhead" in section:
         value = section["overhead"]["median"]
@@ -60,11 +74,15 @@ def _mib(value: float) -> str:
 
 def format_report(results: dict[str, Any]) -> str:
     """The human-readable table: median [each repeat] of every figure, then the targets."""
+    data = results.get("data")
+    source = (
+        f"{data['root']} ({data['source']}, {data['persons_used']} of {data['persons']} persons)"
+        if data
+        else "none needed"
+    )
     lines = [
-        f"foldtune bench — data: {results['data']['root']} ({results['data']['source']}, "
-        f"{results['data']['persons_used']} of {results['data']['persons']} persons), "
-        f"repeats {results['settings']['repeats']}, load avg {results['host']['load_average_start']} -> "
-        f"{results['host'].get('load_average_end')}"
+        f"foldtune bench — data: {source}, repeats {results['settings']['repeats']}, "
+        f"load avg {results['host']['load_average_start']} -> {results['host'].get('load_average_end')}"
     ]
 
     def row(name: str, value: Any, unit: str = "") -> None:
@@ -142,6 +160,10 @@ def format_report(results: dict[str, Any]) -> str:
             row("best mean CV F1 with ASHA", data["best_f1_with"])
             if not all(r["finished"] for r in data["repeats"]):
                 lines.append("  NOTE: a search was interrupted; its figures cover only the trials it ran")
+        elif section == "ceiling":
+            _ceiling_rows(data, row, lines)
+        elif section == "checkpoint":
+            _checkpoint_rows(data, row, lines)
         elif section == "gpu":
             lines.append(f"  {data['device']}: {data['config']}")
             for name, value in data["images_per_second"].items():
@@ -150,10 +172,6 @@ def format_report(results: dict[str, Any]) -> str:
                 row(f"{name}: share of epoch waiting for input", value)
             row("AMP+channels_last / fp32 (cached)", data["amp_speedup"])
             row("cached / compute only (AMP)", data["cached_vs_compute"])
-            row("compute only: no per-step sync / fit's", data["no_step_sync_speedup"])
-            no_sync = data["no_step_sync_speedup"]["median"]
-            if no_sync is None or not math.isfinite(no_sync):  # None: read back from the JSON
-                lines.append("  NOTE: no per-step sync needs a trainer hook (train_one_epoch sync_each_step)")
             row("1 process, total", data["sharing"]["1"]["total_images_per_second"], " img/s")
             row(
                 "2 processes sharing the GPU, total",
@@ -168,6 +186,58 @@ def format_report(results: dict[str, Any]) -> str:
                 f"(target {t['target']})"
             )
     return "\n".join(lines)
+
+
+def _ceiling_rows(data: dict[str, Any], row, lines: list[str]) -> None:
+    c = data["config"]
+    lines.append(
+        f"  null model {c['image_size'][0]}x{c['image_size'][1]}, batch {c['batch_size']}, per core "
+        f"({c['per_core']}); {c['images_per_measurement']} images per measurement"
+    )
+    ips = data["images_per_second_per_core"]
+    row("loader aug: CPU side (slice + albumentations)", ips["loader_cpu_side"], " img/s/core")
+    row("loader aug: total (+ normalise, step, writes)", ips["loader_total"], " img/s/core")
+    row("device aug: CPU side (slice only)", ips["device_cpu_side"], " img/s/core")
+    row("device aug: total (+ DeviceAugment on the CPU)", ips["device_total"], " img/s/core")
+    row("epoch writes (best checkpoint + resume state)", data["epoch_write_seconds"], " s")
+    lines.append(
+        f"  ratio = per core x {c['trial_cpus']:g} CPUs / published GPU rate per trial "
+        f"({data['published']['scaling']}); target >= {data['target_ratio']:g}"
+    )
+    lines.append(f"  published: {data['published']['note']}")
+    for backbone, r in data["ratios"].items():
+        row(
+            f"{backbone}: GPU {r['gpu_images_per_second_per_trial']:.0f} img/s/trial",
+            f"loader {_fmt(r['loader_cpu_side'])}x (total {_fmt(r['loader_total'])}x), "
+            f"device {_fmt(r['device_cpu_side'])}x (total {_fmt(r['device_total'])}x)",
+        )
+
+
+def _checkpoint_rows(data: dict[str, Any], row, lines: list[str]) -> None:
+    c = data["config"]
+    lines.append(
+        f"  k={c['k']}, {c['measured']}; resume every {c['resume_every_epochs']} epochs; "
+        f"{c['filesystem']} at {c['directory']}"
+    )
+    for backbone, entry in data["backbones"].items():
+        best = entry["best_per_epoch_worst_case"]
+        row(
+            f"{backbone}: best checkpoints, worst case",
+            f"{_mib(best['bytes'])} {best['seconds']:.2f} s/epoch",
+        )
+        for depth, figures in entry["depths"].items():
+            trainable = figures["params_trainable"] / figures["params_total"]
+            lines.append(f"  {backbone} freeze_depth {depth} ({trainable:.0%} of parameters trainable):")
+            for name, per_epoch in figures["per_epoch"].items():
+                label = (
+                    "old: every epoch, whole model"
+                    if name == "old"
+                    else (f"new: every {name.rsplit('_', 1)[1]} epoch(s), trainable only")
+                )
+                row(
+                    f"  resume state, {label}",
+                    f"{_mib(per_epoch['bytes'])} {per_epoch['seconds']:.2f} s/epoch",
+                )
 
 
 def json_safe(value: Any) -> Any:

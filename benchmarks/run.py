@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.ceiling import bench_ceiling
+from benchmarks.checkpoint_io import bench_checkpoint
 from benchmarks.data import choose_persons, read_table, resolve_data_root, subset_data_root
 from benchmarks.gpu import bench_gpu
 from benchmarks.input import bench_input
@@ -26,7 +28,7 @@ from benchmarks.search import SearchBench, bench_asha, bench_overhead
 from benchmarks.settings import (
     BENCH_FORMAT,
     COMMAND,
-    SECTIONS,
+    DEFAULT_SECTIONS,
     BenchSettings,
     available_cpus,
     build_parser,
@@ -36,10 +38,12 @@ from benchmarks.settings import (
 from orchestrator.cli import report_user_error
 from trainers.io import write_text_atomic
 
+DATA_FREE = ("checkpoint",)  # sections that need no images (no data root is resolved for them alone)
+
 
 def run_bench(
     settings: BenchSettings,
-    sections: Sequence[str] = SECTIONS,
+    sections: Sequence[str] = DEFAULT_SECTIONS,
     data: str | None = None,
     work_dir: Path | None = None,
     demo_persons: int = 300,
@@ -68,18 +72,20 @@ def run_bench(
         "sections": {},
     }
     try:
-        root, source = resolve_data_root(data, work_dir, demo_persons, log)
-        full = read_table(root)
-        persons = choose_persons(full, settings.persons, settings.seed)
-        table = full[full["person_dir"].isin(persons)].reset_index(drop=True)
-        results["data"] = {
-            "root": str(root),
-            "source": source,
-            "persons": int(full["person_dir"].nunique()),
-            "images": len(full),
-            "persons_used": len(persons),
-            "images_used": len(table),
-        }
+        root = full = table = persons = None
+        if any(section not in DATA_FREE for section in sections):
+            root, source = resolve_data_root(data, work_dir, demo_persons, log)
+            full = read_table(root)
+            persons = choose_persons(full, settings.persons, settings.seed)
+            table = full[full["person_dir"].isin(persons)].reset_index(drop=True)
+            results["data"] = {
+                "root": str(root),
+                "source": source,
+                "persons": int(full["person_dir"].nunique()),
+                "images": len(full),
+                "persons_used": len(persons),
+                "images_used": len(table),
+            }
         searches = None
         for section in sections:
             section_started = time.perf_counter()
@@ -88,6 +94,10 @@ def run_bench(
                     outcome = bench_input(table, settings, work_dir, log)
                 elif section == "memory":
                     outcome = bench_memory(full, settings, work_dir, log)
+                elif section == "ceiling":
+                    outcome = bench_ceiling(table, settings, work_dir, log)
+                elif section == "checkpoint":
+                    outcome = bench_checkpoint(settings, work_dir, log)
                 elif section in ("overhead", "asha"):
                     if searches is None:
                         search_root = root

@@ -18,7 +18,9 @@ from trainers.config import TrainConfig
 from trainers.errors import FoldtuneError
 
 BENCH_FORMAT = 1
-SECTIONS = ("input", "memory", "overhead", "asha", "gpu")
+SECTIONS = ("input", "memory", "overhead", "asha", "ceiling", "checkpoint", "gpu")
+# what `make bench` runs; "checkpoint" (builds the three default backbones, writes GBs) is opt-in via --only
+DEFAULT_SECTIONS = ("input", "memory", "overhead", "asha", "ceiling", "gpu")
 DATA_ENV = "FOLDTUNE_BENCH_DATA"
 DEFAULT_OUT = Path("bench-results") / "bench.json"
 WORKER_TIMEOUT_S = 900  # a measuring child process that takes longer than this is reported as failed
@@ -60,11 +62,23 @@ class BenchSettings:
     gpu_workers: int = 4
     gpu_batches: int = 100
     search_repeats: int = 1  # each is a whole search pair (~6 min at the defaults), so 1 unless asked
+    # ceiling and checkpoint: None takes the default GPU space's value (search_spaces/default.yaml)
+    ceiling_size: tuple[int, int] | None = None
+    ceiling_batch_size: int | None = None
+    ceiling_batches: int = 4  # batches per ceiling measurement (device augmentation on 1 CPU thread is slow)
+    checkpoint_backbones: tuple[str, ...] | None = None
+    checkpoint_size: tuple[int, int] | None = None
+    checkpoint_depths: tuple[int, ...] | None = None
     threads: int | None = None  # torch threads (None: torch's default); searches give each trial as many CPUs
 
     def __post_init__(self) -> None:
         for name in ("image_size", "memory_size", "search_size", "gpu_size"):
             setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        for name in ("ceiling_size", "checkpoint_size", "checkpoint_depths"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        if self.checkpoint_backbones is not None:
+            self.checkpoint_backbones = tuple(str(v) for v in self.checkpoint_backbones)
         for name in (
             "batch_size",
             "train_batches",
@@ -77,9 +91,14 @@ class BenchSettings:
             "search_repeats",
             "gpu_batch_size",
             "gpu_batches",
+            "ceiling_batches",
         ):
             if int(getattr(self, name)) < 1:
                 raise BenchError(f"bench setting {name} must be >= 1, got {getattr(self, name)!r}")
+        if self.ceiling_batch_size is not None and int(self.ceiling_batch_size) < 1:
+            raise BenchError(
+                f"bench setting ceiling_batch_size must be >= 1, got {self.ceiling_batch_size!r}"
+            )
         if self.search_weights not in ("auto", "none"):
             raise BenchError(
                 f"bench setting search_weights must be 'auto' or 'none', got {self.search_weights!r}"
@@ -150,6 +169,23 @@ def parse_sections(text: str) -> tuple[str, ...]:
     return names
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of names, got {text!r}")
+    return names
+
+
+def _depths(text: str) -> tuple[int, ...]:
+    try:
+        depths = tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of freeze depths, got {text!r}") from None
+    if any(depth < 0 for depth in depths):
+        raise argparse.ArgumentTypeError(f"freeze depths are >= 0, got {text!r}")
+    return depths
+
+
 def _size_text(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
@@ -164,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help=f"data root (default ${DATA_ENV}, else generated demo data)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument(
-        "--only", type=parse_sections, default=",".join(SECTIONS), help=f"sections: {','.join(SECTIONS)}"
+        "--only",
+        type=parse_sections,
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"sections, of {','.join(SECTIONS)} (checkpoint only when named)",
     )
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="repeats per figure (median)")
     parser.add_argument(
@@ -207,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--search-repeats", type=int, default=defaults.search_repeats, help="searches per figure (seeds)"
     )
+    group = parser.add_argument_group("ceiling and checkpoint (default: the default GPU space's values)")
+    group.add_argument("--ceiling-size", type=parse_size, help="HEIGHTxWIDTH")
+    group.add_argument("--ceiling-batch-size", type=int)
+    group.add_argument("--ceiling-batches", type=int, default=defaults.ceiling_batches)
+    group.add_argument("--checkpoint-backbones", type=_names, help="comma list of timm backbones")
+    group.add_argument("--checkpoint-size", type=parse_size, help="HEIGHTxWIDTH")
+    group.add_argument("--checkpoint-depths", type=_depths, help="comma list of freeze depths")
     group = parser.add_argument_group("gpu")
     group.add_argument("--gpu-backbone", default=defaults.gpu_backbone)
     group.add_argument("--gpu-size", type=parse_size, default=_size_text(defaults.gpu_size))
@@ -241,5 +287,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         gpu_batch_size=args.gpu_batch_size,
         gpu_workers=args.gpu_workers,
         gpu_batches=args.gpu_batches,
+        ceiling_size=args.ceiling_size,
+        ceiling_batch_size=args.ceiling_batch_size,
+        ceiling_batches=args.ceiling_batches,
+        checkpoint_backbones=args.checkpoint_backbones,
+        checkpoint_size=args.checkpoint_size,
+        checkpoint_depths=args.checkpoint_depths,
         threads=args.threads,
     )

@@ -9,21 +9,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import gpu_device
 from benchmarks import run as bench_driver
+from benchmarks.checkpoint_io import bench_checkpoint
 from benchmarks.data import choose_persons, resolve_data_root, subset_data_root
 from benchmarks.gpu import bench_gpu
-from benchmarks.input import TimedBatches, has_no_step_sync_hook
+from benchmarks.input import TimedBatches
+from benchmarks.reference import PUBLISHED_SOURCE, PUBLISHED_TRAIN_RATES, default_space
 from benchmarks.report import format_report
 from benchmarks.run import main
 from benchmarks.search import SearchBench, bench_asha, bench_overhead
 from benchmarks.settings import (
     BENCH_FORMAT,
     DATA_ENV,
+    DEFAULT_SECTIONS,
+    SECTIONS,
     BenchError,
     BenchSettings,
     parse_sections,
@@ -92,7 +99,19 @@ def assert_figure(figure: dict, repeats: int) -> None:
 @pytest.fixture(scope="module")
 def bench_run(toy_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("benchout") / "results" / "bench.json"
-    code = main(["--data", str(toy_root), "--only", "input,memory,gpu", "--out", str(out), *TOY_FLAGS])
+    ceiling = ["--ceiling-size", "32x24", "--ceiling-batch-size", "4", "--ceiling-batches", "2"]
+    code = main(
+        [
+            "--data",
+            str(toy_root),
+            "--only",
+            "input,memory,ceiling,gpu",
+            "--out",
+            str(out),
+            *TOY_FLAGS,
+            *ceiling,
+        ]
+    )
     return code, json.loads(out.read_text()), out
 
 
@@ -110,7 +129,7 @@ def test_main_writes_strict_json_with_every_section(bench_run, toy_root):
         "images_used": 56,
     }
     assert results["settings"]["image_size"] == [32, 24] and results["settings"]["threads"] == 1
-    assert set(results["sections"]) == {"input", "memory", "gpu"}
+    assert set(results["sections"]) == {"input", "memory", "ceiling", "gpu"}
     assert all(positive(s["seconds"]) for s in results["sections"].values())
     assert positive(results["seconds"]) and results["host"]["cpus"] >= 1
     assert not list(out.parent.glob(".*.tmp")), "the JSON is written atomically"
@@ -180,12 +199,82 @@ def test_gpu_section_skips_with_a_note_without_cuda(bench_run):
 def test_targets_and_table(bench_run, capsys):
     results = bench_run[1]
     names = [t["name"] for t in results["targets"]]
-    assert len(names) == 4  # (b)/(a), its input-wait form, (b)/(c) loaders, cache sharing; no searches
+    # (b)/(a), its input-wait form, (b)/(c) loaders, cache sharing, two ceilings; no searches
+    assert len(names) == 6
     for target in results["targets"]:
         assert set(target) == {"name", "value", "target", "met"} and isinstance(target["met"], bool)
     report = format_report(results)
-    for text in ("(a) compute only", "(b)/(a)", "cache-mapping PSS", "SKIPPED", "targets:"):
+    texts = (
+        "(a) compute only",
+        "(b)/(a)",
+        "cache-mapping PSS",
+        "loader aug: CPU side",
+        "SKIPPED",
+        "targets:",
+    )
+    for text in texts:
         assert text in report or (text == "SKIPPED" and torch.cuda.is_available())
+
+
+def test_ceiling_section_figures_and_ratios(bench_run):
+    """The null-model loop per core, both augmentation placements, against the published GPU rates."""
+    section = bench_run[1]["sections"]["ceiling"]
+    space = default_space()
+    config = section["config"]
+    assert config["image_size"] == [32, 24] and config["batch_size"] == 4
+    assert config["images_per_measurement"] == 8
+    assert (config["torch_threads"], config["num_workers"]) == (1, 0)  # per core: everything on one core
+    assert (config["trial_cpus"], config["gpu_share"]) == (space.trial_cpus, space.gpu_share)
+    per_core = section["images_per_second_per_core"]
+    assert set(per_core) == {"loader_cpu_side", "loader_total", "device_cpu_side", "device_total"}
+    for figure in per_core.values():
+        assert_figure(figure, 2)
+    assert_figure(section["epoch_write_seconds"], 4)  # one per placement and repeat
+    published = section["published"]
+    assert published["source"]["file"] == PUBLISHED_SOURCE["file"]
+    assert "benchmark-train-amp" in published["note"] and "RTX 3090" in published["note"]
+    assert set(section["ratios"]) == set(space.backbones) & set(PUBLISHED_TRAIN_RATES)
+    for backbone, ratios in section["ratios"].items():
+        rate, _, size = PUBLISHED_TRAIN_RATES[backbone]
+        gpu = rate * space.gpu_share * size * size / (32 * 24)
+        assert ratios["gpu_images_per_second_per_trial"] == pytest.approx(gpu)
+        for name, figure in per_core.items():
+            assert ratios[name] == pytest.approx(figure["median"] * space.trial_cpus / gpu)
+    targets = [t for t in bench_run[1]["targets"] if t["name"].startswith("pipeline ceiling")]
+    assert [t["target"] for t in targets] == [">= 3", ">= 3"]
+    for target, placement in zip(targets, ("loader", "device"), strict=True):
+        worst = min(r[f"{placement}_cpu_side"] for r in section["ratios"].values())
+        assert target["value"] == pytest.approx(worst) and target["met"] == (worst >= 3)
+
+
+def test_checkpoint_section_old_vs_new_resume_state(tmp_path):
+    """One fold written per kind; the new state leaves the frozen parameters out; per epoch = x k / N."""
+    settings = toy_settings(
+        checkpoint_backbones=("resnet10t",), checkpoint_size=(32, 24), checkpoint_depths=(0, 2), repeats=1
+    )
+    section = bench_checkpoint(settings, tmp_path, log=lambda message: None)
+    space = default_space()
+    config = section["config"]
+    assert config["k"] == space.k and config["freeze_depths"] == [0, 2]
+    assert config["resume_every_epochs"] == sorted({1, space.resume_every_epochs or 1})
+    assert config["filesystem"] and not list((tmp_path / "checkpoint-io").glob("*.pt"))
+    entry = section["backbones"]["resnet10t"]
+    best = entry["best_checkpoint"]
+    params = entry["depths"]["0"]["params_total"]
+    assert best["bytes"] >= 4 * params and positive(best["seconds"]["median"])
+    assert entry["best_per_epoch_worst_case"]["bytes"] == space.k * best["bytes"]
+    for depth, figures in entry["depths"].items():
+        old, new = figures["old"]["bytes"], figures["new"]["bytes"]
+        frozen = figures["params_total"] - figures["params_trainable"]
+        # the new state drops the frozen parameters (float32) and adds the RNG states (a few KB)
+        assert old - 4 * frozen - 64 * 1024 <= new <= old - 4 * frozen + 64 * 1024
+        assert (frozen == 0) == (depth == "0")
+        assert old >= 3 * 4 * figures["params_trainable"]  # weights + two Adam moments
+        per_epoch = figures["per_epoch"]
+        assert per_epoch["old"]["bytes"] == space.k * old
+        for every in config["resume_every_epochs"]:
+            assert per_epoch[f"new_every_{every}"]["bytes"] == pytest.approx(space.k * new / every)
+        assert figures["new_over_old_bytes"] == pytest.approx(new / old)
 
 
 def test_gpu_section_code_runs_on_the_cpu(toy_root, tmp_path):
@@ -197,15 +286,12 @@ def test_gpu_section_code_runs_on_the_cpu(toy_root, tmp_path):
         "fp32_compute_only",
         "fp32_cached",
         "amp_channels_last_compute_only",
-        "amp_channels_last_compute_only_no_step_sync",
         "amp_channels_last_cached",
     }
-    no_sync = ("amp_channels_last_compute_only_no_step_sync", "no_step_sync_speedup")
-    for name, figure in {**section["images_per_second"], no_sync[1]: section[no_sync[1]]}.items():
-        if name in no_sync and not has_no_step_sync_hook():  # n/a until train_one_epoch can skip its syncs
-            assert len(figure["runs"]) == 2 and all(math.isnan(v) for v in figure["runs"])
-        else:
-            assert_figure(figure, 2)
+    for figure in section["images_per_second"].values():
+        assert_figure(figure, 2)
+    assert "no_step_sync_speedup" not in section  # fit no longer syncs per step: nothing to compare
+    assert section["config"]["augment_on"] == "loader"  # where fit augments on the CPU
     assert_figure(section["amp_speedup"], 2)
     assert set(section["cached_input_wait_share"]) == {"fp32", "amp_channels_last"}
     for figure in section["cached_input_wait_share"].values():
@@ -264,6 +350,7 @@ def test_argument_parsing():
         with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)
     assert parse_sections("input, asha") == ("input", "asha")
+    assert set(SECTIONS) - set(DEFAULT_SECTIONS) == {"checkpoint"}  # opt-in: --only checkpoint
     with pytest.raises(argparse.ArgumentTypeError, match="input, memory"):
         parse_sections("input,speed")
     assert summarize_runs([3.0, 1.0, 2.0]) == {"median": 2.0, "runs": [3.0, 1.0, 2.0]}
@@ -293,6 +380,93 @@ def test_timed_batches_times_every_wait_and_counts_the_trained_images():
     iterator = iter(abandoned)
     next(iterator), next(iterator)  # a step that gives up on its second batch, as a diverged one does
     assert abandoned.images == 4 and len(abandoned.waits) == 2
+
+
+def test_gpu_device_tiny_runs_end_to_end_on_the_cpu(tmp_path, capsys):
+    """`python -m benchmarks.gpu_device --tiny`: every configuration, the packed pair, JSON and Markdown."""
+    out = tmp_path / "gpu"
+    assert gpu_device.main(["--tiny", "--out", str(out)]) == 0
+    results = json.loads((out / "gpu_device.json").read_text())
+    backbones = ["test_efficientnet", "test_convnext", "test_resnet"]
+    assert results["plan"]["backbones"] == backbones and results["plan"]["device"] == "cpu"
+    assert results["host"]["amp_dtype"].startswith("none")
+    configs = {f"compute/{p}/{m}" for p in ("amp", "fp32") for m in ("channels_last", "nchw")}
+    configs |= {f"loader+{place}-aug/amp/channels_last" for place in ("loader", "device")}
+    assert {(c["backbone"], c["config"]) for c in results["configs"]} == {
+        (b, c) for b in backbones for c in configs
+    }
+    for record in results["configs"]:
+        assert "error" not in record and "skipped" not in record
+        assert record["steps"] == 2 and positive(record["images_per_second"])
+        assert record["images_per_second"] == pytest.approx(2 * 4 / record["seconds"])
+        assert 0 <= record["input_wait_share"] < 1
+    packed = results["packed"]
+    assert "error" not in packed and packed["memory_fraction"] == 0.5
+    for backbone in backbones:
+        processes = packed["backbones"][backbone]["processes"]
+        assert [p["index"] for p in processes] == [0, 1]
+        assert all(positive(p["images_per_second"]) for p in processes)
+        summary = results["summary"][backbone]
+        single = next(
+            c["images_per_second"]
+            for c in results["configs"]
+            if c["backbone"] == backbone and c["config"] == "loader+device-aug/amp/channels_last"
+        )
+        total = sum(p["images_per_second"] for p in processes)
+        assert summary["packed_total_over_single"] == pytest.approx(total / single)
+        assert summary["published_scaled"] is None  # tiny stand-ins have no published rate
+    table = (out / "gpu_device.md").read_text()
+    assert table.strip() in capsys.readouterr().out  # printed too
+    for text in ("## Configurations", "## Per backbone", "## Two training processes", "FoldLoader"):
+        assert text in table
+    assert "device (DeviceAugment)" in table and "loader (albumentations)" in table
+    assert "benchmark-train-amp-nhwc-pt112-cu113-rtx3090.csv" in table
+    rows = [line for line in table.splitlines() if line.startswith("| test_")]
+    assert len(rows) == 3 * 6 + 3 + 3  # every configuration, the per-backbone summary, the packed pairs
+    assert all(f"| {b} |" in table for b in backbones)
+
+
+def test_gpu_device_records_a_failing_configuration_and_runs_the_others(tmp_path, monkeypatch):
+    real = gpu_device.run_config
+
+    def flaky(plan, backbone, variant, cache_path):
+        if backbone == "test_resnet" and variant.input == "loader":
+            raise RuntimeError("simulated CUDA error")
+        return real(plan, backbone, variant, cache_path)
+
+    monkeypatch.setattr(gpu_device, "run_config", flaky)
+    out = tmp_path / "gpu"
+    flags = ["--tiny", "--no-packed", "--backbones", "test_efficientnet,test_resnet", "--out", str(out)]
+    assert gpu_device.main(flags) == 1
+    results = json.loads((out / "gpu_device.json").read_text())
+    failed = [c for c in results["configs"] if "error" in c]
+    assert {c["config"] for c in failed} == {
+        "loader+device-aug/amp/channels_last",
+        "loader+loader-aug/amp/channels_last",
+    }
+    assert all(c["backbone"] == "test_resnet" and "simulated CUDA error" in c["error"] for c in failed)
+    assert sum("images_per_second" in c for c in results["configs"]) == 2 * 6 - 2
+    assert "packed" not in results
+    assert "RuntimeError: simulated CUDA error" in (out / "gpu_device.md").read_text()
+
+
+def test_gpu_device_skips_what_the_time_budget_leaves_no_room_for(tmp_path):
+    out = tmp_path / "gpu"
+    flags = ["--tiny", "--no-packed", "--budget-s", "0", "--backbones", "test_resnet", "--out", str(out)]
+    assert gpu_device.main(flags) == 0
+    results = json.loads((out / "gpu_device.json").read_text())
+    assert len(results["configs"]) == 6 and all("time budget" in c["skipped"] for c in results["configs"])
+
+
+def test_gpu_device_imports_nothing_of_the_orchestrator():
+    """The lent GPU machine cannot take Ray along: benchmarks.gpu_device must not import it, nor
+    orchestrator, Optuna or MLflow, directly or through benchmarks/__init__.py."""
+    code = (
+        "import sys, benchmarks.gpu_device; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'orchestrator', 'ray', 'optuna', 'mlflow'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.slow
