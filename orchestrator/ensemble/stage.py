@@ -195,7 +195,11 @@ def run_ensemble(
     # everything is computed: write the side files, then the submission last
     _write_outputs(result, report, predicted, confusion, pool.class_names)
 
-    _record_in_mlflow(result, report, pool.summary, search, search_dir, tracking_uri, settings, log)
+    # after the submission: the model folder `foldtune predict` reads, then the MLflow run and model
+    bundle = _write_bundle(result, pool, search, log)
+    _record_in_mlflow(
+        result, report, pool.summary, search, search_dir, tracking_uri, settings, log, bundle, data_root
+    )
     log(format_report(result))
     return result
 
@@ -365,6 +369,39 @@ def _write_outputs(
     write_submission(result.submission, result.image_ids, result.eval_probs.argmax(axis=1))
 
 
+def _write_bundle(
+    result: EnsembleResult, pool: _Pool, search: str, log: Callable[[str], None]
+) -> Path | None:
+    """The ensemble's model folder next to the submission (members' used fold checkpoints + spec); after the
+    submission, so a failure only warns (and leaves no stale model: the folder is replaced or removed)."""
+    from orchestrator.ensemble.bundle import BUNDLE_DIR, member_from_config, write_bundle
+
+    target = result.submission.parent / BUNDLE_DIR
+    try:
+        candidates = {c.trial_id: c for c in pool.candidates}
+        members = [
+            member_from_config(
+                m.trial_id, m.weight, m.tta, candidates[m.trial_id].config, pool.folds, m.oof_f1
+            )
+            for m in result.members
+        ]
+        sources = {m.trial_id: dict(enumerate(candidates[m.trial_id].checkpoints)) for m in result.members}
+        age_edges = candidates[result.members[0].trial_id].config.get("age_edges", (30, 60))
+        info = {"search": search, "oof_f1": result.oof_f1, "submission": str(result.submission.absolute())}
+        write_bundle(target, members, sources, pool.class_names, age_edges, info)
+    except Exception as error:  # the submission is the result; the model folder is a convenience
+        import shutil
+
+        shutil.rmtree(target, ignore_errors=True)
+        log(
+            f"warning: the submission is written but the model folder {target} is not "
+            f"({type(error).__name__}: {error})"
+        )
+        return None
+    log(f"model folder: {target} (`foldtune predict --model` it)")
+    return target
+
+
 def _record_in_mlflow(
     result: EnsembleResult,
     report: dict,
@@ -374,17 +411,35 @@ def _record_in_mlflow(
     tracking_uri: str | None,
     settings: dict,
     log: Callable[[str], None],
+    bundle: Path | None = None,
+    data_root: Path | None = None,
 ) -> None:
-    """Log the run (its id goes into the result and ensemble.json); a failure only warns."""
+    """Log the run (its id goes into the result and ensemble.json), then the model folder as an MLflow model
+    registered under the search's name; a failure of either only warns."""
     try:
         from orchestrator.tracking.ensemble_run import log_ensemble_run
 
-        result.mlflow_run_id = log_ensemble_run(result, summary, search, search_dir, tracking_uri, settings)
+        result.mlflow_run_id = log_ensemble_run(
+            result, summary, search, search_dir, tracking_uri, settings, data_root=data_root
+        )
     except Exception as error:  # tracking is a record of the result, not the result: keep the submission
         log(
             f"warning: the submission is written but logging the ensemble to MLflow failed "
             f"({type(error).__name__}: {error}); check the tracking URI / MLFLOW_TRACKING_URI"
         )
-    else:
-        report["mlflow_run_id"] = result.mlflow_run_id
-        write_text_atomic(json.dumps(report, indent=2, default=float), result.report_path)
+        return
+    report["mlflow_run_id"] = result.mlflow_run_id
+    if bundle is not None:
+        try:
+            from orchestrator.tracking.ensemble_model import log_ensemble_model
+
+            registered = log_ensemble_model(bundle, result.mlflow_run_id, search, tracking_uri, summary)
+        except Exception as error:
+            log(
+                f"warning: the submission and the MLflow run are written but logging the ensemble as an "
+                f"MLflow model failed ({type(error).__name__}: {error})"
+            )
+        else:
+            report["registered_model"] = registered.model_uri
+            log(f"MLflow model: {registered.model_uri}")
+    write_text_atomic(json.dumps(report, indent=2, default=float), result.report_path)

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator.tracking.provenance import code_version_tags, file_dataset, log_datasets
 from orchestrator.tracking.store import PARENT_ROLE, TAG, SearchTracking
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def log_ensemble_run(
     search_dir: Path,
     tracking_uri: str | None,
     selection: dict,
+    data_root: Path | None = None,
 ) -> str:
     """One run named "ensemble" in the search's experiment, nested under the search's parent run.
 
@@ -61,6 +63,7 @@ def log_ensemble_run(
         f"{TAG}role": "ensemble",
         f"{TAG}search": search,
         f"{TAG}submission": str(result.submission.absolute()),
+        **code_version_tags(),
     }
     if parent_run_id:
         tags[SEARCH_PARENT_TAG] = str(parent_run_id)
@@ -89,6 +92,12 @@ def log_ensemble_run(
         }
         tracking.log_params(run_id, params)
         tracking.log_metrics(run_id, metrics)
+        inputs = []
+        if (search_dir / "folds.csv").is_file():
+            inputs.append(file_dataset("folds", search_dir / "folds.csv", "folds"))
+        if data_root is not None and (Path(data_root) / "eval" / "info.csv").is_file():
+            inputs.append(file_dataset("eval", Path(data_root) / "eval" / "info.csv", "evaluation"))
+        log_datasets(tracking.client, run_id, inputs)
         for path in (result.submission, result.report_path, result.plot_path, result.probs_path):
             tracking.client.log_artifact(run_id, str(path))
         tracking.finish(run_id, "FINISHED")
