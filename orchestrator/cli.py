@@ -98,23 +98,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    """Exit 0 only when the search finished with a usable trial; else 1 with one line on stderr saying why
+    (interrupted: how many trials finished and to continue with --resume; every trial failed: the first
+    error; nothing finished)."""
     from orchestrator.search import run_search
 
-    summary = run_search(
-        data_root=Path(args.data),
-        space_path=Path(args.space),
-        trials=args.trials,
-        name=args.name,
-        resume=args.resume,
-        address=args.address,
-        storage=Path(args.storage) if args.storage else None,
-        cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial,
-        relabel=args.relabel,
-        tracking_uri=args.tracking_uri,
-        folds_file=args.folds,
-    )
-    return 0 if summary is not None else 1
+    try:
+        summary = run_search(
+            data_root=Path(args.data),
+            space_path=Path(args.space),
+            trials=args.trials,
+            name=args.name,
+            resume=args.resume,
+            address=args.address,
+            storage=Path(args.storage) if args.storage else None,
+            cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            relabel=args.relabel,
+            tracking_uri=args.tracking_uri,
+            folds_file=args.folds,
+        )
+    except KeyboardInterrupt as interrupted:  # SearchInterrupted says what finished; a bare one cannot
+        line = str(interrupted) or "search interrupted before its first trial; continue with --resume"
+        print(line, file=sys.stderr)
+        return 1
+    problem = summary.problem()
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
@@ -145,6 +157,44 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     print(score_submission(Path(args.submission), Path(args.answers)))
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from orchestrator.ensemble.predictor import (
+        EnsemblePredictor,
+        list_images,
+        predictions_frame,
+        resolve_bundle,
+    )
+    from orchestrator.ensemble.stage import DEFAULT_STORAGE
+    from trainers.io import write_csv_atomic
+
+    if args.batch_size < 1:
+        raise OrchestratorError(f"--batch-size must be at least 1, got {args.batch_size}")
+    tta = tuple(v for v in args.tta.split(",") if v.strip()) if args.tta is not None else None
+    images = list_images(args.images)  # before loading any model: a wrong folder fails at once
+    if args.model.startswith("models:/"):
+        from orchestrator.tracking.ensemble_model import load_registered_predictor
+
+        predictor = load_registered_predictor(args.model, args.tracking_uri, device=args.device)
+    else:
+        bundle = resolve_bundle(args.model, Path(args.storage) if args.storage else DEFAULT_STORAGE)
+        predictor = EnsemblePredictor.from_folder(bundle, device=args.device)
+    print(f"{args.model}: {predictor.describe()}", flush=True)
+    every, batches = max(1, args.progress_every), [0]
+
+    def progress(done: int, total: int) -> None:  # called after each batch
+        batches[0] += 1
+        if batches[0] % every == 0 or done == total:
+            print(f"predicted {done}/{total} images", flush=True)
+
+    prediction = predictor.predict(images.paths, batch_size=args.batch_size, tta=tta, progress=progress)
+    out = Path(args.out)
+    write_csv_atomic(predictions_frame(images.names, prediction), out)
+    failed = prediction.failed
+    note = f"{failed} could not be read (see the error column)" if failed else "none failed"
+    print(f"predictions for {len(images.paths)} images written to {out}; {note}")
+    return 1 if failed == len(images.paths) else 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -239,6 +289,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("submission")
     p.add_argument("answers")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("predict", help="predict new images with an ensemble (CPU or GPU), written as CSV")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a search name under --storage (its ensemble_model/), a model folder, or models:/NAME/VERSION",
+    )
+    p.add_argument(
+        "--images",
+        required=True,
+        help="a folder of .jpg/.jpeg/.png images, or a CSV with an image_path (or ImageID) column",
+    )
+    p.add_argument(
+        "--out", required=True, help="output CSV (image, class, mask, gender, age, prob_00..17, error)"
+    )
+    p.add_argument(
+        "--tta", help="comma-separated TTA views for every member ('' for none; default: the ensemble's)"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--storage", help="folder holding the searches (default ./runs)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--tracking-uri", help="MLflow store for models:/ URIs (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--progress-every", type=int, default=10, help="print progress every N batches (10)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("ui", help="start the MLflow UI over the tracking store")
     p.add_argument("--port", type=int, default=5000)

@@ -152,3 +152,89 @@ def test_cuda_asked_for_without_a_gpu_is_one_error_line(capsys, tiny_dataset, tm
     argv = ["train", "--data", str(tiny_dataset.root), "--config", str(config), "--out", str(tmp_path / "r")]
     code, _, err = run(capsys, *argv)
     assert_user_error(code, err, "device 'cuda'", "no CUDA GPU is visible")
+
+
+def stand_in_summary(tmp_path, states: list[str], finished: bool = True, planned: int = 0):
+    """A SearchSummary as run_search returns it, with one trial per state (errors on failed ones)."""
+    from orchestrator.search import SearchSummary
+
+    rows = [
+        {
+            "rank": i + 1,
+            "trial_id": f"t_{i:05d}",
+            "state": state,
+            "best_f1": 0.5 if state in ("completed", "stopped_early") else float("nan"),
+            "error": f"RuntimeError: boom {i}" if state == "failed" else "",
+        }
+        for i, state in enumerate(states)
+    ]
+    board = pd.DataFrame(rows, columns=["rank", "trial_id", "state", "best_f1", "error"])
+    return SearchSummary(
+        name="tiny",
+        search_dir=tmp_path / "runs" / "tiny",
+        experiment_name="tiny",
+        parent_run_id="p",
+        leaderboard=board,
+        best_trial_id=None,
+        best_config=None,
+        disk_bytes=0,
+        tracking_uri="sqlite:///x.db",
+        finished=finished,
+        trials_planned=planned or len(states),
+    )
+
+
+@pytest.mark.parametrize(
+    ("states", "finished", "planned", "code", "line"),
+    [
+        (["completed", "failed"], True, 2, 0, None),
+        (["stopped_early"], True, 1, 0, None),  # a stopped trial is a result
+        (
+            ["completed", "unfinished"],
+            False,
+            3,
+            1,
+            "search 'tiny' interrupted: 1 of 3 trials finished; continue with --resume",
+        ),
+        (["unfinished"], False, 2, 1, "search 'tiny' interrupted: 0 of 2 trials finished; continue"),
+        (["failed", "failed"], True, 2, 1, "search 'tiny': every trial failed: first error (t_00000) R"),
+        ([], True, 2, 1, "search 'tiny': no trial finished"),  # e.g. a time budget spent before any ended
+    ],
+)
+def test_search_exits_0_only_when_it_finished_with_a_result(
+    capsys, tmp_path, monkeypatch, states, finished, planned, code, line
+):
+    import orchestrator.search
+
+    summary = stand_in_summary(tmp_path, states, finished, planned)
+    monkeypatch.setattr(orchestrator.search, "run_search", lambda **kwargs: summary)
+    got, _, err = run(capsys, "search", "--data", str(tmp_path), "--space", str(tmp_path / "s.yaml"))
+    assert got == code
+    if line is None:
+        assert err == ""
+    else:
+        assert len(err.splitlines()) == 1 and err.startswith(line), err
+
+
+@pytest.mark.parametrize(
+    ("raised", "line"),
+    [
+        (
+            "SearchInterrupted",
+            "search 'tiny' interrupted: 2 of 5 trials finished; continue with --resume",
+        ),
+        ("KeyboardInterrupt", "search interrupted before its first trial; continue with --resume"),
+    ],
+)
+def test_an_interrupted_search_exits_1_with_one_line(capsys, tmp_path, monkeypatch, raised, line):
+    import orchestrator.search
+    from orchestrator.search import SearchInterrupted
+
+    def interrupted(**kwargs):
+        if raised == "SearchInterrupted":
+            raise SearchInterrupted(line)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(orchestrator.search, "run_search", interrupted)
+    code, _, err = run(capsys, "search", "--data", str(tmp_path), "--space", str(tmp_path / "s.yaml"))
+    assert code == 1 and err == line + "\n"

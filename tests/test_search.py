@@ -7,6 +7,7 @@ seconds to minutes, so they are marked slow. Unit tests of the pieces run by def
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -29,11 +31,12 @@ from orchestrator.demo.data import write_demo_data
 from orchestrator.errors import OrchestratorError
 from orchestrator.search import run_search
 from orchestrator.search.console import progress_table
-from orchestrator.search.constants import EXPERIMENT_DIRNAME, STOPPED_EARLY
+from orchestrator.search.constants import ASHA_STATE, EXPERIMENT_DIRNAME
 from orchestrator.search.optuna_adapter import make_searcher, optuna_storage_url
 from orchestrator.search.prepare import settle_folds
 from orchestrator.search.settle import settle_space
-from orchestrator.search.stopping import EarlyStopMarker, FinishingASHA
+from orchestrator.search.stopping import EarlyStops, FinishingASHA, make_scheduler
+from orchestrator.search.summary import trial_rows
 from orchestrator.space import parse_space
 from trainers.data import read_train
 from trainers.errors import FoldtuneError
@@ -102,10 +105,19 @@ def load_study(search_dir: Path, name: str = "tiny") -> optuna.Study:
 
 
 def by_ray_id(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
-    return {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    """The study's trials by their Ray trial id (the later one when a resume re-attached a trial); trials
+    not yet proposed to Ray (points to evaluate still WAITING) have none."""
+    return {t.user_attrs["ray_trial_id"]: t for t in study.trials if "ray_trial_id" in t.user_attrs}
 
 
 # --- pieces -----------------------------------------------------------------------------------------------
+
+
+def record_early_stops(search_dir: Path, *trial_ids: str) -> None:
+    """What FinishingASHA writes when it stops trials before their last epoch (see the scheduler tests)."""
+    state = search_dir / ASHA_STATE
+    saved = json.loads(state.read_text()) if state.exists() else {"num_stopped": 0, "brackets": []}
+    state.write_text(json.dumps({**saved, "stopped_early": sorted(trial_ids)}))
 
 
 def test_optuna_is_told_stopped_trials_were_pruned(tmp_path):
@@ -120,7 +132,8 @@ def test_optuna_is_told_stopped_trials_were_pruned(tmp_path):
     for trial_id, value in (("good", 0.30), ("stalled", 0.05), ("sampled", 0.20)):
         searcher.on_trial_result(trial_id, {"val_f1": value, "training_iteration": 1, "epoch": 1})
     searcher.on_trial_complete("good", {"val_f1": 0.40, "training_iteration": 2, "epoch": 2, "done": True})
-    stopped = {"val_f1": 0.04, "training_iteration": 2, "epoch": 2, "done": True, STOPPED_EARLY: True}
+    stopped = {"val_f1": 0.04, "training_iteration": 2, "epoch": 2, "done": True}  # no mark in it
+    record_early_stops(tmp_path, "stalled")  # the scheduler's record says it was stopped
     searcher.on_trial_complete("stalled", stopped)
     searcher.on_trial_complete("sampled", {"val_f1": 0.25, "training_iteration": 2, "epoch": 2, "done": True})
     searcher.on_trial_complete("broken", error=True)
@@ -135,16 +148,122 @@ def test_optuna_is_told_stopped_trials_were_pruned(tmp_path):
     assert by_ray_id(load_study(tmp_path))["stalled"].state == state.PRUNED
 
 
-def test_early_stop_marker_marks_only_scheduler_stops_before_the_last_epoch():
-    marker = EarlyStopMarker()
-    cases = {
-        "stopped at epoch 1 of 3": ({"done": True, "epoch": 1, "epochs_planned": 3}, True),
-        "last epoch": ({"done": True, "epoch": 3, "epochs_planned": 3}, False),
-        "still running": ({"done": False, "epoch": 1, "epochs_planned": 3}, False),
-    }
-    for name, (result, marked) in cases.items():
-        marker.on_trial_result(0, [], None, result)
-        assert result.get(STOPPED_EARLY, False) is marked, name
+class StandInTrial:
+    """What a scheduler, searcher and callbacks read of Ray's Trial: id, config, status, last result."""
+
+    def __init__(self, trial_id: str, config: dict | None = None, status: str = "RUNNING"):
+        self.trial_id, self.config, self.status = trial_id, config or {}, status
+        self.last_result: dict = {}
+        self.error_file = None
+
+    def get_pickled_error(self):
+        return None
+
+
+def asha(state_path: Path | None, max_t: int = 3) -> FinishingASHA:
+    scheduler = FinishingASHA(
+        time_attr="epoch",
+        max_t=max_t,
+        grace_period=1,
+        reduction_factor=2,
+        stop_last_trials=False,
+        state_path=str(state_path) if state_path else None,
+    )
+    scheduler.set_search_properties("val_f1", "max")
+    return scheduler
+
+
+def test_the_scheduler_records_the_trials_it_stops_before_their_last_epoch(tmp_path):
+    """A STOP before the planned last epoch is recorded (set and state file); a STOP turned into CONTINUE
+    at the last epoch is not; a trial that reports again (continued by a resume) leaves the record."""
+    from ray.tune.schedulers import TrialScheduler
+
+    state = tmp_path / ASHA_STATE
+    scheduler = asha(state)
+    good, weak, last = StandInTrial("good"), StandInTrial("weak"), StandInTrial("last")
+    for trial in (good, weak, last):
+        scheduler.on_trial_add(None, trial)
+
+    def result(epoch, f1, planned=3):
+        return {"epoch": epoch, "val_f1": f1, "epochs_planned": planned}
+
+    assert scheduler.on_trial_result(None, good, result(1, 0.9)) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, weak, result(1, 0.1)) == TrialScheduler.STOP
+    assert scheduler.on_trial_result(None, last, result(1, 0.05, planned=1)) == TrialScheduler.CONTINUE
+    assert scheduler.stopped_early == {"weak"} and EarlyStops(state).ids() == {"weak"}
+    assert json.loads(state.read_text())["stopped_early"] == ["weak"]
+
+    # the driver is rebuilt (resume): a new scheduler reads the record back with its rungs
+    rebuilt = asha(state)
+    rebuilt.on_trial_add(None, weak)  # Ray adds the restored trials to the rebuilt scheduler
+    assert rebuilt.stopped_early == {"weak"} and "weak" in EarlyStops(state)
+    # Ray continued "weak" after all (its stop was not in the last snapshot): it is no longer stopped
+    assert rebuilt.on_trial_result(None, weak, result(2, 0.95)) == TrialScheduler.CONTINUE
+    assert rebuilt.stopped_early == set() and "weak" not in EarlyStops(state)
+    assert "x" not in EarlyStops(None) and "x" not in EarlyStops(tmp_path / "missing.json")
+
+
+def test_early_stops_do_not_depend_on_ray_passing_one_result_dict_around(tmp_path, tracking_uri):
+    """Each party gets its own deep copy of every result, as Ray versions other than 2.60 hand callbacks a
+    copy: the scheduler's record alone tells the searcher (PRUNED), MLflow (KILLED), the live table and
+    the leaderboard (stopped_early) which trial was stopped."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestrator.tracking import MlflowTrialCallback, SearchTracking
+
+    space = parse_space(space_dict(epochs=3, trials=2, points_to_evaluate=[GOOD, STALLED]))
+    scheduler = make_scheduler(space, tmp_path / ASHA_STATE)
+    scheduler.set_search_properties("val_f1", "max")
+    searcher = make_searcher(space, tmp_path).searcher
+    stops = EarlyStops(tmp_path / ASHA_STATE)
+    tracking = SearchTracking(tracking_uri, "tiny")
+    parent = tracking.start_parent(tmp_path)
+    callback = MlflowTrialCallback(tracking, parent, tmp_path / "trials", space.config_for, stops)
+    good, stalled = StandInTrial("good", GOOD), StandInTrial("stalled", STALLED)
+    for trial in (good, stalled):
+        assert searcher.suggest(trial.trial_id) == trial.config
+        scheduler.on_trial_add(None, trial)
+        callback.on_trial_start(0, [good, stalled], trial)
+
+    def report(trial, epoch, f1) -> str:
+        result = {"val_f1": f1, "epoch": epoch, "epochs_planned": 3, "training_iteration": epoch}
+        sent = copy.deepcopy(result)
+        decision = scheduler.on_trial_result(None, trial, copy.deepcopy(result))
+        if decision != TrialScheduler.STOP:
+            searcher.on_trial_result(trial.trial_id, copy.deepcopy(result))
+        callback.on_trial_result(0, [good, stalled], trial, copy.deepcopy(result))
+        trial.last_result = copy.deepcopy(result)
+        assert result == sent  # nobody could have marked it: every party had its own copy
+        return decision
+
+    assert report(good, 1, 0.5) == TrialScheduler.CONTINUE
+    assert report(stalled, 1, 0.01) == TrialScheduler.STOP
+    for epoch in (2, 3):
+        assert report(good, epoch, 0.5 + epoch / 10) == TrialScheduler.CONTINUE
+    (tmp_path / "trials" / "good").mkdir(parents=True, exist_ok=True)
+    fit_result = {"status": "completed", "best_f1": 0.8, "best_epoch": 3, "epochs_trained": 3}
+    (tmp_path / "trials" / "good" / "result.json").write_text(json.dumps(fit_result))
+    for trial in (stalled, good):
+        trial.status = "TERMINATED"
+        searcher.on_trial_complete(trial.trial_id, copy.deepcopy(trial.last_result))
+        callback.on_trial_complete(0, [good, stalled], trial)
+
+    assert stops.ids() == {"stalled"}
+    study = by_ray_id(load_study(tmp_path))
+    assert study["good"].state == optuna.trial.TrialState.COMPLETE and study["good"].value == 0.8
+    assert study["stalled"].state == optuna.trial.TrialState.PRUNED
+    assert study["stalled"].intermediate_values == {1: 0.01}
+    runs = {r.data.tags["foldtune.trial_id"]: r for r in tracking.child_runs(parent)}
+    assert runs["good"].info.status == "FINISHED" and runs["stalled"].info.status == "KILLED"
+    assert runs["stalled"].data.tags["foldtune.stopped_early"] == "true"
+    table = progress_table([good, stalled], ["lr"], stops.ids()).splitlines()
+    assert table[0] == "trials: 1 done, 1 stopped"
+    results = [
+        SimpleNamespace(metrics={**t.last_result, "trial_id": t.trial_id}, error=None, config=t.config)
+        for t in (good, stalled)
+    ]
+    rows = {r["trial_id"]: r["state"] for r in trial_rows(results, space, tmp_path, stops)}
+    assert rows == {"good": "completed", "stalled": "stopped_early"}
 
 
 def test_progress_table_shows_state_epoch_and_f1():
@@ -154,11 +273,11 @@ def test_progress_table_shows_state_epoch_and_f1():
 
     trials = [
         Trial("a1", "TERMINATED", {"epoch": 2, "val_f1": 0.41234, "best_f1": 0.5}, {"lr": 0.001}),
-        Trial("b2", "TERMINATED", {"epoch": 1, "val_f1": 0.1, STOPPED_EARLY: True}, {"lr": 1e-9}),
+        Trial("b2", "TERMINATED", {"epoch": 1, "val_f1": 0.1}, {"lr": 1e-9}),
         Trial("c3", "RUNNING", {"epoch": 1, "val_f1": 0.2}, {"lr": 0.01}),
         Trial("d4", "PENDING", {}, {"lr": 0.02}),
     ]
-    text = progress_table(trials, ["lr"])
+    text = progress_table(trials, ["lr"], stopped={"b2"})  # the scheduler's record of early stops
     lines = text.splitlines()
     assert lines[0] == "trials: 1 done, 1 pending, 1 running, 1 stopped"
     assert lines[2].split() == ["a1", "done", "2", "0.4123", "0.5", "0.001"]
@@ -390,6 +509,140 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, demo_table, t
         run_search(
             demo_root, space_file, storage=tmp_path / "runs", tracking_uri=tracking_uri, progress=False
         )
+
+
+# --- real searches with a stand-in trial ------------------------------------------------------------------
+#
+# ``run_search(trial_fn=...)`` runs the real driver, Tune, ASHA, Optuna and MLflow with a stand-in for
+# ``run_trial``: seconds per trial instead of a training run, with the score and the faults a test picks.
+
+STRONG, WEAK = {"lr": 0.9}, {"lr": 0.002}  # a stand-in trial's val_f1 is its lr: strong beats weak
+
+
+def standin_space(path: Path, epochs: int = 4, **changes) -> Path:
+    """A search over ``lr`` alone (the stand-in's score); one trial at a time so ASHA's view is fixed."""
+    raw = {
+        "name": "tiny",
+        "trials": 2,
+        "fixed": {"epochs": epochs, "k": 2, "image_size": [32, 24], "batch_size": 16, "pretrained": False},
+        "search": {"lr": {"loguniform": [1e-3, 1.0]}},
+        "resources": {"cpu": 1, "gpu": 0},
+        "max_concurrent": 1,
+        "scheduler": {"asha": {"grace_period": 1, "reduction_factor": 2}},
+        "sampler": {"seed": 3, "n_startup_trials": 2},
+        "points_to_evaluate": [STRONG, WEAK],
+        "keep_top": 2,
+        "max_failures": 0,
+    }
+    raw.update(changes)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def standin_trial(
+    epoch_s: float = 0.0,
+    crash_lr: float | None = None,
+    raise_lr: float | None = None,
+    raise_all: bool = False,
+    hold_file: str | None = None,
+    hold_from: int = 1,
+):
+    """A stand-in for ``run_trial``: reports val_f1 = lr for each planned epoch with a marker checkpoint,
+    continues from that checkpoint when Ray resumes it, and writes fit's ``result.json`` at the end.
+
+    ``epoch_s`` seconds per epoch. After its first epoch a trial with ``lr == crash_lr`` kills its own
+    process (``os._exit``), one with ``lr == raise_lr`` (every one with ``raise_all``) raises, and with
+    ``hold_file`` the ``hold_from``-th trial to start and later ones wait until that file exists. A
+    closure, so Ray ships it by value to the trial processes (this module is not importable there)."""
+
+    def standin(params, context) -> None:
+        import json
+        import os
+        import tempfile
+        import time
+        from pathlib import Path
+
+        from ray import tune
+
+        trial_id = tune.get_context().get_trial_id()
+        run_dir = Path(context.trials_dir) / trial_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        planned = context.space.config_for(params).epochs
+        lr = float(params["lr"])
+        holds = hold_file is not None and len(list(Path(context.trials_dir).iterdir())) >= hold_from
+        done = 0
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                done = json.loads((Path(folder) / "foldtune_marker.json").read_text())["epoch"]
+        for epoch in range(done + 1, planned + 1):
+            time.sleep(epoch_s)
+            with open(run_dir / "epochs.log", "a") as log:
+                log.write(f"{epoch}\n")
+            metrics = {
+                "val_f1": lr,
+                "epoch": epoch,
+                "epochs_planned": planned,
+                "best_f1": lr,
+                "best_epoch": epoch,
+            }
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / "foldtune_marker.json").write_text(json.dumps({"epoch": epoch}))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            if epoch == 1 and crash_lr is not None and lr == crash_lr:
+                os._exit(1)  # the trial process dies mid-trial, as on a segfault or the OOM killer
+            if epoch == 1 and (raise_all or (raise_lr is not None and lr == raise_lr)):
+                raise RuntimeError(f"stand-in trial failed on purpose (lr {lr})")
+            while holds and not Path(hold_file).exists():
+                time.sleep(0.05)
+        fit_result = {"status": "completed", "best_f1": lr, "best_epoch": planned, "epochs_trained": planned}
+        (run_dir / "result.json").write_text(json.dumps(fit_result))
+
+    return standin
+
+
+def child_runs(tracking_uri: str, name: str = "tiny") -> tuple[object, dict[str, object]]:
+    """(the search's parent run, its child runs by trial id) in the MLflow store."""
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("foldtune.role") == "search")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    return parent, {r.data.tags["foldtune.trial_id"]: r for r in children}
+
+
+@pytest.mark.filterwarnings("ignore::trainers.folds.FoldWarning")  # strata of the tiny data < k
+def test_asha_stops_reach_optuna_mlflow_and_the_summary_through_a_real_search(
+    tmp_path, demo_root, tracking_uri, local_ray
+):
+    """Real Tune + ASHA with a stand-in trial: the weak trial is stopped after epoch 1 of 4. Optuna has it
+    PRUNED (the strong one COMPLETE), MLflow KILLED (FINISHED), the summary stopped_early (completed), and
+    the search counts as finished; all from the scheduler's record in asha_state.json."""
+    summary = run_search(
+        demo_root,
+        standin_space(tmp_path / "tiny.yaml"),
+        storage=tmp_path / "runs",
+        tracking_uri=tracking_uri,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        trial_fn=standin_trial(),
+    )
+    search_dir = tmp_path / "runs" / "tiny"
+    ids = {t.params["lr"]: ray_id for ray_id, t in by_ray_id(load_study(search_dir)).items()}
+    strong, weak = ids[STRONG["lr"]], ids[WEAK["lr"]]
+    assert json.loads((search_dir / ASHA_STATE).read_text())["stopped_early"] == [weak]
+    board = summary.leaderboard.set_index("trial_id")
+    assert board.loc[strong, "state"] == "completed" and board.loc[strong, "epochs"] == 4
+    assert board.loc[weak, "state"] == "stopped_early" and board.loc[weak, "epochs"] == 1
+    assert summary.finished and summary.problem() is None
+    study = by_ray_id(load_study(search_dir))
+    assert study[strong].state == optuna.trial.TrialState.COMPLETE and study[strong].value == STRONG["lr"]
+    assert study[weak].state == optuna.trial.TrialState.PRUNED
+    parent, children = child_runs(tracking_uri)
+    assert children[strong].info.status == "FINISHED" and children[weak].info.status == "KILLED"
+    assert children[weak].data.tags["foldtune.stopped_early"] == "true"
+    assert parent.info.status == "FINISHED" and parent.data.tags["foldtune.finished"] == "true"
+    saved = json.loads((search_dir / "summary.json").read_text())["trials"]
+    assert {t["trial_id"]: t["status"] for t in saved} == {strong: "completed", weak: "stopped_early"}
 
 
 DRIVER = """

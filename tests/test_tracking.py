@@ -94,14 +94,13 @@ def write_run_folder(run_dir: Path, epochs: int, finished: bool) -> None:
         (run_dir / "result.json").write_text(json.dumps(result))
 
 
-def make_callback(tmp_path: Path, tracking_uri: str) -> tuple[MlflowTrialCallback, SearchTracking, str]:
+def make_callback(
+    tmp_path: Path, tracking_uri: str, early_stops=()
+) -> tuple[MlflowTrialCallback, SearchTracking, str]:
     tracking = SearchTracking(tracking_uri, "search-t")
     parent = tracking.start_parent(tmp_path / "runs" / "t")
-    return (
-        MlflowTrialCallback(tracking, parent, tmp_path / "runs" / "t" / "trials", SPACE.config_for),
-        tracking,
-        parent,
-    )
+    trials_dir = tmp_path / "runs" / "t" / "trials"
+    return MlflowTrialCallback(tracking, parent, trials_dir, SPACE.config_for, early_stops), tracking, parent
 
 
 def children(tracking: SearchTracking, parent: str) -> dict[str, object]:
@@ -189,10 +188,11 @@ def test_trial_lifecycle_is_logged_as_a_nested_child_run(tmp_path, tracking_uri)
 
 
 def test_scheduler_stopped_trial_is_killed_with_a_tag(tmp_path, tracking_uri):
-    callback, tracking, parent = make_callback(tmp_path, tracking_uri)
+    """Which trials were stopped comes from the scheduler's record, not from a mark in the result."""
+    callback, tracking, parent = make_callback(tmp_path, tracking_uri, early_stops={"t2"})
     trial = StandInTrial("t2", {"lr": 1e-4, "backbone": "resnet10t"})
     write_run_folder(callback.run_dir("t2"), epochs=1, finished=False)
-    trial.last_result = {**epoch_result(1, 0.05), "done": True, "stopped_early": True}
+    trial.last_result = {**epoch_result(1, 0.05), "done": True}
     callback.on_trial_result(0, [trial], trial, trial.last_result)  # no on_trial_start: attached on demand
     callback.on_trial_complete(0, [trial], trial)
     run = children(tracking, parent)["t2"]
@@ -249,18 +249,58 @@ def test_resumed_driver_reuses_child_runs_and_fills_missed_epochs(tmp_path, trac
 
 
 def test_a_tracking_error_never_stops_the_search(tmp_path, tracking_uri, capsys, monkeypatch):
+    """The first failure is one warning line; later ones are counted, and the search's end says in one
+    line what was not logged (not a line per epoch and trial)."""
     callback, tracking, _ = make_callback(tmp_path, tracking_uri)
-    trial = StandInTrial("t5", {"lr": 1e-3, "backbone": "resnet10t"})
+    trials = [StandInTrial(f"t{i}", {"lr": 1e-3, "backbone": "resnet10t"}) for i in (5, 6)]
 
     def broken(*args, **kwargs):
         raise ConnectionError("tracking server went away")
 
     monkeypatch.setattr(tracking, "log_metrics", broken)
-    callback.on_trial_result(0, [trial], trial, epoch_result(1, 0.1))
-    assert (
-        "MLflow metrics for trial t5 failed: ConnectionError: tracking server went away"
-        in capsys.readouterr().err
-    )
+    for epoch in (1, 2, 3):
+        for trial in trials:
+            callback.on_trial_result(0, trials, trial, epoch_result(epoch, 0.1))
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "warning: MLflow metrics for trial t5 failed: ConnectionError: tracking server went away; the search "
+        "goes on (the search folder keeps every result)"
+    ]
+    callback.on_experiment_end(trials)
+    (end,) = capsys.readouterr().err.splitlines()
+    assert end.startswith(f"warning: MLflow ({tracking_uri}) failed during the search; not logged: metrics")
+    assert "metrics of 2 trial(s)" in end and str(tmp_path / "runs" / "t") in end
+    callback.on_experiment_end(trials)  # said once
+    assert capsys.readouterr().err == ""
+
+
+def test_an_unreachable_store_is_one_error_naming_it(tmp_path):
+    tracking = SearchTracking("sqlite:////proc/nope/mlflow.db", "x")
+    with pytest.raises(OrchestratorError) as raised:
+        tracking.open()
+    message = str(raised.value)
+    assert message.startswith("MLflow tracking store sqlite:////proc/nope/mlflow.db cannot be opened (")
+    assert "\n" not in message and "--tracking-uri" in message
+    SearchTracking(f"sqlite:///{tmp_path}/new/mlflow.db", "x").open()  # a new store is created
+    assert (tmp_path / "new" / "mlflow.db").exists()
+
+
+def test_closing_children_keeps_the_continued_ones_and_a_reopened_run_is_not_interrupted(
+    tmp_path, tracking_uri
+):
+    tracking = SearchTracking(tracking_uri, "search-c")
+    parent = tracking.start_parent(tmp_path / "runs" / "c")
+    runs = {t: tracking.start_child(parent, t, {})[0] for t in ("done", "continued", "left", "lost")}
+    tracking.finish(runs["done"], "FINISHED")
+    assert tracking.close_children(parent, keep={"continued"}, known={"done", "continued", "left"}) == 2
+    client = MlflowClient(tracking_uri)
+    status = {t: client.get_run(r).info.status for t, r in runs.items()}
+    assert status == {"done": "FINISHED", "continued": "RUNNING", "left": "KILLED", "lost": "KILLED"}
+    assert client.get_run(runs["left"]).data.tags["foldtune.interrupted"] == "true"
+    assert client.get_run(runs["lost"]).data.tags["foldtune.orphaned"] == "true"
+    tracking.reopen(runs["left"])  # resumed after all
+    reopened = client.get_run(runs["left"])
+    assert reopened.info.status == "RUNNING" and "foldtune.interrupted" not in reopened.data.tags
 
 
 def test_ui_needs_an_existing_store(tmp_path):

@@ -50,10 +50,16 @@ def main(argv: list[str] | None = None) -> int:
             storage=Path(args.storage),
             resume=(Path(args.storage) / "demo").exists(),
         )
+    except KeyboardInterrupt:
+        print("search interrupted: run `make demo` again to resume it", file=sys.stderr)
+        return 1
     except Exception as error:
         return report_user_error(error)
     if not summary.finished:
         print("search interrupted: run `make demo` again to resume it", file=sys.stderr)
+        return 1
+    if (problem := summary.problem()) is not None:  # finished, but no trial to ensemble
+        print(problem, file=sys.stderr)
         return 1
     print("== ensembling the best fold models with TTA", flush=True)
     from orchestrator.ensemble import run_ensemble, score_submission
@@ -79,4 +85,3 @@ def main(argv: list[str] | None = None) -> int:
         f"  make ui        (or: .venv/bin/foldtune ui --port {args.port}) then open http://127.0.0.1:{args.port}"
     )
     return 0
-

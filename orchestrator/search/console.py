@@ -8,19 +8,21 @@ state, or at most every ``interval_s`` seconds while trials only advance.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any
 
 import pandas as pd
 from ray.tune import Callback
 
-from orchestrator.search.constants import METRIC, STOPPED_EARLY, TIME_ATTR
+from orchestrator.search.constants import METRIC, TIME_ATTR
 
 
 class ProgressTable(Callback):
     """A compact live table of trials (state, epoch, mean F1, key parameters), printed when it changes."""
 
-    def __init__(self, params: list[str], interval_s: float = 30.0):
+    def __init__(self, params: list[str], interval_s: float = 30.0, early_stops: Collection[str] = ()):
         self.params = params
+        self.early_stops = early_stops  # the scheduler's record of the trials it stopped early
         self.interval_s = interval_s
         self._shown: dict[str, tuple] = {}
         self._last_print = 0.0
@@ -34,16 +36,18 @@ class ProgressTable(Callback):
         status_changed = {k: v[0] for k, v in state.items()} != {k: v[0] for k, v in self._shown.items()}
         if status_changed or (state != self._shown and now - self._last_print >= self.interval_s):
             self._shown, self._last_print = state, now
-            print(progress_table(trials, self.params), flush=True)
+            stopped = frozenset(getattr(self, "early_stops", ()))
+            print(progress_table(trials, self.params, stopped), flush=True)
 
 
-def progress_table(trials, params: list[str]) -> str:
+def progress_table(trials, params: list[str], stopped: Collection[str] = ()) -> str:
+    """The table; a TERMINATED trial is ``stopped`` when its id is in ``stopped`` (early stops), else done."""
     rows = []
     for t in trials:
         result = t.last_result or {}
         state = t.status.lower()
         if t.status == "TERMINATED":
-            state = "stopped" if result.get(STOPPED_EARLY) else "done"
+            state = "stopped" if t.trial_id in stopped else "done"
         rows.append(
             {
                 "trial": t.trial_id,

@@ -7,10 +7,9 @@ one place and none has to import another only for a string.
 from __future__ import annotations
 
 METRIC, MODE, TIME_ATTR = "val_f1", "max", "epoch"
-STOPPED_EARLY = "stopped_early"  # result key set on the result a scheduler stopped a trial at
 EXPERIMENT_DIRNAME = "tune"
 RELABEL_COPY = "relabel.csv"  # the label fixes the search was started with
 FOLDS_FILE = "folds.csv"  # the one fold file every trial of the search splits by
-ASHA_STATE = "asha_state.json"  # the scheduler's rungs, so a resumed search keeps judging against them
+ASHA_STATE = "asha_state.json"  # the scheduler's rungs and the trials it stopped early (kept across resumes)
 CHECKPOINT_MARKER = "foldtune_marker.json"
 STATE_ORDER = {"completed": 0, "stopped_early": 1, "failed": 2, "unfinished": 3}

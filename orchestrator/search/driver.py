@@ -3,13 +3,18 @@
 ``run_search`` reads as the search's steps: settle which search this is (``settle``), join or start Ray
 and fit the trials to it, prepare what every trial shares (``prepare``), open the MLflow parent run,
 build Tune's tuner (new, or restored from ``tune/`` on resume), let it run the trials, and summarise
-(``summary``). Everything else the search does lives in the room named for it.
+(``summary``). Every way out after the parent run is opened (an exception, Ctrl+C, or SIGTERM, which takes
+Ctrl+C's path) closes what the search opened in Optuna and MLflow (``closing``). Everything else the search
+does lives in the room named for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +24,14 @@ from ray import tune
 from ray.tune import Callback
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.search.closing import (
+    SearchInterrupted,
+    SettleLeftovers,
+    close_after,
+    fail_running_trials_quietly,
+    finished_trials,
+    interrupted_line,
+)
 from orchestrator.search.console import ProgressTable
 from orchestrator.search.constants import (
     ASHA_STATE,
@@ -31,7 +44,7 @@ from orchestrator.search.constants import (
 from orchestrator.search.optuna_adapter import make_searcher
 from orchestrator.search.prepare import prepare
 from orchestrator.search.settle import settle_relabel, settle_space, settle_tracking
-from orchestrator.search.stopping import EarlyStopMarker, make_scheduler
+from orchestrator.search.stopping import EarlyStops, make_scheduler
 from orchestrator.search.summary import SearchSummary, summarize
 from orchestrator.search.trial import TrialContext, run_trial
 from orchestrator.space import SearchSpace
@@ -79,6 +92,11 @@ def run_search(
     ``trial_fn`` is what each trial runs instead of ``run_trial``, called the same way, as
     ``trial_fn(params, context)`` in a Ray trial process, reporting with ``ray.tune.report`` (tests use it
     to run the real driver and scheduling with a stand-in trial); a resume must pass the same one.
+
+    The summary says whether the search finished with a result (``summary.problem()`` is the one line to
+    show when not). Ctrl+C or SIGTERM during the trials ends it interrupted (Tune saves the experiment);
+    outside Tune's graceful stop (a second one, or before the trials) it raises ``SearchInterrupted``, whose
+    message is that line. Either way nothing is left RUNNING in Optuna or MLflow.
     """
     storage_dir = Path(storage or "runs").expanduser().absolute()
     space, search_dir, restoring = settle_space(
@@ -92,30 +110,32 @@ def run_search(
 
     started_ray = _connect_ray(address, progress)
     try:
-        space = _fit_resources(space)
-        context = prepare(
-            data_root,
-            space,
-            search_dir,
-            cache_dir,
-            progress,
-            relabel_copy,
-            folds_file=folds_file,
-            resuming=started_before,
-        )
-        parent_run_id = start_parent_run(
-            tracking, space, search_dir, data_root, _parent_artifacts(search_dir)
-        )
-        trainable = _trainable(trial_fn or run_trial, context, space)
-        with _tune_environ():
-            if restoring:
-                tuner = _restored_tuner(trainable, search_dir, space, retry_failed)
-            else:
-                tuner = _new_tuner(trainable, space, search_dir, tracking, parent_run_id, progress)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=FutureWarning)
-                results = tuner.fit()
-        summary = summarize(results, space, search_dir, tracking, parent_run_id)
+        with _sigterm_as_interrupt():
+            space = _fit_resources(space)
+            context = prepare(
+                data_root,
+                space,
+                search_dir,
+                cache_dir,
+                progress,
+                relabel_copy,
+                folds_file=folds_file,
+                resuming=started_before,
+            )
+            parent_run_id = start_parent_run(
+                tracking, space, search_dir, data_root, _parent_artifacts(search_dir)
+            )
+            summary = _tune(
+                trial_fn or run_trial,
+                context,
+                space,
+                search_dir,
+                tracking,
+                parent_run_id,
+                restoring,
+                retry_failed,
+                progress,
+            )
     finally:
         if started_ray:
             import ray
@@ -124,6 +144,56 @@ def run_search(
     if progress:
         print(summary.report())
     return summary
+
+
+def _tune(
+    trial_fn, context, space, search_dir, tracking, parent_run_id, restoring, retry_failed, progress
+) -> SearchSummary:
+    """Build (or restore) Tune's experiment, run it, summarise it; every way out closes what the search
+    opened in Optuna and MLflow (``closing``), and an interruption outside Tune's own graceful stop ends
+    as ``SearchInterrupted`` with the one line to show."""
+    try:
+        trainable = _trainable(trial_fn, context, space)
+        with _tune_environ(), _no_tuner_restore_advice():
+            if restoring:
+                tuner = _restored_tuner(trainable, search_dir, space, retry_failed)
+            else:
+                tuner = _new_tuner(trainable, space, search_dir, tracking, parent_run_id, progress)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                results = tuner.fit()
+        # Tune returns early when Ctrl+C or SIGTERM stopped it: the trials it left stop here too
+        fail_running_trials_quietly(search_dir, space.name)
+        return summarize(results, space, search_dir, tracking, parent_run_id)
+    except BaseException as error:
+        close_after(error, tracking, parent_run_id, search_dir, space.name)
+        if isinstance(error, KeyboardInterrupt) and not isinstance(error, SearchInterrupted):
+            finished = finished_trials(search_dir, space.name)
+            raise SearchInterrupted(interrupted_line(space.name, finished, space.trials)) from None
+        raise
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM takes Ctrl+C's path while the driver runs: Tune's graceful stop during ``tuner.fit`` (the
+    trials stop, the experiment is saved, the search ends interrupted), KeyboardInterrupt elsewhere. A
+    second one, like a second Ctrl+C, stops at once. Only the main thread can set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)  # Tune's handler, or Python's (raises KeyboardInterrupt)
+        else:  # SIGINT ignored or default: stop the driver anyway
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # --- Ray ---------------------------------------------------------------------------------------------------
@@ -198,6 +268,24 @@ def _tune_environ() -> Iterator[None]:
                 os.environ.pop(key, None)
 
 
+class _TunerRestoreAdvice(logging.Filter):
+    """Drops Tune's "interrupted ... Resume experiment with: Tuner.restore(...)": foldtune's own line says
+    how to continue (``--resume``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has been interrupted, but the most recent state was saved" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _no_tuner_restore_advice() -> Iterator[None]:
+    logger, advice = logging.getLogger("ray.tune.tune"), _TunerRestoreAdvice()
+    logger.addFilter(advice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(advice)
+
+
 def _restored_tuner(trainable, search_dir: Path, space: SearchSpace, retry_failed: bool) -> tune.Tuner:
     """Tune's experiment in ``tune/``, with its searcher, scheduler and callbacks as they were saved."""
     experiment_path = search_dir / EXPERIMENT_DIRNAME
@@ -246,10 +334,11 @@ def _new_tuner(
 
 
 def _callbacks(space, search_dir, tracking, parent_run_id, progress) -> list[Callback]:
+    early_stops = EarlyStops(search_dir / ASHA_STATE)  # the scheduler's record of the trials it stopped
     callbacks: list[Callback] = [
-        EarlyStopMarker(),
-        MlflowTrialCallback(tracking, parent_run_id, search_dir / "trials", space.config_for),
+        SettleLeftovers(search_dir, space.name, tracking, parent_run_id),
+        MlflowTrialCallback(tracking, parent_run_id, search_dir / "trials", space.config_for, early_stops),
     ]
     if progress:
-        callbacks.append(ProgressTable(list(space.search)))
+        callbacks.append(ProgressTable(list(space.search), early_stops=early_stops))
     return callbacks

@@ -2,24 +2,35 @@
 
 Ray reports an ASHA-stopped trial to its searcher as COMPLETE with the score it had when stopped, so TPE
 would learn from a truncated run as if it were a finished one. ``PrunedAwareOptunaSearch`` records such a
-trial as PRUNED instead. The study lives in ``<search>/optuna.db`` (``optuna_storage_url``), so the
-history survives a killed driver and the plots read it back after the search.
+trial as PRUNED instead; which trials were stopped it asks the scheduler's own record (``EarlyStops``).
+The study lives in ``<search>/optuna.db`` (``optuna_storage_url``), so the history survives a killed
+driver and the plots read it back after the search.
+
+No trial stays RUNNING in the study after a driver ends: ``fail_running_trials`` marks the trials of an
+interrupted search FAIL with the user attribute ``interrupted`` (Optuna's own convention for trials whose
+process died: TPE ignores them). A trial Ray resumes later is re-attached: its outcome is told to a copy
+of the interrupted trial (same parameters, its intermediate values, user attribute ``resumed_from``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.search.constants import METRIC, MODE, STOPPED_EARLY
+from orchestrator.search.constants import ASHA_STATE, METRIC, MODE
+from orchestrator.search.stopping import EarlyStops
 from orchestrator.space import SearchSpace
 
 logger = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted"  # user attribute of a trial closed (FAIL) because its search was interrupted
+RAY_TRIAL_ID = "ray_trial_id"
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
@@ -27,23 +38,44 @@ class PrunedAwareOptunaSearch(OptunaSearch):
 
     Ray reports an ASHA-stopped trial as COMPLETE with its early score, so TPE would treat a truncated run
     as a finished one. Here its last score is recorded as an intermediate value and the trial is PRUNED.
-    Each Optuna trial also carries its Ray trial id (user attribute ``ray_trial_id``).
+    ``early_stops`` says which trials the scheduler stopped (``trial_id in early_stops``). Each Optuna
+    trial also carries its Ray trial id (user attribute ``ray_trial_id``). A trial whose Optuna record was
+    closed by an interrupted driver and that Ray now resumes is re-attached (see the module docstring).
     """
+
+    def __init__(self, *args, early_stops: Collection[str] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._early_stops = early_stops
+
+    @property
+    def _reported(self) -> dict[str, set[int]]:
+        """Steps each live trial has in the study, as last read (saved with the searcher, harmlessly)."""
+        if "_reported_steps" not in self.__dict__:  # a searcher saved by an older foldtune
+            self._reported_steps: dict[str, set[int]] = {}
+        return self._reported_steps
 
     def suggest(self, trial_id: str):
         params = super().suggest(trial_id)
         if params is not None and trial_id in self._ot_trials:
-            self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
         return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._ot_trials:  # unknown only for trials lost with a killed driver's last snapshot
-            super().on_trial_result(trial_id, result)
+        # unknown only for trials lost with a killed driver's last snapshot; not live when already told
+        if trial_id in self._completed_trials or self._live_trial(trial_id) is None:
+            return
+        if result.get("training_iteration") in self._reported.get(trial_id, ()):
+            return  # an epoch repeated by a trial resumed from an earlier checkpoint: Optuna keeps the first
+        super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials:
             return
-        if error or not result or not result.get(STOPPED_EARLY) or trial_id in self._completed_trials:
+        if self._live_trial(trial_id) is None:
+            if trial_id in self._ot_trials:  # told before a killed driver's last snapshot
+                self._completed_trials.add(trial_id)
+            return
+        if error or not result or trial_id not in getattr(self, "_early_stops", ()):
             super().on_trial_complete(trial_id, result, error)
             return
         import optuna
@@ -57,6 +89,67 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         except Exception as exc:  # e.g. already told before a resume; the study keeps its first record
             logger.warning("Optuna: could not mark trial %s pruned: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
+
+    def _live_trial(self, trial_id: str):
+        """The Optuna trial to tell about ``trial_id``: its own while RUNNING, a re-attached copy when an
+        interrupted driver closed it, None when unknown or already told (a killed driver told Optuna but
+        not its own snapshot, so Ray repeats the trial's last result)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return None
+        try:
+            frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        except Exception as exc:
+            logger.warning("Optuna: trial %s unreadable: %s", trial_id, exc)
+            return None
+        if not frozen.state.is_finished():
+            self._reported[trial_id] = set(frozen.intermediate_values)
+            return ot_trial
+        if not frozen.user_attrs.get(INTERRUPTED):
+            return None
+        import optuna
+
+        attrs = {k: v for k, v in frozen.user_attrs.items() if k != INTERRUPTED}
+        copy = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.RUNNING,
+            params=frozen.params,
+            distributions=frozen.distributions,
+            intermediate_values=frozen.intermediate_values,
+            user_attrs={**attrs, "resumed_from": frozen.number},
+        )
+        new_id = self._ot_study._storage.create_new_trial(self._ot_study._study_id, template_trial=copy)
+        self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, new_id)
+        self._reported[trial_id] = set(frozen.intermediate_values)
+        logger.info("Optuna: trial %s resumed as trial %s", frozen.number, self._ot_trials[trial_id].number)
+        return self._ot_trials[trial_id]
+
+
+def fail_running_trials(search_dir: Path, study_name: str, keep: Collection[str] = ()) -> list[int]:
+    """Mark FAIL (user attribute ``interrupted``) every trial still RUNNING in the search's study whose Ray
+    trial is not in ``keep`` (the trials Ray is about to continue); returns their numbers.
+
+    Called when a driver ends without finishing (its trials stop with it) and when a resumed driver starts
+    (trials a killed driver left RUNNING that Ray will not continue, e.g. lost with its last snapshot).
+    """
+    import optuna
+
+    path = Path(search_dir) / "optuna.db"
+    if not path.exists():
+        return []
+    storage = optuna.storages.RDBStorage(optuna_storage_url(search_dir))
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # no study yet: the driver stopped before the first trial
+        return []
+    closed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get(RAY_TRIAL_ID) in keep:
+            continue
+        storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        closed.append(trial.number)
+    storage.remove_session()
+    return closed
 
 
 def optuna_distributions(space: SearchSpace) -> dict[str, Any]:
@@ -88,5 +181,6 @@ def make_searcher(space: SearchSpace, search_dir: Path) -> ConcurrencyLimiter:
         storage=optuna.storages.RDBStorage(optuna_storage_url(search_dir)),
         study_name=space.name,
         points_to_evaluate=[dict(point) for point in space.points_to_evaluate] or None,
+        early_stops=EarlyStops(Path(search_dir).absolute() / ASHA_STATE),
     )
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)

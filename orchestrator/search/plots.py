@@ -37,6 +37,8 @@ def plot_study(search_dir: Path, study_name: str) -> list[Path]:
         "optimization_history.png": optuna.visualization.matplotlib.plot_optimization_history,
         "param_importances.png": optuna.visualization.matplotlib.plot_param_importances,
     }
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "no complete trials" is said by the summary
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for filename, draw in drawers.items():
@@ -50,6 +52,7 @@ def plot_study(search_dir: Path, study_name: str) -> list[Path]:
                 figure = _plain_history(study, plt)
             written.append(save_figure_atomic(figure, out / filename))
             plt.close(figure)
+    optuna.logging.set_verbosity(verbosity)
     return written
 
 

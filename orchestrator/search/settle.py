@@ -67,7 +67,10 @@ def settle_space(
 
 
 def settle_tracking(search_dir: Path, tracking_uri: str | None, experiment_name: str) -> SearchTracking:
-    """The search keeps the tracking store it started with (its file says which), so resume stays in it."""
+    """The search keeps the tracking store it started with (its file says which), so resume stays in it.
+
+    The store is opened once here, before Ray starts and before the choice is written down, so a store
+    that cannot be reached is one error naming it, and a corrected command starts cleanly."""
     record = search_dir / "tracking.json"
     if record.exists():
         saved = json.loads(record.read_text())
@@ -76,8 +79,11 @@ def settle_tracking(search_dir: Path, tracking_uri: str | None, experiment_name:
                 f"search in {search_dir} is tracked in {saved['tracking_uri']}, "
                 f"not {resolve_tracking_uri(tracking_uri)}: resume without another tracking URI"
             )
-        return SearchTracking(saved["tracking_uri"], saved["experiment_name"])
+        tracking = SearchTracking(saved["tracking_uri"], saved["experiment_name"])
+        tracking.open()
+        return tracking
     tracking = SearchTracking(tracking_uri, experiment_name)
+    tracking.open()
     search_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(
         json.dumps({"tracking_uri": tracking.tracking_uri, "experiment_name": experiment_name}, indent=2),

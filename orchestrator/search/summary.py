@@ -198,6 +198,7 @@ def _prune_checkpoints(
 
     ranked = [r for r in rows if r["state"] in ("completed", "stopped_early") and math.isfinite(r["best_f1"])]
     kept = {r["trial_id"] for r in ranked[:keep_top]}
+    deleted = []
     for row in rows:
         run_dir = Path(row["run_dir"])
         if row["state"] != "failed":
@@ -210,7 +211,9 @@ def _prune_checkpoints(
         if row["trial_id"] in kept or not checkpoints.exists():
             continue
         shutil.rmtree(checkpoints)
-        mark_checkpoints_deleted(tracking, parent_run_id, row["trial_id"])
+        deleted.append(row["trial_id"])
+    if deleted:
+        mark_checkpoints_deleted(tracking, parent_run_id, deleted)
     return kept
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from orchestrator.space import SearchSpace
-from orchestrator.tracking.store import TAG, SearchTracking
+from orchestrator.tracking.store import TAG, SearchTracking, error_line, quiet_store_errors
 
 if TYPE_CHECKING:
     from orchestrator.search.summary import SearchSummary
@@ -51,15 +51,19 @@ def start_parent_run(
     return parent_run_id
 
 
-def mark_checkpoints_deleted(tracking: SearchTracking, parent_run_id: str, trial_id: str) -> None:
-    """Tag a trial's child run when its checkpoints were deleted to bound the search's disk."""
+def mark_checkpoints_deleted(tracking: SearchTracking, parent_run_id: str, trial_ids: Iterable[str]) -> None:
+    """Tag the child runs of trials whose checkpoints were deleted to bound the search's disk."""
+    trial_ids = list(trial_ids)
     try:
-        run_id = tracking.find_child(parent_run_id, trial_id)
-        if run_id is not None:
-            tracking.set_tags(run_id, {f"{TAG}checkpoints_deleted": "true"})
+        with quiet_store_errors():
+            for trial_id in trial_ids:
+                run_id = tracking.find_child(parent_run_id, trial_id)
+                if run_id is not None:
+                    tracking.set_tags(run_id, {f"{TAG}checkpoints_deleted": "true"})
     except Exception as error:
         print(
-            f"warning: MLflow tag for deleted checkpoints of {trial_id} failed: {error}",
+            f"warning: MLflow tag for the deleted checkpoints of {len(trial_ids)} trial(s) failed: "
+            f"{error_line(error)}",
             file=sys.stderr,
         )
 
@@ -77,35 +81,59 @@ def log_parent_results(
     ``states`` are the trial states counted as ``trials_<state>`` metrics (zero when no trial has one).
     """
     try:
-        client = tracking.client
-        search_dir = summary.search_dir
-        for name in ("leaderboard.csv", "summary.json"):
-            client.log_artifact(parent_run_id, str(search_dir / name))
-        client.log_table(
-            parent_run_id, summary.leaderboard.drop(columns=["run_dir"]), "leaderboard_table.json"
-        )
-        for plot in plots:
-            client.log_artifact(parent_run_id, str(plot), "plots")
-        counts = pd.Series([r["state"] for r in rows]).value_counts().to_dict()
-        metrics = {f"trials_{state}": counts.get(state, 0) for state in states}
-        metrics["disk_bytes"] = summary.disk_bytes
-        tags = {f"{TAG}finished": str(summary.finished).lower()}
-        if summary.best_trial_id is not None:
-            metrics["best_val_f1"] = rows[0]["best_f1"]
-            tags[f"{TAG}best_trial"] = summary.best_trial_id
-            client.log_text(
-                parent_run_id, yaml.safe_dump(summary.best_config, sort_keys=False), "best_config.yaml"
-            )
-        tracking.log_metrics(parent_run_id, metrics)
-        tracking.set_tags(parent_run_id, tags)
-        known = {r["trial_id"] for r in rows}
-        for child in tracking.child_runs(parent_run_id):
-            if child.info.status == "RUNNING":
-                orphan = child.data.tags.get(f"{TAG}trial_id") not in known
-                tracking.set_tags(
-                    child.info.run_id, {f"{TAG}{'orphaned' if orphan else 'interrupted'}": "true"}
-                )
-                tracking.finish(child.info.run_id, "KILLED")
-        tracking.finish(parent_run_id, "FINISHED" if summary.finished else "KILLED")
+        with quiet_store_errors():
+            _log_parent_results(tracking, parent_run_id, summary, rows, plots, states)
     except Exception as error:
-        print(f"warning: MLflow results of the search not fully logged: {error}", file=sys.stderr)
+        print(f"warning: MLflow results of the search not fully logged: {error_line(error)}", file=sys.stderr)
+
+
+def _log_parent_results(tracking, parent_run_id, summary, rows, plots, states) -> None:
+    client = tracking.client
+    search_dir = summary.search_dir
+    for name in ("leaderboard.csv", "summary.json"):
+        client.log_artifact(parent_run_id, str(search_dir / name))
+    client.log_table(parent_run_id, summary.leaderboard.drop(columns=["run_dir"]), "leaderboard_table.json")
+    for plot in plots:
+        client.log_artifact(parent_run_id, str(plot), "plots")
+    counts = pd.Series([r["state"] for r in rows]).value_counts().to_dict()
+    metrics = {f"trials_{state}": counts.get(state, 0) for state in states}
+    metrics["disk_bytes"] = summary.disk_bytes
+    tags = {f"{TAG}finished": str(summary.finished).lower()}
+    if summary.best_trial_id is not None:
+        metrics["best_val_f1"] = rows[0]["best_f1"]
+        tags[f"{TAG}best_trial"] = summary.best_trial_id
+        client.log_text(
+            parent_run_id, yaml.safe_dump(summary.best_config, sort_keys=False), "best_config.yaml"
+        )
+    tracking.log_metrics(parent_run_id, metrics)
+    tracking.set_tags(parent_run_id, tags)
+    tracking.close_children(parent_run_id, known={r["trial_id"] for r in rows})
+    tracking.finish(parent_run_id, "FINISHED" if summary.finished else "KILLED")
+
+
+def close_search_runs(tracking: SearchTracking, parent_run_id: str, error: BaseException) -> None:
+    """A driver ending on ``error`` (an exception, Ctrl+C, SIGTERM) closes what it opened in MLflow: child
+    runs still RUNNING become KILLED (tag ``interrupted``), the parent KILLED for an interruption, FAILED
+    with the error (tag ``foldtune.error``) for anything else. A tracking failure here is one warning."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    try:
+        with quiet_store_errors():
+            tracking.close_children(parent_run_id)
+            tags = {f"{TAG}finished": "false"}
+            if not interrupted:
+                tags[f"{TAG}error"] = f"{type(error).__name__}: {error_line(error)}"
+            tracking.set_tags(parent_run_id, tags)
+            tracking.finish(parent_run_id, "KILLED" if interrupted else "FAILED")
+    except Exception as failure:
+        print(f"warning: MLflow runs of the search not closed: {error_line(failure)}", file=sys.stderr)
+
+
+def settle_child_runs(tracking: SearchTracking, parent_run_id: str, keep: Iterable[str]) -> int:
+    """On resume: child runs a killed driver left RUNNING whose trial Ray does not continue become KILLED
+    (tag ``interrupted``); returns how many (0 when the store cannot be reached: one warning)."""
+    try:
+        with quiet_store_errors():
+            return tracking.close_children(parent_run_id, keep=set(keep))
+    except Exception as error:
+        print(f"warning: MLflow runs left RUNNING by a killed driver: {error_line(error)}", file=sys.stderr)
+        return 0

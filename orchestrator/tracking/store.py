@@ -9,11 +9,13 @@ parent run and never duplicates a trial's child run.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -78,6 +80,43 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len("sqlite:///") :]) if tracking_uri.startswith("sqlite:///") else None
 
 
+def error_line(error: BaseException) -> str:
+    """One telling line of an error's message: the last line of a traceback it carries (Tune's errors),
+    else its first line that is not SQLAlchemy's note on autoflush."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        return lines[-1][:500]
+    lines = [line for line in lines if not line.startswith("(raised as a result of")]
+    return lines[0][:500] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def quiet_store_errors() -> Iterator[None]:
+    """Around tracking calls whose failure foldtune reports itself (one warning line): MLflow's own log of
+    each failed database call (an ERROR with a full traceback, every time) stays silent."""
+    logger = logging.getLogger("mlflow.store.db.utils")
+    was_disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = was_disabled
+
+
+@contextlib.contextmanager
+def _fail_fast_http() -> Iterator[None]:
+    """For the one check at start: a tracking server that does not answer fails in seconds, not after
+    MLflow's minutes of retries (settings the user made are kept)."""
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+    added = [key for key in limits if key not in os.environ]
+    for key in added:
+        os.environ[key] = limits[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
 def _param_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return json.dumps(list(value))
@@ -122,6 +161,20 @@ class SearchTracking:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
+    def open(self) -> None:
+        """Open the store once (creating a new SQLite store), so a store that cannot be reached fails the
+        search before anything starts, with one message naming it."""
+        try:
+            with _fail_fast_http():
+                self.client.search_experiments(max_results=1)
+        except Exception as error:
+            self._client = None
+            reason = f"{type(error).__name__}: {error_line(error)}"
+            raise OrchestratorError(
+                f"MLflow tracking store {self.tracking_uri} cannot be opened ({reason}); pass a reachable "
+                "--tracking-uri (or MLFLOW_TRACKING_URI), e.g. sqlite:///ABSOLUTE/PATH/mlruns/mlflow.db"
+            ) from None
+
     @property
     def experiment_id(self) -> str:
         """The search's experiment, created (or restored from the trash) on first use."""
@@ -149,6 +202,8 @@ class SearchTracking:
             run_id = found[0].info.run_id
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
+            if f"{TAG}error" in found[0].data.tags:  # the error that ended the last driver is history
+                self.client.delete_tag(run_id, f"{TAG}error")
             self.client.set_tag(run_id, f"{TAG}resumed", "true")
             return run_id
         run = self.client.create_run(
@@ -225,3 +280,28 @@ class SearchTracking:
 
     def finish(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
+
+    def reopen(self, run_id: str) -> None:
+        """A resumed trial's child run: RUNNING again, no longer tagged interrupted."""
+        run = self.client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        if f"{TAG}interrupted" in run.data.tags:
+            self.client.delete_tag(run_id, f"{TAG}interrupted")
+
+    def close_children(
+        self, parent_run_id: str, keep: Collection[str] = (), known: Collection[str] | None = None
+    ) -> int:
+        """Child runs still RUNNING, except those of trials in ``keep`` (about to continue), become KILLED,
+        tagged ``interrupted`` (``orphaned`` when ``known`` is given and their trial is not in it: a trial
+        a killed driver's last snapshot lost). Returns how many were closed."""
+        closed = 0
+        for child in self.child_runs(parent_run_id):
+            trial_id = child.data.tags.get(f"{TAG}trial_id")
+            if child.info.status != "RUNNING" or trial_id in keep:
+                continue
+            orphan = known is not None and trial_id not in known
+            self.set_tags(child.info.run_id, {f"{TAG}{'orphaned' if orphan else 'interrupted'}": "true"})
+            self.finish(child.info.run_id, "KILLED")
+            closed += 1
+        return closed

@@ -6,14 +6,14 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from ray.tune import Callback
 
-from orchestrator.tracking.store import MAX_TAG_CHARS, TAG, SearchTracking
+from orchestrator.tracking.store import MAX_TAG_CHARS, TAG, SearchTracking, error_line, quiet_store_errors
 
 RUN_FOLDER_ARTIFACTS = ("config.yaml", "folds.csv", "result.json", "metrics/*.csv", "plots/*.png")
 
@@ -23,32 +23,65 @@ class MlflowTrialCallback(Callback):
 
     Child runs get all hyperparameters, per-epoch mean and per-fold metrics (step = epoch), final metrics,
     the run folder's fold file, metric CSVs and plots, and a status: FINISHED, KILLED when the scheduler
-    stopped the trial early (tag ``foldtune.stopped_early=true``), FAILED with the error as tag and artifact.
-    A tracking problem is reported on stderr and never stops the search.
+    stopped the trial early (``trial_id in early_stops``, the scheduler's own record; tag
+    ``foldtune.stopped_early=true``), FAILED with the error as tag and artifact.
+
+    A tracking problem never stops the search: the first failure is one warning line on stderr, later ones
+    are counted, and at the end of the search one line says what was not logged (the search folder keeps
+    every result either way).
     """
 
-    def __init__(self, tracking: SearchTracking, parent_run_id: str, trials_dir: Path, config_for):
+    def __init__(
+        self,
+        tracking: SearchTracking,
+        parent_run_id: str,
+        trials_dir: Path,
+        config_for,
+        early_stops: Collection[str] = (),
+    ):
         self.tracking = tracking
         self.parent_run_id = parent_run_id
         self.trials_dir = Path(trials_dir).absolute()
         self.config_for = config_for  # trial params -> TrainConfig (the search space's config_for)
+        self.early_stops = early_stops  # trial ids the scheduler stopped before their last epoch
         self._runs: dict[str, str] = {}
         self._logged_epoch: dict[str, int] = {}
+        self._not_logged: dict[str, set[str]] = {}  # what -> trial ids, since the first tracking failure
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_runs": {}, "_logged_epoch": {}}
+        return {**self.__dict__, "_runs": {}, "_logged_epoch": {}, "_not_logged": {}}
 
     def run_dir(self, trial_id: str) -> Path:
         return self.trials_dir / trial_id
 
     def _guard(self, what: str, trial, action) -> None:
         try:
-            action()
+            with quiet_store_errors():
+                action()
         except Exception as error:  # tracking must never end a search that is training fine
-            print(
-                f"warning: MLflow {what} for trial {trial.trial_id} failed: {type(error).__name__}: {error}",
-                file=sys.stderr,
-            )
+            not_logged = self.__dict__.setdefault("_not_logged", {})
+            if not not_logged:
+                print(
+                    f"warning: MLflow {what} for trial {trial.trial_id} failed: {type(error).__name__}: "
+                    f"{error_line(error)}; the search goes on (the search folder keeps every result)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            not_logged.setdefault(what, set()).add(trial.trial_id)
+
+    def on_experiment_end(self, trials, **info):
+        not_logged = getattr(self, "_not_logged", {})
+        if not not_logged:
+            return
+        parts = ", ".join(f"{what} of {len(ids)} trial(s)" for what, ids in not_logged.items())
+        print(
+            f"warning: MLflow ({self.tracking.tracking_uri}) failed during the search; not logged: {parts}. "
+            f"The search folder {self.trials_dir.parent} has all results (leaderboard.csv, summary.json, "
+            "trials/)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._not_logged = {}
 
     def _child(self, trial) -> str:
         run_id = self._runs.get(trial.trial_id)
@@ -67,8 +100,8 @@ class MlflowTrialCallback(Callback):
         if created:
             self.tracking.log_params(run_id, self.config_for(trial.config).to_dict())
             self._logged_epoch[trial.trial_id] = 0
-        else:
-            self.tracking.client.update_run(run_id, status="RUNNING")
+        else:  # resumed: running again, no longer an interrupted run
+            self.tracking.reopen(run_id)
             self._logged_epoch[trial.trial_id] = self.tracking.last_step(run_id)
         self._runs[trial.trial_id] = run_id
         return run_id
@@ -109,7 +142,7 @@ class MlflowTrialCallback(Callback):
     def _complete(self, trial) -> None:
         run_id = self._child(trial)
         last = trial.last_result or {}
-        stopped = bool(last.get("stopped_early"))
+        stopped = trial.trial_id in getattr(self, "early_stops", ())
         run_dir = self.run_dir(trial.trial_id)
         final = {
             "best_f1": last.get("best_f1"),

@@ -31,10 +31,24 @@ def start_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127
     return subprocess.Popen(command)
 
 
+# MLflow 3's UI has a global "GenAI | Model training" switch that starts on GenAI (traces, evaluation runs).
+# The experiment's mlflow.experimentKind tag (set by foldtune, see tracking.provenance) classifies the
+# experiment, but in MLflow 3.17 it does not flip that switch; the workflowType query parameter does
+# (checked in headless Chromium, tests/test_ui.py). So every link foldtune prints carries it.
+MODEL_TRAINING_QUERY = "?workflowType=machine_learning"
+
+
+def experiment_url(base: str, experiment_id: str | None = None) -> str:
+    """The UI link that opens on the training runs: an experiment's runs table, or the experiment list."""
+    page = f"/#/experiments/{experiment_id}" if experiment_id is not None else "/#/experiments"
+    return f"{base.rstrip('/')}{page}{MODEL_TRAINING_QUERY}"
+
+
 def launch_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") -> int:
     """Run the MLflow UI until Ctrl-C; returns its exit code (0 after Ctrl-C)."""
     process = start_ui(tracking_uri, port=port, host=host)
-    print(f"MLflow UI on http://{host}:{port} over {resolve_tracking_uri(tracking_uri)} (Ctrl-C stops it)")
+    link = experiment_url(f"http://{host}:{port}")
+    print(f"MLflow UI over {resolve_tracking_uri(tracking_uri)}: open {link} (Ctrl-C stops it)")
     try:
         return process.wait()
     except KeyboardInterrupt:

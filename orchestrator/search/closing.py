@@ -1,0 +1,89 @@
+"""Nothing left RUNNING: what a driver closes on every way out, and what a resumed driver settles first.
+
+A search writes two records besides its folder: the Optuna study (``optuna.db``) and the MLflow runs. A
+driver that ends without finishing (an exception, Ctrl+C, SIGTERM, which the driver turns into Ctrl+C)
+closes both: Optuna trials still RUNNING become FAIL with the user attribute ``interrupted``, child runs
+still RUNNING become KILLED (tag ``interrupted``), the parent run KILLED (interrupted) or FAILED (with the
+error). A driver killed outright (SIGKILL, a lost machine) closes nothing, so a resumed driver first
+settles what it left: on its first step ``SettleLeftovers`` marks FAIL the Optuna trials still RUNNING
+whose Ray trial is not about to continue, and KILLED their child runs; the trials Ray continues stay
+RUNNING until they end (their Optuna trial is re-attached if an interrupted driver had closed it).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ray.tune import Callback
+
+from orchestrator.search.optuna_adapter import INTERRUPTED, fail_running_trials, optuna_storage_url
+from orchestrator.tracking.search_runs import close_search_runs, settle_child_runs
+from orchestrator.tracking.store import SearchTracking
+
+
+def interrupted_line(name: str, finished: int, planned: int) -> str:
+    """The one line an interrupted search ends with."""
+    return f"search '{name}' interrupted: {finished} of {planned} trials finished; continue with --resume"
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl+C or SIGTERM ended the search outside Tune's own graceful stop; the message is the one line."""
+
+
+def close_after(
+    error: BaseException, tracking: SearchTracking, parent_run_id: str, search_dir: Path, name: str
+) -> None:
+    """Close what the driver opened after it ended on ``error`` (see the module docstring)."""
+    fail_running_trials_quietly(search_dir, name)
+    close_search_runs(tracking, parent_run_id, error)
+
+
+def fail_running_trials_quietly(search_dir: Path, name: str, keep=()) -> list[int]:
+    try:
+        return fail_running_trials(search_dir, name, keep)
+    except Exception as error:  # the study is a record: never hide the error that ended the search
+        print(f"warning: Optuna trials left RUNNING in {search_dir / 'optuna.db'}: {error}", file=sys.stderr)
+        return []
+
+
+def finished_trials(search_dir: Path, name: str) -> int:
+    """Trials that ended (completed, stopped early, failed) by the study's record; 0 when unreadable."""
+    try:
+        import optuna
+
+        study = optuna.load_study(study_name=name, storage=optuna_storage_url(search_dir))
+        ended = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        return sum(1 for t in ended if not t.user_attrs.get(INTERRUPTED))
+    except Exception:
+        return 0
+
+
+class SettleLeftovers(Callback):
+    """On a driver's first step: Optuna trials and MLflow child runs a killed driver left RUNNING, whose
+    Ray trial is not about to continue, are closed (FAIL / KILLED, ``interrupted``). A fresh search has
+    none; a resumed one's unfinished trials are PENDING at that point and keep theirs."""
+
+    def __init__(self, search_dir: Path, study_name: str, tracking: SearchTracking, parent_run_id: str):
+        self.search_dir = Path(search_dir).absolute()
+        self.study_name = study_name
+        self.tracking = tracking
+        self.parent_run_id = parent_run_id
+        self._settled = False
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_settled": False}  # a restored copy settles again, once
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self._settled:
+            return
+        self._settled = True
+        live = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
+        failed = fail_running_trials_quietly(self.search_dir, self.study_name, keep=live)
+        killed = settle_child_runs(self.tracking, self.parent_run_id, keep=live)
+        if failed or killed:
+            print(
+                f"closed what the last driver left running: {len(failed)} Optuna trial(s) marked FAIL, "
+                f"{killed} MLflow run(s) KILLED (their trials are not continued)",
+                flush=True,
+            )
