@@ -21,6 +21,7 @@ FOLDS   ?=                     # ensemble: only these fold models, e.g. 0 (defau
 MODEL   ?=                     # predict: a search name, a model folder or models:/NAME/VERSION (default: the search's)
 IMAGES  ?=                     # predict: a folder of images or a CSV with image_path (default: DATA/eval/images)
 PORT    ?= 5000                # MLflow UI port
+TRACKING_URI ?=                # MLflow store for ui (default: MLFLOW_TRACKING_URI, else mlruns/mlflow.db)
 PERSONS ?= 200                 # demo data persons
 BENCH_DATA ?=                  # benchmark data root (default: realistic AAF data if present, else demo)
 
@@ -61,7 +62,7 @@ predict: .venv
 		$(call opt,--tta,$(TTA))
 
 ui: .venv
-	$(FT) ui --port $(strip $(PORT))
+	$(FT) ui --port $(strip $(PORT)) $(call opt,--tracking-uri,$(TRACKING_URI))
 
 test: .venv
 	$(BIN)/python -m pytest -q

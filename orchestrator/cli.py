@@ -117,6 +117,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             relabel=args.relabel,
             tracking_uri=args.tracking_uri,
             folds_file=args.folds,
+            hash_images=args.hash_images,
         )
     except KeyboardInterrupt as interrupted:  # SearchInterrupted says what finished; a bare one cannot
         line = str(interrupted) or "search interrupted before its first trial; continue with --resume"
@@ -200,7 +201,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from orchestrator.tracking import launch_ui
 
-    return launch_ui(port=args.port, host=args.host)
+    return launch_ui(tracking_uri=args.tracking_uri, port=args.port, host=args.host)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--relabel", help="CSV of label fixes (id,field,value) applied before splitting; kept with the search"
     )
     p.add_argument(
+        "--hash-images",
+        action="store_true",
+        help="MLflow data digest over the image bytes (default: paths, sizes and mtimes; fast)",
+    )
+    p.add_argument(
         "--folds",
         help="fold file from `foldtune folds` for all trials (default: from the space's k and folds_seed)",
     )
@@ -317,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="start the MLflow UI over the tracking store")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--tracking-uri",
+        help="the MLflow store (default: MLFLOW_TRACKING_URI, else the one searches use: mlruns/mlflow.db)",
+    )
     p.set_defaults(func=cmd_ui)
     return parser
 

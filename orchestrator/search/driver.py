@@ -48,6 +48,7 @@ from orchestrator.search.stopping import EarlyStops, make_scheduler
 from orchestrator.search.summary import SearchSummary, summarize
 from orchestrator.search.trial import TrialContext, run_trial
 from orchestrator.space import SearchSpace
+from orchestrator.tracking.provenance import search_inputs
 from orchestrator.tracking.search_runs import start_parent_run
 from orchestrator.tracking.store import SearchTracking
 from orchestrator.tracking.trials import MlflowTrialCallback
@@ -80,6 +81,7 @@ def run_search(
     relabel: str | os.PathLike | None = None,
     folds_file: str | os.PathLike | None = None,
     trial_fn: Callable[[dict[str, Any], TrialContext], None] | None = None,
+    hash_images: bool = False,
 ) -> SearchSummary:
     """Run (or with ``resume``, continue) a search; see the package docstring for what is written where.
 
@@ -92,6 +94,7 @@ def run_search(
     ``trial_fn`` is what each trial runs instead of ``run_trial``, called the same way, as
     ``trial_fn(params, context)`` in a Ray trial process, reporting with ``ray.tune.report`` (tests use it
     to run the real driver and scheduling with a stand-in trial); a resume must pass the same one.
+    ``hash_images`` makes the training data's MLflow digest hash the image bytes, not paths/sizes/mtimes.
 
     The summary says whether the search finished with a result (``summary.problem()`` is the one line to
     show when not). Ctrl+C or SIGTERM during the trials ends it interrupted (Tune saves the experiment);
@@ -122,6 +125,7 @@ def run_search(
                 folds_file=folds_file,
                 resuming=started_before,
             )
+            tracking.inputs = search_inputs(data_root, context.table["image_path"], search_dir, hash_images)
             parent_run_id = start_parent_run(
                 tracking, space, search_dir, data_root, _parent_artifacts(search_dir)
             )

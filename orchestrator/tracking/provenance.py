@@ -9,6 +9,7 @@ data show the same digest and one changed image changes it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -91,6 +92,18 @@ def log_datasets(client, run_id: str, records: Iterable[DatasetRecord]) -> None:
         client.log_inputs(run_id, datasets=inputs)
 
 
+def search_inputs(
+    data_root: Path, image_paths: Iterable[str], search_dir: Path, hash_images: bool = False
+) -> list[DatasetRecord]:
+    """What every run of a search trains on: the training table, the fold file, the label fixes (if any)."""
+    records = [training_dataset(data_root, image_paths, hash_images)]
+    records.append(file_dataset("folds", Path(search_dir) / "folds.csv", "folds"))
+    if (Path(search_dir) / "relabel.csv").is_file():
+        records.append(file_dataset("relabel", Path(search_dir) / "relabel.csv", "label_fixes"))
+    return records
+
+
+@functools.lru_cache(maxsize=4)
 def code_version_tags(start: Path | None = None) -> dict[str, str]:
     """foldtune's version always; the git commit (and whether the checkout had uncommitted changes) when
     foldtune runs from a git checkout."""

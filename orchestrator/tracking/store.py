@@ -23,6 +23,13 @@ from urllib.parse import unquote
 from ray.tune.result import AUTO_RESULT_KEYS, DEBUG_METRICS
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.tracking.provenance import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    DatasetRecord,
+    code_version_tags,
+    log_datasets,
+)
 
 TAG = "foldtune."
 PARENT_ROLE, CHILD_ROLE = "search", "trial"
@@ -146,6 +153,8 @@ class SearchTracking:
         self.experiment_name = experiment_name
         self._client = None
         self._experiment_id: str | None = None
+        # the search's inputs (training table, fold file, label fixes), recorded on every run it opens
+        self.inputs: list[DatasetRecord] = []
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_client": None}
@@ -183,11 +192,15 @@ class SearchTracking:
             if experiment is None:
                 root = artifact_root(self.tracking_uri)
                 location = f"{root}/{self.experiment_name}" if root else None
-                self._experiment_id = self.client.create_experiment(self.experiment_name, location)
+                self._experiment_id = self.client.create_experiment(
+                    self.experiment_name, location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
             else:
                 if experiment.lifecycle_stage == "deleted":
                     self.client.restore_experiment(experiment.experiment_id)
                 self._experiment_id = experiment.experiment_id
+                if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # model training, not GenAI
+                    self.client.set_experiment_tag(self._experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return self._experiment_id
 
     def _find_runs(self, tags: Mapping[str, str]) -> list:
@@ -209,8 +222,14 @@ class SearchTracking:
         run = self.client.create_run(
             self.experiment_id,
             run_name=self.experiment_name,
-            tags={f"{TAG}role": PARENT_ROLE, f"{TAG}search_dir": search_dir, **(tags or {})},
+            tags={
+                f"{TAG}role": PARENT_ROLE,
+                f"{TAG}search_dir": search_dir,
+                **code_version_tags(),
+                **(tags or {}),
+            },
         )
+        log_datasets(self.client, run.info.run_id, self.inputs)
         return run.info.run_id
 
     def find_child(self, parent_run_id: str, trial_id: str) -> str | None:
@@ -236,9 +255,11 @@ class SearchTracking:
                 "mlflow.parentRunId": parent_run_id,
                 f"{TAG}role": CHILD_ROLE,
                 f"{TAG}trial_id": trial_id,
+                **code_version_tags(),
                 **tags,
             },
         )
+        log_datasets(self.client, run.info.run_id, self.inputs)
         return run.info.run_id, True
 
     def last_step(self, run_id: str, key: str = "val_f1") -> int:
