@@ -102,3 +102,17 @@ def test_no_product_file_over_the_limit():
 def test_benchmarks_are_not_installed_with_the_product():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'include = ["orchestrator*", "trainers*"]' in pyproject
+
+
+def test_no_product_file_is_git_ignored():
+    """A module the ignore rules hide never reaches a clone (a top-level `demo/` rule once hid
+    orchestrator/demo/__main__.py, and `make demo` failed on a clean clone while every test passed)."""
+    import subprocess
+
+    paths = [str(path.relative_to(ROOT)) for path in MODULES.values()]
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), "check-ignore", "--no-index", *paths], capture_output=True, text=True
+    )
+    if done.returncode == 128:
+        pytest.skip(f"not a git checkout: {done.stderr.strip()}")
+    assert done.stdout.split() == [], f"git-ignored product files: {done.stdout.split()}"
