@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(score_submission(result.submission, answers))
     print(f"\nsubmission: {result.submission}")
     print(f"demo finished in {minutes:.1f} min. Browse every trial, metric and plot in MLflow:")
-    print(
-        f"  make ui        (or: .venv/bin/foldtune ui --port {args.port}) then open http://127.0.0.1:{args.port}"
-    )
+    from orchestrator.tracking.ui import experiment_url
+
+    link = experiment_url(f"http://127.0.0.1:{args.port}")
+    print(f"  make ui        (or: .venv/bin/foldtune ui --port {args.port}) then open {link}")
     return 0
