@@ -78,12 +78,12 @@ bench-gpu:
 	$(or $(wildcard $(BIN)/python),$(PYTHON)) -m benchmarks.gpu_device $(call opt,--out,$(BENCH_OUT))
 
 lint: .venv
-	$(BIN)/ruff check orchestrator trainers tests
-	$(BIN)/ruff format --check orchestrator trainers tests
+	$(BIN)/ruff check orchestrator trainers benchmarks tests
+	$(BIN)/ruff format --check orchestrator trainers benchmarks tests
 
 format: .venv
-	$(BIN)/ruff format orchestrator trainers tests
-	$(BIN)/ruff check --fix orchestrator trainers tests
+	$(BIN)/ruff format orchestrator trainers benchmarks tests
+	$(BIN)/ruff check --fix orchestrator trainers benchmarks tests
 
 clean:
 	rm -rf $(VENV) runs demo .pytest_cache
