@@ -25,9 +25,7 @@ def test_identical_data_has_one_digest_and_a_changed_image_changes_it(make_datas
     assert first.digest == again.digest and first.profile["images"] == 21
     image = data.image("000002", "mask3")
     stat = image.stat()
-    os.utime(
-        image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9)
-    )  # touched: the default digest moves
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: the default digest moves
     assert training_dataset(data.root, paths).digest != first.digest
     hashed = training_dataset(data.root, paths, hash_images=True)
     assert hashed.profile["digest_of"] == "content"
