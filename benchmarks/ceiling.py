@@ -4,9 +4,9 @@ costs nothing, against what the GPU trains per trial?
 The loop is the real one: ``trainers.fit.train_one_epoch`` over a ``trainers.loader.FoldLoader`` epoch (built
 once, ``.epoch(e)`` per epoch, as fit does), then the epoch's writes fit does (the fold's best checkpoint via
 ``save_fold_checkpoint`` and ``trainers.resume.save_resume_state``; both every measured epoch, the worst
-case). The model is a null one, global average pool + ``Linear(3, 18)``, assembled into a
-``FoldState`` with fit's own pieces (focal loss from ``build_loss``, AdamW over ``param_groups``, the
-warmup-cosine schedule, the scaler), at the default GPU space's image size and batch size.
+case). The model is a null one, global average pool + ``Linear(3, 18)``, put into a ``FoldState`` by
+fit's own ``build_fold`` (its focal loss, AdamW, warmup-cosine schedule and scaler), at the default GPU
+space's image size and batch size.
 
 Per core: one torch thread, one OpenCV thread and ``num_workers=0``, so the loader's work and the step run
 one after the other on one core: the figure is images per CPU-second of the whole pipeline. Both placements
@@ -27,7 +27,6 @@ scaled from 224x224 to the space's size by pixel count (``benchmarks.reference``
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -53,12 +52,9 @@ from trainers.checkpoint import fold_checkpoint_path, save_fold_checkpoint
 from trainers.config import TrainConfig
 from trainers.device_augment import DeviceAugment
 from trainers.fit import input_stats, train_one_epoch
-from trainers.fold_state import FoldState, cosine_with_warmup, param_groups, seed_everything
-from trainers.heads import build_loss
+from trainers.fold_state import FoldState, build_fold, seed_everything
 from trainers.labels import NUM_CLASSES
 from trainers.loader import FoldLoader, epoch_seed
-from trainers.models import freeze_stages
-from trainers.predict import amp_dtype
 from trainers.resume import Progress, save_resume_state
 
 TARGET_RATIO = 3.0
@@ -78,38 +74,10 @@ class NullNet(nn.Module):
 
 
 def null_fold(cfg: TrainConfig, rows: np.ndarray, labels: np.ndarray, device: torch.device) -> FoldState:
-    """A FoldState around ``NullNet``, assembled as ``trainers.fold_state.build_fold`` assembles one."""
+    """A FoldState around ``NullNet``, built by ``trainers.fold_state.build_fold`` itself (loss, AdamW,
+    schedule and scaler exactly as fit builds them)."""
     seed_everything(cfg.seed)
-    model = NullNet().to(device)
-    freeze = freeze_stages(model, 0)  # nothing frozen (NullNet has no stages)
-    criterion = build_loss(
-        cfg.loss,
-        gamma=cfg.focal_gamma,
-        alpha=None,
-        label_smoothing=cfg.label_smoothing,
-        head=cfg.head,
-        task_weights=tuple(cfg.task_weights),
-    )
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    steps = math.ceil(len(rows) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(int(cfg.warmup_epochs * steps), cfg.epochs * steps)
-    )
-    empty = np.zeros(0, dtype=np.int64)
-    return FoldState(
-        index=0,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype(device, cfg.amp) == torch.float16),
-        freeze=freeze,
-        train_rows=rows,
-        train_labels=labels,
-        val_rows=empty,
-        val_labels=empty,
-        val_positions=empty,
-        criterion=criterion,
-    )
+    return build_fold(cfg, 0, rows, labels, device, model=NullNet())
 
 
 class CeilingRig:

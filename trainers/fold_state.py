@@ -85,20 +85,24 @@ def build_fold(
     val_rows: np.ndarray | None = None,
     val_labels: np.ndarray | None = None,
     val_positions: np.ndarray | None = None,
+    model: torch.nn.Module | None = None,
 ) -> FoldState:
     """One fold's model (frozen as configured), loss, AdamW, warmup-cosine schedule and AMP scaler.
 
-    The one place this is assembled, so ``make bench`` measures exactly what ``fit`` trains.
+    The one place this is assembled, so ``make bench`` measures exactly what ``fit`` trains. ``model``
+    replaces the configured timm model (the bench's null model for the pipeline ceiling); all else is
+    built the same way.
     """
     use_cuda = device.type == "cuda"
-    model = build_model(
-        cfg.backbone,
-        head=cfg.head,
-        num_classes=NUM_CLASSES,
-        pretrained_kwargs=pretrained_kwargs,
-        drop_rate=cfg.drop_rate,
-        image_size=tuple(cfg.image_size),
-    )
+    if model is None:
+        model = build_model(
+            cfg.backbone,
+            head=cfg.head,
+            num_classes=NUM_CLASSES,
+            pretrained_kwargs=pretrained_kwargs,
+            drop_rate=cfg.drop_rate,
+            image_size=tuple(cfg.image_size),
+        )
     freeze = freeze_stages(model, cfg.freeze_depth)
     model.to(device)
     if cfg.channels_last and use_cuda:
