@@ -213,3 +213,23 @@ def count_decodes():
             yield counted
 
     return counting
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    """12 synthetic persons (84 images) of the built-in demo data, small pictures (search tests)."""
+    from orchestrator.demo.data import write_demo_data
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    write_demo_data(root, persons=12, eval_persons=1, image_size=(24, 32))
+    return root
+
+
+@pytest.fixture
+def local_ray():
+    """A local Ray of two CPUs for one test, shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

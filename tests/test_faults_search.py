@@ -57,7 +57,6 @@ from test_search import (
 import orchestrator.search
 import orchestrator.search.driver as driver
 from orchestrator.cli import main
-from orchestrator.demo.data import write_demo_data
 from orchestrator.search import run_search
 from orchestrator.search.constants import ASHA_STATE, EXPERIMENT_DIRNAME
 from orchestrator.tracking import SearchTracking
@@ -67,21 +66,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::trainers.folds.FoldWarning")
 
 RUNNING = optuna.trial.TrialState.RUNNING
 BEST = {"lr": 0.95}  # a stand-in trial better than STRONG
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    """12 synthetic persons (84 images) in the competition layout, small pictures."""
-    root = tmp_path_factory.mktemp("demo") / "data"
-    write_demo_data(root, persons=12, eval_persons=1, image_size=(24, 32))
-    return root
-
-
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def search_kwargs(tmp_path: Path, tracking_uri: str) -> dict:

@@ -26,7 +26,6 @@ import yaml
 from mlflow import MlflowClient
 
 import orchestrator.search.trial as trial_module
-from orchestrator.demo.data import write_demo_data
 from orchestrator.errors import OrchestratorError
 from orchestrator.search import run_search
 from orchestrator.search.trial import TrialContext, limit_gpu_memory, run_trial
@@ -61,13 +60,6 @@ def gpu_space(path: Path, trials: int, max_concurrent: int, **fixed) -> Path:
     }
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo") / "data"
-    write_demo_data(root, persons=12, eval_persons=1, image_size=(24, 32))
-    return root
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ import ray
 import yaml
 from mlflow import MlflowClient
 
-from orchestrator.demo.data import write_demo_data
 from orchestrator.errors import OrchestratorError
 from orchestrator.search import run_search
 from orchestrator.search.console import progress_table
@@ -83,21 +82,6 @@ def space_dict(epochs: int = 2, **changes) -> dict:
 def write_space(path: Path, **changes) -> Path:
     path.write_text(yaml.safe_dump(space_dict(**changes), sort_keys=False))
     return path
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory) -> Path:
-    """12 synthetic persons (84 images) in the competition layout, small pictures."""
-    root = tmp_path_factory.mktemp("demo") / "data"
-    write_demo_data(root, persons=12, eval_persons=1, image_size=(24, 32))
-    return root
-
-
-@pytest.fixture
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def load_study(search_dir: Path, name: str = "tiny") -> optuna.Study:
