@@ -14,6 +14,11 @@ NAME    ?=                     # search name (default: the space's name)
 STORAGE ?= runs                # search results folder (shared storage on a cluster)
 RELABEL ?=                     # search: label-fix CSV (id,field,value), kept with the search
 FOLD_FILE ?=                   # search: a fold file from `foldtune folds` (default: made from the space)
+TIME    ?=                     # search: time budget in minutes (cuts running trials, keeps their best models)
+HOLDOUT ?=                     # search: share of persons held out of every fold (default: the space's)
+TRIAL   ?=                     # refit, label-issues, explain: one trial (default: the ensemble's first member)
+SEEDS   ?=                     # refit: models per trial (default 1)
+WITH_REFIT ?=                  # ensemble: 1 = add the members' refit models to the vote
 TOP     ?=                     # ensemble: N best trials instead of greedy selection
 TTA     ?=                     # ensemble: TTA views, e.g. hflip,scale (default: the trials' own)
 OUT     ?=                     # ensemble: submission path; predict: output CSV (default predictions.csv)
@@ -27,7 +32,10 @@ BENCH_DATA ?=                  # benchmark data root (default: realistic AAF dat
 
 opt = $(if $(strip $(2)),$(1) $(strip $(2)),)
 
-.PHONY: all demo demo-data search ensemble predict ui test test-slow bench bench-gpu lint format clean
+.PHONY: all demo demo-data search ensemble refit label-issues explain predict ui test test-slow bench \
+	bench-gpu lint format clean
+
+search_name = $(or $(strip $(NAME)),$(shell $(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(strip $(SPACE))'))['name'])"))
 
 all: test
 
@@ -47,17 +55,29 @@ demo-data: .venv
 search: .venv
 	$(FT) search --data $(strip $(DATA)) --space $(strip $(SPACE)) --storage $(strip $(STORAGE)) \
 		$(call opt,--trials,$(TRIALS)) $(call opt,--name,$(NAME)) $(call opt,--relabel,$(RELABEL)) \
-		$(call opt,--folds,$(FOLD_FILE))
+		$(call opt,--folds,$(FOLD_FILE)) $(call opt,--time-budget,$(TIME)) $(call opt,--holdout,$(HOLDOUT))
 
 ensemble: .venv
 	$(FT) ensemble --data $(strip $(DATA)) --storage $(strip $(STORAGE)) \
-		--search $(or $(strip $(NAME)),$(shell $(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(strip $(SPACE))'))['name'])")) \
+		--search $(search_name) \
 		$(call opt,--top,$(TOP)) $(call opt,--tta,$(TTA)) $(call opt,--out,$(OUT)) \
-		$(call opt,--folds,$(FOLDS))
+		$(call opt,--folds,$(FOLDS)) $(if $(strip $(WITH_REFIT)),--with-refit,)
+
+refit: .venv
+	$(FT) refit --data $(strip $(DATA)) --storage $(strip $(STORAGE)) --search $(search_name) \
+		$(call opt,--trial,$(TRIAL)) $(call opt,--seeds,$(SEEDS))
+
+label-issues: .venv
+	$(FT) label-issues --data $(strip $(DATA)) --storage $(strip $(STORAGE)) --search $(search_name) \
+		$(call opt,--trial,$(TRIAL)) $(call opt,--out,$(OUT))
+
+explain: .venv
+	$(FT) explain --data $(strip $(DATA)) --storage $(strip $(STORAGE)) --search $(search_name) \
+		$(call opt,--trial,$(TRIAL)) $(call opt,--out,$(OUT))
 
 predict: .venv
 	$(FT) predict --storage $(strip $(STORAGE)) \
-		--model $(or $(strip $(MODEL)),$(strip $(NAME)),$(shell $(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(strip $(SPACE))'))['name'])")) \
+		--model $(or $(strip $(MODEL)),$(search_name)) \
 		--images $(or $(strip $(IMAGES)),$(strip $(DATA))/eval/images) --out $(or $(strip $(OUT)),predictions.csv) \
 		$(call opt,--tta,$(TTA))
 

@@ -48,7 +48,7 @@ def cmd_folds(args: argparse.Namespace) -> int:
     data = read_train(Path(args.data), AgeBands(args.age_edges), relabel=args.relabel)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FoldWarning)
-        folds = make_folds(data.table, k=args.k, seed=args.seed)
+        folds = make_folds(data.table, k=args.k, seed=args.seed, holdout=args.holdout)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     out = Path(args.out or Path(args.data) / f"folds_k{args.k}_seed{args.seed}.csv")
@@ -118,6 +118,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri,
             folds_file=args.folds,
             hash_images=args.hash_images,
+            holdout=args.holdout,
+            time_budget_minutes=args.time_budget,
         )
     except KeyboardInterrupt as interrupted:  # SearchInterrupted says what finished; a bare one cannot
         line = str(interrupted) or "search interrupted before its first trial; continue with --resume"
@@ -142,6 +144,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else None,
         batch_size=args.batch_size,
         folds=_int_list(args.folds, "--folds") if args.folds is not None else None,
+        with_refit=args.with_refit,
     )
     return 0
 
@@ -161,13 +164,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from orchestrator.ensemble.arguments import DEFAULT_STORAGE
     from orchestrator.ensemble.predictor import (
         EnsemblePredictor,
         list_images,
         predictions_frame,
         resolve_bundle,
     )
-    from orchestrator.ensemble.stage import DEFAULT_STORAGE
     from trainers.io import write_csv_atomic
 
     if args.batch_size < 1:
@@ -227,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="fold file path (default: DATA/folds_k{K}_seed{SEED}.csv)")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="share of persons held out of every fold (fold -1), e.g. 0.1",
+    )
     p.set_defaults(func=cmd_folds)
 
     p = sub.add_parser("demo-data", help="generate the built-in demo data set in the competition layout")
@@ -276,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db); "
         "a resumed search keeps the store it started with",
     )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        help="share of persons kept out of every fold (e.g. 0.1) so the ensemble can score the submission "
+        "itself on them (default: the space's holdout, else none)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="no trial starts after MINUTES and running ones stop there, keeping their best fold models "
+        "and OOF predictions; a --resume gets what is left of it",
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("ensemble", help="soft-vote the best fold models with TTA and write the submission")
@@ -289,7 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--folds", help="use only these fold models of each member, e.g. 0 (one fold model, for comparison)"
     )
+    p.add_argument(
+        "--with-refit",
+        action="store_true",
+        help="add each member's refit models (`foldtune refit`) to its fold models in the vote",
+    )
     p.set_defaults(func=cmd_ensemble)
+
+    from orchestrator.refit import add_refit_command
+
+    add_refit_command(sub)
 
     p = sub.add_parser("score", help="score a submission against an answers CSV")
     p.add_argument("submission")
@@ -328,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the MLflow store (default: MLFLOW_TRACKING_URI, else the one searches use: mlruns/mlflow.db)",
     )
     p.set_defaults(func=cmd_ui)
+    from orchestrator.inspect.commands import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -353,7 +387,7 @@ def quiet_library_logs() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("search", "ensemble"):
+    if args.command in ("search", "ensemble", "refit", "label-issues", "explain"):
         quiet_library_logs()
     try:
         return args.func(args)

@@ -37,6 +37,7 @@ TOP_LEVEL_KEYS = (
     "keep_top",
     "max_failures",
     "points_to_evaluate",
+    "holdout",
 )
 # Fields every trial must share, because the driver prepares one fold file and one image cache per search.
 SHARED_FIELDS = {
@@ -101,6 +102,7 @@ class SearchSpace:
     max_failures: int = 0
     description: str = ""
     points_to_evaluate: tuple[dict[str, Any], ...] = ()  # full parameter sets tried first, in order
+    holdout: float = 0.0  # share of persons kept out of every fold, to score the submission itself
     source: str = "<mapping>"
 
     def backbones(self) -> list[str]:
@@ -135,6 +137,7 @@ class SearchSpace:
         name: str | None = None,
         cpus_per_trial: float | None = None,
         gpus_per_trial: float | None = None,
+        holdout: float | None = None,
     ) -> SearchSpace:
         """A copy with command-line overrides applied, validated like the file itself."""
         raw = self.to_dict()
@@ -146,6 +149,8 @@ class SearchSpace:
             raw["resources"]["cpu"] = cpus_per_trial
         if gpus_per_trial is not None:
             raw["resources"]["gpu"] = gpus_per_trial
+        if holdout is not None:
+            raw["holdout"] = holdout
         return parse_space(raw, source=f"{self.source} (with command-line overrides)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +170,7 @@ class SearchSpace:
             "keep_top": self.keep_top,
             "max_failures": self.max_failures,
             "points_to_evaluate": [dict(point) for point in self.points_to_evaluate],
+            "holdout": self.holdout,
         }
 
     def to_yaml(self) -> str:
@@ -255,6 +261,7 @@ def parse_space(raw: Any, source: str = "<mapping>") -> SearchSpace:
         max_failures=_whole(raw.get("max_failures", 0), "max_failures", fail, low=0),
         description=str(raw.get("description") or ""),
         points_to_evaluate=_parse_points(raw.get("points_to_evaluate") or [], search, fail),
+        holdout=_holdout(raw.get("holdout", 0.0), fail),
         source=source,
     )
     if len(space.points_to_evaluate) > space.trials:
@@ -456,3 +463,11 @@ def _whole(value: Any, where: str, fail, low: int | None = None) -> int:
     if low is not None and value < low:
         raise fail(where, f"must be >= {low}, got {value}")
     return value
+
+
+def _holdout(value: Any, fail) -> float:
+    """``holdout``: the share of persons held out of every fold (0 = none), at most half of them."""
+    share = _number(value, "holdout", fail, low=0)
+    if share > 0.5:
+        raise fail("holdout", f"must be a share of persons from 0 to 0.5 (e.g. 0.1), got {value!r}")
+    return float(share)

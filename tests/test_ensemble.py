@@ -88,9 +88,11 @@ def world(tmp_path_factory, dataset_builder):
     from orchestrator.tracking import SearchTracking
 
     copy_trial(trials / "trial_b", storage, SEARCH, "trial_e_failed")
-    stopped = copy_trial(trials / "trial_b", storage, SEARCH, "trial_f_stopped")  # ASHA: no result, no OOF
+    # ASHA stopped it during its first epoch: no result, no OOF, fold 1 never finished an epoch
+    stopped = copy_trial(trials / "trial_b", storage, SEARCH, "trial_f_stopped")
     (stopped / "result.json").unlink()
     (stopped / "oof.npz").unlink()
+    (stopped / "checkpoints" / "fold1.pt").unlink()
     tracking_uri = f"sqlite:///{base / 'mlruns' / 'mlflow.db'}"
     tracking = SearchTracking(tracking_uri, SEARCH)
     parent_run_id = tracking.start_parent(storage / SEARCH)
@@ -186,7 +188,11 @@ def test_greedy_never_scores_below_its_best_candidate_and_skips_unusable_trials(
     assert greedy.oof_f1 >= max(singles.values())
     assert greedy.members[0].trial_id == max(singles, key=singles.get)
     assert set(greedy.skipped) == {"trial_c_diverged", "trial_d_pruned", "trial_e_failed", "trial_f_stopped"}
-    assert greedy.skipped["trial_f_stopped"] == "stopped early by ASHA after 1 epoch(s): a weak trial"
+    stopped = greedy.skipped["trial_f_stopped"]
+    assert stopped == (
+        "stopped early by ASHA after 1 epoch(s): a weak trial; "
+        "stopped before every fold finished an epoch (fold1.pt missing)"
+    )
     assert "diverged" in greedy.skipped["trial_c_diverged"] and "pruned" in greedy.skipped["trial_d_pruned"]
     assert "boom" in greedy.skipped["trial_e_failed"]
 
@@ -216,7 +222,8 @@ def test_top_one_is_the_best_trial_alone(world, greedy, capsys):
         alone = saved["member_probs"][saved["members"].tolist().index(greedy.best_single_trial)]
     np.testing.assert_allclose(result.eval_probs, alone, atol=1e-6)
     printed = capsys.readouterr().out
-    assert "expected F1" in printed and "best single trial" in printed and str(result.submission) in printed
+    assert "<- trust this one" in printed and "nested F1" in printed and "best single trial" in printed
+    assert str(result.submission) in printed
 
 
 def test_one_fold_model_alone_is_predicted_and_judged_on_its_own_fold(world, capsys):

@@ -117,7 +117,7 @@ def test_write_and_read_folds_round_trip(table60, tmp_path):
             "rel_path,person_id,fold\na.jpg,000001,x\nb.jpg,000002,1\n",
             r"line 2: fold 'x' is not a whole number",
         ),
-        ("rel_path,person_id,fold\na.jpg,000001,-1\nb.jpg,000002,1\n", r"line 2: fold '-1'"),
+        ("rel_path,person_id,fold\na.jpg,000001,-2\nb.jpg,000002,1\n", r"line 2: fold '-2'"),
         (
             "rel_path,person_id,fold\n,000001,0\nb.jpg,000002,1\n",
             r"line 2: rel_path and person_id must not be empty",

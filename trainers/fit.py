@@ -36,6 +36,7 @@ from trainers.fold_state import (
     predict_validation,
     seed_everything,
 )
+from trainers.folds import HOLDOUT_FOLD
 from trainers.io import write_csv_atomic, write_text_atomic
 from trainers.loader import FoldLoader, epoch_seed
 from trainers.metrics import compute_metrics, flat_scalars
@@ -124,7 +125,8 @@ def fit(
     cache_path = image_cache.prepare_cache(cfg, data, cache_dir, log=log, workers=torch.get_num_threads())
     cache = image_cache.open_cache(cache_path)
     write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
-    write_csv_atomic(data[["rel_path", "person_id", "fold"]], run_dir / "folds.csv")
+    # with the labels trained on: the ensemble rebuilds an interrupted run's OOF rows from it
+    write_csv_atomic(data[["rel_path", "person_id", "fold", "label"]], run_dir / "folds.csv")
 
     fold_states = _build_folds(cfg, data, cache, device, resolved_weights)
     freeze = fold_states[0].freeze
@@ -235,7 +237,9 @@ def input_stats(resolved_weights) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def join_folds(table: pd.DataFrame, folds: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The table with each image's fold; refuses images without a fold or a fold file for another k."""
+    """The table with each image's fold; refuses images without a fold or a fold file for another k.
+
+    Held-out persons (fold ``HOLDOUT_FOLD``) stay in the table: no fold trains or validates on them."""
     merged = table.merge(folds[["rel_path", "fold"]], on="rel_path", how="left", validate="one_to_one")
     missing = merged["fold"].isna()
     if missing.any():
@@ -245,7 +249,7 @@ def join_folds(table: pd.DataFrame, folds: pd.DataFrame, k: int) -> pd.DataFrame
             "data: re-create it with `foldtune folds` (and pass it with --folds) or leave --folds out"
         )
     merged["fold"] = merged["fold"].astype(int)
-    found = sorted(merged["fold"].unique())
+    found = sorted(set(merged["fold"].unique().tolist()) - {HOLDOUT_FOLD})
     if found != list(range(k)):
         raise TrainingError(
             f"the fold file has folds {found} but the config asks for k={k}; re-create it with "
@@ -268,7 +272,7 @@ def _build_folds(cfg: TrainConfig, data: pd.DataFrame, cache, device, resolved_w
     states = []
     for fold in range(cfg.k):
         seed_everything(cfg.seed + fold)
-        train_mask = (fold_of != fold) & trainable
+        train_mask = (fold_of != fold) & (fold_of != HOLDOUT_FOLD) & trainable
         val_mask = fold_of == fold
         states.append(
             build_fold(

@@ -4,6 +4,10 @@ All seven pictures of a person land in the same fold (a person on both sides of 
 face into validation). Persons are spread with ``StratifiedGroupKFold`` stratified on gender x age band,
 the two person-level parts of the class; the mask part is balanced by construction (every person has the
 same seven pictures). The fold file is a CSV ``rel_path,person_id,fold``, one row per image.
+
+Optionally a stratified slice of persons is held out of every fold (``holdout``): their rows get fold
+``HOLDOUT_FOLD`` (-1), no fold model trains or is selected on them, so the ensemble can score exactly what
+it submits (the k-fold vote with TTA) on persons nothing has seen.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from trainers.io import write_csv_atomic
 from trainers.labels import GENDER_NAMES, NUM_AGE, AgeBands, class_names
 
 FOLD_COLUMNS = ("rel_path", "person_id", "fold")
+HOLDOUT_FOLD = -1  # the fold value of held-out persons: in no fold's training or validation set
 
 
 class FoldWarning(UserWarning):
@@ -63,52 +68,38 @@ def _persons(table: pd.DataFrame) -> pd.DataFrame:
     return persons.assign(stratum=persons["gender"].astype(int) * NUM_AGE + persons["age_band"].astype(int))
 
 
-def make_folds(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
+def make_folds(table: pd.DataFrame, k: int, seed: int, holdout: float = 0.0) -> pd.DataFrame:
     """Assign every image to one of ``k`` folds by person; columns ``rel_path, person_id, fold``.
 
     Rows follow the table's order. A stratum with fewer persons than ``k`` gives a FoldWarning, not an
     error; when every stratum is that small the split falls back to unstratified (also a FoldWarning).
+    ``holdout`` (a fraction, 0 = none) first sets aside that share of persons, stratified the same way,
+    with fold ``HOLDOUT_FOLD``; the folds split the rest.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
         raise DataError(Problem("error", "k", f"k={k!r} folds is not possible; use an integer of at least 2"))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise DataError(Problem("error", "seed", f"seed={seed!r} must be an integer 0..2**32-1"))
+    if not 0 <= holdout <= 0.5:
+        raise DataError(Problem("error", "holdout", f"holdout={holdout!r} must be a fraction in 0..0.5"))
     persons = _persons(table)
-    if k > len(persons):
+    person_fold = np.full(len(persons), HOLDOUT_FOLD, dtype=np.int64)
+    kept = np.arange(len(persons))
+    if holdout > 0:
+        kept = _split_holdout(persons, holdout, seed)
+    if k > len(kept):
         raise DataError(
             Problem(
                 "error",
                 "k",
-                f"k={k} folds but only {len(persons)} person(s); use k <= {len(persons)} or add data",
+                f"k={k} folds but only {len(kept)} person(s)"
+                + (" outside the holdout" if holdout > 0 else "")
+                + f"; use k <= {len(kept)} or add data",
             )
         )
-    strata = persons["stratum"].to_numpy(dtype=np.int64)
-    counts = Counter(strata.tolist())
-    small = sorted(s for s, n in counts.items() if n < k)
-    names = ", ".join(f"{_stratum_name(s)} ({counts[s]} person(s))" for s in small)
-    if small and len(small) == len(counts):
-        warnings.warn(
-            f"every gender x age band stratum has fewer persons than k={k} ({names}); "
-            "the folds are not stratified, only grouped by person",
-            FoldWarning,
-            stacklevel=2,
-        )
-        strata = np.zeros_like(strata)
-    elif small:
-        warnings.warn(
-            f"stratum/strata {names} have fewer persons than k={k}; some folds will have none of them",
-            FoldWarning,
-            stacklevel=2,
-        )
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    person_fold = np.full(len(persons), -1, dtype=np.int64)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        groups = np.arange(len(persons))
-        for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(persons)), strata, groups)):
-            person_fold[held_out] = fold
-    sizes = np.bincount(person_fold, minlength=k)
-    if (person_fold < 0).any() or (sizes == 0).any():
+    person_fold[kept] = _split_persons(persons.iloc[kept], k, seed)
+    sizes = np.bincount(np.clip(person_fold[kept], 0, None), minlength=k)
+    if (person_fold[kept] < 0).any() or (sizes == 0).any():
         raise DataError(
             Problem("error", "k", f"k={k} left a fold without persons ({sizes.tolist()}); use a smaller k")
         )
@@ -125,6 +116,75 @@ def make_folds(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
     folds["fold"] = folds["fold"].astype(np.int64)
     assert_no_leak(folds)
     return folds
+
+
+def _split_holdout(persons: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
+    """Positions of the persons kept for the folds: one stratified, person-level slice of ``fraction``
+    (one split of a ``1/fraction``-fold split, so the share must be 1/n: 0.5, 0.25, 0.2, 0.1, ...)."""
+    n_splits = max(2, round(1 / fraction))
+    if abs(1 / n_splits - fraction) > 0.01:
+        raise DataError(
+            Problem(
+                "error", "holdout", f"holdout={fraction:g}: use a share 1/n of the persons, e.g. 0.1 or 0.2"
+            )
+        )
+    if n_splits > len(persons):
+        raise DataError(
+            Problem(
+                "error",
+                "holdout",
+                f"holdout={fraction:g} needs at least {n_splits} persons, there are {len(persons)}; use a "
+                "larger share or no holdout",
+            )
+        )
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    strata = persons["stratum"].to_numpy(dtype=np.int64)
+    if min(Counter(strata.tolist()).values()) < n_splits:
+        strata = np.where(np.isin(strata, _rare(strata, n_splits)), -1, strata)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        kept, _ = next(splitter.split(np.zeros(len(persons)), strata, np.arange(len(persons))))
+    return np.sort(kept)
+
+
+def _rare(strata: np.ndarray, n: int) -> list[int]:
+    counts = Counter(strata.tolist())
+    return [s for s, c in counts.items() if c < n]
+
+
+def _split_persons(persons: pd.DataFrame, k: int, seed: int) -> np.ndarray:
+    """Each person's fold, stratified on gender x age band (see ``make_folds`` for the warnings)."""
+    strata = persons["stratum"].to_numpy(dtype=np.int64)
+    counts = Counter(strata.tolist())
+    small = sorted(s for s, n in counts.items() if n < k)
+    names = ", ".join(f"{_stratum_name(s)} ({counts[s]} person(s))" for s in small)
+    if small and len(small) == len(counts):
+        warnings.warn(
+            f"every gender x age band stratum has fewer persons than k={k} ({names}); "
+            "the folds are not stratified, only grouped by person",
+            FoldWarning,
+            stacklevel=3,
+        )
+        strata = np.zeros_like(strata)
+    elif small:
+        warnings.warn(
+            f"stratum/strata {names} have fewer persons than k={k}; some folds will have none of them",
+            FoldWarning,
+            stacklevel=3,
+        )
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    person_fold = np.full(len(persons), -1, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        groups = np.arange(len(persons))
+        for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(persons)), strata, groups)):
+            person_fold[held_out] = fold
+    return person_fold
+
+
+def fold_count(folds: pd.DataFrame) -> int:
+    """k: the number of folds, not counting held-out persons."""
+    return int(folds.loc[folds["fold"] != HOLDOUT_FOLD, "fold"].nunique())
 
 
 def assert_no_leak(folds: pd.DataFrame) -> None:
@@ -176,10 +236,13 @@ def read_folds(path: str | os.PathLike) -> pd.DataFrame:
         where = f"{path} line {line}"
         if not record["rel_path"] or not record["person_id"]:
             problems.append(Problem("error", where, "rel_path and person_id must not be empty"))
-        if not record["fold"].isdigit():
+        if not (record["fold"].isdigit() or record["fold"] == str(HOLDOUT_FOLD)):
             problems.append(
                 Problem(
-                    "error", where, f"fold {record['fold']!r} is not a whole number >= 0; rebuild the folds"
+                    "error",
+                    where,
+                    f"fold {record['fold']!r} is not a whole number >= 0 (or {HOLDOUT_FOLD}: held out); "
+                    "rebuild the folds",
                 )
             )
     if not records:
@@ -193,7 +256,7 @@ def read_folds(path: str | os.PathLike) -> pd.DataFrame:
             "fold": np.array([int(r["fold"]) for _, r in records], dtype=np.int64),
         }
     )
-    present = sorted(set(folds["fold"].tolist()))
+    present = sorted(set(folds["fold"].tolist()) - {HOLDOUT_FOLD})
     if present != list(range(len(present))) or len(present) < 2:
         raise DataError(
             Problem(
@@ -228,6 +291,8 @@ def fold_summary(folds: pd.DataFrame, table: pd.DataFrame, age_bands: AgeBands =
         )
     merged["label"] = merged["label"].astype(int)
     merged["fold"] = merged["fold"].astype(int)
+    held_out = merged[merged["fold"] == HOLDOUT_FOLD]
+    merged = merged[merged["fold"] != HOLDOUT_FOLD]
     k = int(merged["fold"].max()) + 1
     header = f"{'':<26}" + "".join(f"{f'fold {f}':>14}" for f in range(k))
     lines = [
@@ -249,4 +314,9 @@ def fold_summary(folds: pd.DataFrame, table: pd.DataFrame, age_bands: AgeBands =
     thin = [name for label, name in enumerate(class_names(age_bands)) if 0 < folds_with[label] < k]
     if thin:
         lines.append(f"note: class(es) missing from some folds: {', '.join(thin)}")
+    if len(held_out):
+        lines.append(
+            f"held out of every fold: {held_out['person_id'].nunique()} persons, {len(held_out)} images "
+            "(scored by the ensemble only)"
+        )
     return "\n".join(lines)

@@ -18,6 +18,7 @@ import pandas as pd
 from trainers.checkpoint import fold_checkpoint_path, load_best_weights
 from trainers.config import TrainConfig
 from trainers.fold_state import predict_validation
+from trainers.folds import HOLDOUT_FOLD
 from trainers.io import atomic_savez, write_csv_atomic, write_text_atomic
 from trainers.labels import NUM_CLASSES, AgeBands, class_names
 from trainers.metrics import compute_metrics, flat_scalars, plot_confusion, plot_per_class_f1
@@ -38,7 +39,9 @@ def write_out_of_fold(
     run_dir: Path,
     result: FitResult,
 ) -> None:
-    """Every training image's probabilities from the fold model that never saw it, at its best epoch."""
+    """Every training image's probabilities from the fold model that never saw it, at its best epoch.
+
+    Held-out persons (fold ``HOLDOUT_FOLD``) are in no fold's validation set: they are left out here."""
     probs = np.zeros((len(data), NUM_CLASSES), dtype=np.float32)
     probs_tta = np.zeros_like(probs)
     names = class_names(AgeBands(tuple(cfg.age_edges)))
@@ -56,6 +59,8 @@ def write_out_of_fold(
             run_dir / "metrics" / f"confusion_fold{fold.index}.csv",
             index=True,
         )
+    in_folds = data["fold"].to_numpy() != HOLDOUT_FOLD
+    data, probs, probs_tta = data[in_folds], probs[in_folds], probs_tta[in_folds]
     labels = data["label"].to_numpy()
     oof = compute_metrics(labels, probs)
     oof_tta = compute_metrics(labels, probs_tta)
@@ -96,3 +101,47 @@ def write_out_of_fold(
 def write_result(result: FitResult, cfg: TrainConfig, run_dir: Path) -> None:
     payload = {**asdict(result), "run_dir": str(result.run_dir), "config": cfg.to_dict()}
     write_text_atomic(json.dumps(payload, indent=2, default=float), run_dir / "result.json")
+
+
+def assemble_out_of_fold(run_dir: Path, k: int) -> dict[str, np.ndarray]:
+    """The OOF arrays of a run that never reached its end (stopped early by ASHA, cut by a time budget,
+    interrupted), rebuilt from its fold checkpoints: each holds its fold's validation probabilities at its
+    best epoch (``val_probs``), written in the same atomic step as the weights, so they always match.
+
+    Without TTA (``probs_tta`` is ``probs``) and flagged ``partial``. Raises ValueError or CheckpointError
+    with the reason when the run cannot give them (an older run folder, a checkpoint without them).
+    """
+    from trainers.checkpoint import read_checkpoint
+
+    folds_path = Path(run_dir) / "folds.csv"
+    folds = pd.read_csv(folds_path, dtype={"rel_path": str, "person_id": str})
+    if "label" not in folds.columns:
+        raise ValueError(f"{folds_path} has no label column (written by an older foldtune)")
+    fold_of = folds["fold"].to_numpy(dtype=np.int64)
+    if k < 2 or set(fold_of.tolist()) - {HOLDOUT_FOLD} != set(range(k)):
+        raise ValueError(f"{folds_path} does not hold folds 0..{k - 1} (k={k})")
+    probs = np.zeros((len(folds), NUM_CLASSES), dtype=np.float32)
+    for fold in range(k):
+        path = fold_checkpoint_path(run_dir, fold)
+        payload = read_checkpoint(path, mmap=True)
+        rows = np.flatnonzero(fold_of == fold)
+        fold_probs = payload.get("val_probs")
+        if fold_probs is None or tuple(fold_probs.shape) != (len(rows), NUM_CLASSES):
+            raise ValueError(
+                f"{path} holds no validation probabilities for the {len(rows)} images of fold {fold}"
+            )
+        probs[rows] = fold_probs.numpy()
+    in_folds = fold_of != HOLDOUT_FOLD
+    return {
+        "rel_path": folds["rel_path"].to_numpy(dtype=str)[in_folds],
+        "label": folds["label"].to_numpy(dtype=np.int64)[in_folds],
+        "fold": fold_of[in_folds],
+        "probs": probs[in_folds],
+        "probs_tta": probs[in_folds],
+        "partial": np.array(True),
+    }
+
+
+def save_partial_out_of_fold(run_dir: Path, k: int) -> Path:
+    """Keep an unfinished run's OOF arrays as ``oof.npz`` (e.g. before its checkpoints are pruned)."""
+    return atomic_savez(Path(run_dir) / "oof.npz", **assemble_out_of_fold(run_dir, k))

@@ -7,9 +7,11 @@ Why it works the way it does:
   replacement (Caruana et al. 2004) by default, or the N best trials with equal weights (``top``).
 - Soft voting averages softmax probabilities (never logits: heads and temperatures differ between trials),
   weighted by how often a trial was picked; TTA views are averaged in probability space as well.
-- The OOF estimate uses the same TTA as the submission, so the printed "expected F1" is honest: a stored
-  OOF array is used when it was made with the requested views, otherwise the selected fold models score
-  their validation images again with those views.
+- The OOF figures use the same TTA as the submission: a stored OOF array is used when it was made with
+  the requested views, otherwise the selected fold models score their validation images again with them.
+- Each F1 figure says what it estimates (``estimates``): in-sample OOF (selected on those rows), nested
+  (selection scored on folds it did not see) and, with holdout persons, the submission's own vote on
+  persons nothing trained or selected on, which is then the one to trust.
 - Everything is computed before anything is written, and the submission is written last, atomically and
   only after it has been re-read and checked: on any error no new submission exists and an old one is
   untouched.
@@ -17,15 +19,18 @@ Why it works the way it does:
 One room per responsibility, in the order a run goes through them:
 
 - ``candidates``: finding the usable trials of a search and checking they agree;
-- ``selection``: ranking them and choosing the members (plain NumPy);
+- ``selection``: ranking them and choosing the members, and the nested estimate (plain NumPy);
+- ``estimates``: what each F1 figure estimates, the holdout rows;
 - ``members``: checking the members' checkpoints and predicting with them (torch, one fold model at a time);
 - ``submission``: writing the submission and its probabilities, and scoring a submission;
 - ``result``: the result, its printed summary and ensemble.json;
-- ``stage``: ``run_ensemble``, the steps in order.
+- ``arguments``: checking the arguments before anything slow;
+- ``stage``: ``run_ensemble``, the steps in order; ``recording``: its MLflow record.
 
 The MLflow record lives with the rest of MLflow, in ``orchestrator.tracking.ensemble_run``.
 """
 
+from orchestrator.ensemble.arguments import DEFAULT_STORAGE
 from orchestrator.ensemble.candidates import FAILED_STATUSES, Candidate, read_search_summary
 from orchestrator.ensemble.result import EnsembleMember, EnsembleResult, format_report
 from orchestrator.ensemble.selection import (
@@ -36,7 +41,7 @@ from orchestrator.ensemble.selection import (
     select,
     soft_vote,
 )
-from orchestrator.ensemble.stage import DEFAULT_STORAGE, run_ensemble
+from orchestrator.ensemble.stage import run_ensemble
 from orchestrator.ensemble.submission import (
     SUBMISSION_COLUMNS,
     score_arrays,

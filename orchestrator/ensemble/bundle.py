@@ -8,11 +8,13 @@ submission, so that new images can be scored later without the search folder, th
 ensemble_model/
   ensemble_spec.json             format, search, class names, age edges, OOF F1 and one entry per member
   checkpoints/<trial>/fold{i}.pt the member's fold checkpoints (only the folds the ensemble used)
+  checkpoints/<trial>/refit{s}.pt its refit models (``foldtune refit``), when the ensemble used them
 ```
 
 A member entry says how the submission used it: ``weight`` (its share of the vote), ``tta`` (its views),
 ``image_size`` and ``crop`` (how images are decoded, as the image cache does), ``head``, ``amp`` and
-``channels_last`` (how it ran on a GPU) and its ``checkpoints``, relative to the folder.
+``channels_last`` (how it ran on a GPU) and its ``checkpoints``, relative to the folder; the member's
+probabilities are the plain mean over its checkpoints, fold and refit models alike, as in the submission.
 
 The folder is built under a staging name and renamed into place, so a reader never sees half of one; a
 previous bundle is replaced only once the new one is complete. Checkpoints are hard-linked when the
@@ -56,6 +58,7 @@ class BundleMember:
     folds: list[int]
     checkpoints: list[str] = field(default_factory=list)  # relative to the bundle folder
     oof_f1: float | None = None
+    refit: int = 0  # refit models after the fold models (sources keys "refit0", "refit1", ...)
 
 
 def member_from_config(
@@ -65,6 +68,7 @@ def member_from_config(
     config: dict,
     folds: Sequence[int],
     oof_f1: float | None = None,
+    refit: int = 0,
 ) -> BundleMember:
     """A member entry from its trial's config (the values the ensemble predicted it with)."""
     return BundleMember(
@@ -79,6 +83,7 @@ def member_from_config(
         channels_last=bool(config.get("channels_last", True)),
         folds=[int(f) for f in folds],
         oof_f1=None if oof_f1 is None else float(oof_f1),
+        refit=int(refit),
     )
 
 
@@ -111,7 +116,7 @@ def _swap_in(staging: Path, target: Path) -> None:
 def write_bundle(
     target: Path,
     members: Sequence[BundleMember],
-    sources: dict[str, dict[int, Path]],
+    sources: dict[str, dict[int | str, Path]],
     class_names: Sequence[str],
     age_edges: Sequence[int],
     info: dict | None = None,
@@ -126,9 +131,14 @@ def write_bundle(
     try:
         for member in members:
             relative = []
-            for fold in member.folds:
-                name = Path("checkpoints") / member.trial_id / f"fold{fold}.pt"
-                _link_or_copy(Path(sources[member.trial_id][fold]), staging / name)
+            keys = [*member.folds, *(f"refit{i}" for i in range(member.refit))]
+            for key in keys:
+                name = (
+                    Path("checkpoints")
+                    / member.trial_id
+                    / (f"fold{key}.pt" if isinstance(key, int) else f"{key}.pt")
+                )
+                _link_or_copy(Path(sources[member.trial_id][key]), staging / name)
                 relative.append(name.as_posix())
             entries.append({**asdict(member), "checkpoints": relative})
         spec = {

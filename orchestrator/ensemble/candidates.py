@@ -1,9 +1,12 @@
 """Finding the trials an ensemble can be made of: what the search recorded, what is on disk, what agrees.
 
 A search folder holds one folder per trial under ``trials/``, in every state a search can leave it: finished,
-failed, diverged, pruned (its checkpoints deleted), stopped early by ASHA, or still running. Only a finished
-trial with its out-of-fold (OOF) probabilities and all k fold checkpoints can be a member, and every other
-one is named with the reason it is left out, so a surprising selection can be explained.
+failed, diverged, pruned (its checkpoints deleted), stopped early by ASHA, cut by the time budget, or still
+running. Every trial that trained at least one epoch on every fold is a candidate: a finished one with its
+``oof.npz``, an unfinished one (``partial``) with the OOF probabilities of its best epoch, which each fold
+checkpoint carries; greedy selection decides whether it helps. Every other trial is named with the reason
+it is left out, so a surprising selection can be explained. Pruned trials (OOF kept, checkpoints deleted)
+can be listed too, to say when one would have been picked.
 
 Candidates are then checked to agree on the images, folds, labels and classes they were trained on: their
 OOF probabilities are added row by row, which is only meaningful when row i is the same image, held out of
@@ -17,17 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from orchestrator.errors import OrchestratorError
 from trainers.labels import AgeBands, class_names
 
 FAILED_STATUSES = frozenset({"diverged", "failed", "error", "errored"})
 OOF_ARRAYS = ("rel_path", "label", "fold", "probs", "probs_tta")
+PRUNED = "no checkpoints (pruned: outside the search's top K)"
 
 
 @dataclass
 class Candidate:
-    """A finished trial whose OOF probabilities and fold checkpoints are all there."""
+    """A trial whose OOF probabilities and fold checkpoints are all there (or, pruned, only its OOF)."""
 
     trial_id: str
     run_dir: Path
@@ -38,7 +43,9 @@ class Candidate:
     label: np.ndarray
     fold: np.ndarray
     probs: np.ndarray  # OOF, no TTA (float32)
-    probs_tta: np.ndarray  # OOF with the trial's own ``tta`` (float32)
+    probs_tta: np.ndarray  # OOF with the trial's own ``tta`` (float32); a partial trial's: without TTA
+    partial: bool = False  # unfinished (stopped early, cut, interrupted): OOF of its best epoch, no TTA
+    checkpoints_kept: bool = True  # False: pruned by keep_top; an OOF record only, not a possible member
 
     @property
     def own_tta(self) -> tuple[str, ...]:
@@ -87,9 +94,16 @@ def left_out_by_search(summary: dict) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def discover(
-    search_dir: Path, failed: dict[str, str], stopped: dict[str, str] | None = None
+    search_dir: Path,
+    failed: dict[str, str],
+    stopped: dict[str, str] | None = None,
+    with_pruned: bool = False,
 ) -> tuple[list[Candidate], dict[str, str]]:
-    """Every usable trial under ``trials/`` and, for the others, why they are left out."""
+    """Every usable trial under ``trials/`` and, for the others, why they are left out.
+
+    ``with_pruned`` also returns trials whose checkpoints were pruned but whose OOF probabilities are kept
+    (``checkpoints_kept`` False); they are never members, but selection can say one would have been picked.
+    """
     trials_dir = search_dir / "trials"
     if not trials_dir.is_dir():
         raise OrchestratorError(
@@ -103,49 +117,46 @@ def discover(
         if trial_id in failed:
             skipped[trial_id] = failed[trial_id]
             continue
-        found = _read_trial(run_dir, stopped or {})
+        found = _read_trial(run_dir, stopped or {}, with_pruned)
         if isinstance(found, str):
             skipped[trial_id] = found
         else:
             candidates.append(found)
-    if not candidates:
+    if not any(c.checkpoints_kept for c in candidates):
+        for pruned in candidates:
+            skipped[pruned.trial_id] = PRUNED
+        skipped = dict(sorted(skipped.items()))
         why = "\n".join(f"  {trial}: {reason}" for trial, reason in list(skipped.items())[:50]) or "  (none)"
         raise OrchestratorError(
-            f"no finished trial with out-of-fold predictions and all fold checkpoints in {trials_dir}:\n"
+            f"no trial with out-of-fold predictions and all fold checkpoints in {trials_dir}:\n"
             f"{why}\n"
             "let the search finish (`foldtune search --resume`) or re-run it"
         )
     return candidates, skipped
 
 
-def _read_trial(run_dir: Path, stopped: dict[str, str]) -> Candidate | str:
+def _read_trial(run_dir: Path, stopped: dict[str, str], with_pruned: bool = False) -> Candidate | str:
     """One trial folder as a candidate, or the reason it cannot be one."""
     trial_id = run_dir.name
-    result_path = run_dir / "result.json"
-    if not result_path.is_file():
-        return stopped.get(trial_id, "no result.json (still running, or stopped before it finished)")
-    try:
-        result = json.loads(result_path.read_text())
-        config = dict(result["config"])
-        status = str(result.get("status", ""))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"{result_path} is unreadable ({error})"
-    if status in FAILED_STATUSES:
-        return f"status {status}"
+    found = _trial_config(run_dir, stopped)
+    if isinstance(found, str):
+        return found
+    config, status = found
     k = int(config.get("k", 0))
     checkpoints = [run_dir / "checkpoints" / f"fold{i}.pt" for i in range(k)]
     missing = [p.name for p in checkpoints if not p.is_file()]
-    if len(missing) == k:
-        return "no checkpoints (pruned: outside the search's top K)"
-    if missing:
+    oof_path = run_dir / "oof.npz"
+    pruned = len(missing) == k
+    if pruned and not (with_pruned and oof_path.is_file()):
+        return PRUNED
+    if missing and not pruned:
+        if status in ("unfinished", "stopped_early"):
+            why = f"stopped before every fold finished an epoch ({', '.join(missing)} missing)"
+            return f"{stopped[trial_id]}; {why}" if trial_id in stopped else why
         return f"checkpoints {', '.join(missing)} missing in {run_dir / 'checkpoints'}"
-    if not (run_dir / "oof.npz").is_file():
-        return "no oof.npz (stopped before its out-of-fold predictions were written)"
-    try:
-        with np.load(run_dir / "oof.npz", allow_pickle=False) as oof:
-            arrays = {key: oof[key] for key in OOF_ARRAYS}
-    except (OSError, ValueError, KeyError) as error:
-        return f"{run_dir / 'oof.npz'} is unreadable ({error})"
+    arrays = _read_oof(run_dir, k, status, pruned)
+    if isinstance(arrays, str):
+        return arrays
     order = np.argsort(arrays["rel_path"], kind="stable")  # one shared image order for every trial
     return Candidate(
         trial_id=trial_id,
@@ -158,7 +169,56 @@ def _read_trial(run_dir: Path, stopped: dict[str, str]) -> Candidate | str:
         fold=arrays["fold"].astype(np.int64)[order],
         probs=arrays["probs"].astype(np.float32)[order],  # as stored; sums are taken in float64
         probs_tta=arrays["probs_tta"].astype(np.float32)[order],
+        partial=bool(arrays.get("partial", False)),
+        checkpoints_kept=not pruned,
     )
+
+
+def _trial_config(run_dir: Path, stopped: dict[str, str]) -> tuple[dict, str] | str:
+    """The trial's config and how it ended: fit's ``result.json`` when it finished, else its
+    ``config.yaml`` (written when it started) with status "stopped_early" or "unfinished"."""
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        try:
+            result = json.loads(result_path.read_text())
+            config, status = dict(result["config"]), str(result.get("status", ""))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return f"{result_path} is unreadable ({error})"
+        return (config, status) if status not in FAILED_STATUSES else f"status {status}"
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        return stopped.get(run_dir.name, "no result.json or config.yaml (it never started training)")
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        return f"{config_path} is unreadable ({error})"
+    if not isinstance(config, dict):
+        return f"{config_path} is not a trial config"
+    return config, "stopped_early" if run_dir.name in stopped else "unfinished"
+
+
+def _read_oof(run_dir: Path, k: int, status: str, pruned: bool = False) -> dict[str, np.ndarray] | str:
+    """``oof.npz``, or for an unfinished trial the OOF arrays rebuilt from its fold checkpoints (also when
+    a partial ``oof.npz`` was saved before but the checkpoints are there: they may have moved on since)."""
+    path = run_dir / "oof.npz"
+    if path.is_file() and not (status in ("unfinished", "stopped_early") and not pruned):
+        try:
+            with np.load(path, allow_pickle=False) as oof:
+                arrays = {key: oof[key] for key in OOF_ARRAYS}
+                if "partial" in oof.files:
+                    arrays["partial"] = oof["partial"]
+            return arrays
+        except (OSError, ValueError, KeyError) as error:
+            return f"{path} is unreadable ({error})"
+    if status not in ("unfinished", "stopped_early"):
+        return "no oof.npz (stopped before its out-of-fold predictions were written)"
+    from trainers.errors import FoldtuneError
+    from trainers.run_outputs import assemble_out_of_fold  # torch: only for unfinished trials
+
+    try:
+        return assemble_out_of_fold(run_dir, k)
+    except (OSError, ValueError, KeyError, FoldtuneError) as error:
+        return f"no out-of-fold predictions: {error}"
 
 
 def check_same_split(candidates: list[Candidate]) -> None:
@@ -201,3 +261,14 @@ def shared_class_names(candidates: list[Candidate]) -> list[str]:
             f"the trials use different age_edges {sorted(set(age_edges))}; their classes differ"
         )
     return class_names(AgeBands(age_edges[0]))
+
+
+def selection_f1(run_dir: Path) -> float | None:
+    """What the ensemble ranks a trial by: the macro F1 of its stored OOF probabilities (with its own TTA
+    when it finished), or None when it cannot be a candidate."""
+    from orchestrator.ensemble.selection import macro_f1
+
+    found = _read_trial(Path(run_dir), {}, with_pruned=True)
+    if isinstance(found, str):
+        return None
+    return macro_f1(found.label, found.probs_tta)

@@ -92,3 +92,47 @@ def predict_member(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return eval_probs / len(folds), oof
+
+
+def predict_models(
+    checkpoints: Sequence[Path],
+    config: dict,
+    tta: tuple[str, ...],
+    paths: list[str],
+    cache_dir: Path,
+    device,
+    batch_size: int,
+    log: Callable[[str], None],
+) -> np.ndarray:
+    """The mean probabilities of ``checkpoints`` (e.g. a member's refit models) over ``paths``, predicted
+    like its fold models: same image cache, size, crop, TTA and device settings (``config``)."""
+    import torch
+
+    from trainers.cache import build_cache, open_cache
+    from trainers.checkpoint import load_checkpoint
+    from trainers.predict import predict_proba
+
+    size = tuple(int(s) for s in config["image_size"])
+    cache = open_cache(build_cache(paths, size, cache_dir, config.get("crop") or None, log=log))
+    rows = cache.rows(paths)
+    channels_last = bool(config.get("channels_last", True)) and device.type == "cuda"
+    probs = np.zeros((len(paths), NUM_CLASSES), dtype=np.float64)
+    for path in checkpoints:
+        loaded = load_checkpoint(path, device=device)
+        if channels_last:
+            loaded.model.to(memory_format=torch.channels_last)
+        probs += predict_proba(
+            loaded.model,
+            loaded.head,
+            cache.images,
+            rows,
+            mean=loaded.mean,
+            std=loaded.std,
+            device=device,
+            batch_size=batch_size,
+            tta=tta,
+            amp=bool(config.get("amp", True)),
+            channels_last=channels_last,
+        )
+        del loaded
+    return probs / len(checkpoints)

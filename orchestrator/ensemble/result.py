@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.ensemble.estimates import Estimates
+
 _LISTED = 10  # trials named in one line
 
 
@@ -55,6 +57,7 @@ class EnsembleResult:
     mlflow_run_id: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # trial id -> why it is not a candidate
     folds: tuple[int, ...] | None = None  # fold models used; None = all (OOF figures cover these folds only)
+    estimates: Estimates | None = None  # what each F1 figure estimates, and which to trust
 
 
 def describe_tta(views: Sequence[str]) -> str:
@@ -77,8 +80,8 @@ def format_report(result: EnsembleResult) -> str:
     lines += [
         f"best single trial: {result.best_single_trial}  OOF macro F1 {result.best_single_f1:.4f}",
         f"ensemble OOF macro F1 {result.oof_f1:.4f} with {tta} ({result.oof_f1_no_tta:.4f} without TTA)"
-        f"  <- expected F1"
         + ("" if result.folds is None else f" (on the {len(result.oof_labels)} images of those folds)"),
+        *(["estimates of the submission's macro F1:", *result.estimates.lines()] if result.estimates else []),
         f"submission: {result.submission} ({len(result.image_ids)} images); "
         f"probabilities {result.probs_path}",
     ]
@@ -136,4 +139,5 @@ def build_report(
         "candidates_oof_f1": candidates_oof_f1,
         "skipped": result.skipped,
         "eval_images": len(result.image_ids),
+        "estimates": result.estimates.as_dict() if result.estimates else None,
     }

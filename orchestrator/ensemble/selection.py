@@ -12,6 +12,11 @@ Two methods, both on macro F1 of the per-row argmax (the competition's score):
 
 Candidates are ranked best first (ties: trial id) so that both methods are deterministic and the first
 member is always the best single trial.
+
+The selected ensemble's OOF F1 is in-sample: the votes were fitted on those same rows, so with many
+candidates it flatters. ``nested_estimate`` scores the selection *procedure* instead: for each fold it
+selects on the other folds' rows only and predicts that fold's rows with the result, so no row's
+prediction was chosen by looking at it.
 """
 
 from __future__ import annotations
@@ -84,13 +89,12 @@ def same_views(a: Sequence[str], b: Sequence[str]) -> bool:
 
 def selection_probs(candidate: Candidate, tta: tuple[str, ...] | None) -> tuple[np.ndarray, bool]:
     """The stored OOF probabilities closest to the requested TTA, and whether they are exactly it."""
-    if tta is None:
-        return candidate.probs_tta, True
-    if not tta:
+    if not tta and tta is not None:
         return candidate.probs, True
-    if same_views(tta, candidate.own_tta):
-        return candidate.probs_tta, True
-    return candidate.probs_tta, False  # a proxy for choosing; members are predicted again with ``tta``
+    views = candidate.own_tta if tta is None else tta
+    # a partial trial's stored OOF has no TTA: a proxy for choosing, predicted again if it becomes a member
+    exact = same_views(views, candidate.own_tta) and not (candidate.partial and views)
+    return candidate.probs_tta, exact
 
 
 def rank(single_f1: Sequence[float], trial_ids: Sequence[str]) -> list[int]:
@@ -146,3 +150,42 @@ def select(
         method=method,
         counts=counts,
     )
+
+
+@dataclass
+class NestedEstimate:
+    """The selection procedure scored on rows it did not select on (see the module docstring)."""
+
+    f1: float  # macro F1 of the pooled nested predictions: comparable with the in-sample OOF F1
+    fold_f1: list[float]  # macro F1 on each outer fold's rows
+    picks: list[list[str]]  # per outer fold, the trial ids that received votes
+
+
+def nested_estimate(
+    probs: Sequence[np.ndarray],
+    labels: np.ndarray,
+    fold: np.ndarray,
+    trial_ids: Sequence[str],
+    top: int | None,
+    greedy_steps: int = DEFAULT_GREEDY_STEPS,
+) -> NestedEstimate:
+    """For each fold: rank and select on the other folds' rows, vote on this fold's rows; pooled F1.
+
+    ``probs`` are the candidates' OOF probabilities (any order), ``fold`` each row's fold. The same ranking
+    and selection as ``select`` (greedy, or the ``top`` best), so the figure describes what ``select`` does.
+    """
+    nested = np.zeros(np.shape(probs[0]), dtype=np.float64)
+    fold_f1, picks = [], []
+    for held_out in np.unique(fold):
+        inner, outer = fold != held_out, fold == held_out
+        single = [macro_f1(labels[inner], p[inner]) for p in probs]
+        order = rank(single, trial_ids)
+        if top is not None:
+            counts = top_selection(len(order), top)
+        else:
+            counts = greedy_selection([probs[i][inner] for i in order], labels[inner], greedy_steps)
+        weights = np.array(counts, dtype=np.float64) / sum(counts)
+        nested[outer] = soft_vote(weights, [probs[i][outer] for i in order])
+        fold_f1.append(macro_f1(labels[outer], nested[outer]))
+        picks.append([trial_ids[order[j]] for j, count in enumerate(counts) if count])
+    return NestedEstimate(f1=macro_f1(labels, nested), fold_f1=fold_f1, picks=picks)

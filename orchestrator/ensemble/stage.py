@@ -1,8 +1,10 @@
 """The ensemble stage, step by step: from a finished search folder to a checked submission.
 
 ``run_ensemble`` reads as the list of its steps: check the arguments, discover the candidate trials,
-select the members on out-of-fold (OOF) F1, check their checkpoints, predict with them, combine their
-probabilities, describe the result, write the side files and then the submission, record it in MLflow.
+select the members on out-of-fold (OOF) F1 (with the nested estimate of that selection), check their
+checkpoints, predict with them (the eval images and any holdout persons, with refit models if asked),
+combine their probabilities, describe the result and its estimates, write the side files and then the
+submission, record it in MLflow.
 
 The order is the point: every check that can fail fast runs before the slow predictions, everything is
 computed before anything is written, and the submission is written last (atomically, after being re-read
@@ -13,14 +15,21 @@ the result, not the result: a tracking failure after the submission is a warning
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from orchestrator.ensemble.arguments import (
+    check_device,
+    check_folds,
+    check_search_dir,
+    check_tta,
+    train_paths,
+)
 from orchestrator.ensemble.candidates import (
+    PRUNED,
     Candidate,
     check_same_split,
     discover,
@@ -28,7 +37,9 @@ from orchestrator.ensemble.candidates import (
     read_search_summary,
     shared_class_names,
 )
-from orchestrator.ensemble.members import check_member_checkpoints, predict_member
+from orchestrator.ensemble.estimates import Estimates, Holdout, read_holdout
+from orchestrator.ensemble.members import check_member_checkpoints, predict_member, predict_models
+from orchestrator.ensemble.recording import record_in_mlflow
 from orchestrator.ensemble.result import (
     EnsembleMember,
     EnsembleResult,
@@ -36,76 +47,18 @@ from orchestrator.ensemble.result import (
     describe_tta,
     format_report,
 )
-from orchestrator.ensemble.selection import DEFAULT_GREEDY_STEPS, Selection, macro_f1, select, soft_vote
+from orchestrator.ensemble.selection import (
+    DEFAULT_GREEDY_STEPS,
+    Selection,
+    macro_f1,
+    nested_estimate,
+    select,
+    soft_vote,
+)
 from orchestrator.ensemble.submission import write_probs, write_submission
 from orchestrator.errors import OrchestratorError
 from trainers.io import write_text_atomic
 from trainers.metrics import compute_metrics, flat_scalars, plot_confusion
-
-DEFAULT_STORAGE = Path("runs")
-
-# ----------------------------------------------------------------------------------------------------------
-# checking the arguments
-
-
-def _check_tta(tta: Sequence[str] | None) -> tuple[str, ...] | None:
-    from trainers.transforms import TTA_VIEWS  # here: transforms pulls in torch, the CLI imports this package
-
-    if tta is None:
-        return None
-    views = tuple(str(v).strip() for v in tta if str(v).strip())
-    unknown = TTA_VIEWS.unknown(views)
-    if unknown:
-        raise OrchestratorError(
-            f"--tta: unknown view(s) {unknown}; use a comma-separated subset of {list(TTA_VIEWS.names())}"
-        )
-    return views
-
-
-def _check_search_dir(search: str, storage: Path | None) -> Path:
-    search_dir = Path(storage or DEFAULT_STORAGE) / search
-    if not search_dir.is_dir():
-        raise OrchestratorError(
-            f"search folder {search_dir} not found; run `foldtune search --name {search}` first, or pass the "
-            "--storage the search used"
-        )
-    return search_dir
-
-
-def _check_device(device: str):
-    from trainers.predict import pick_device
-
-    try:
-        return pick_device(device)
-    except RuntimeError as error:
-        raise OrchestratorError(str(error)) from None
-
-
-def _check_folds(folds: Sequence[int] | None, k: int) -> list[int]:
-    """The fold models to use, sorted; every one of the trials' ``k`` when ``folds`` is None."""
-    if folds is None:
-        return list(range(k))
-    chosen = sorted({int(f) for f in folds})
-    bad = [f for f in chosen if not 0 <= f < k]
-    if not chosen or bad:
-        raise OrchestratorError(
-            f"--folds: {bad or 'none given'} not among the trials' folds 0..{k - 1}; e.g. --folds 0 or 0,2"
-        )
-    return chosen
-
-
-def _train_paths(data_root: Path, rel_paths: np.ndarray) -> list[str]:
-    """Absolute training image paths, spelled as trainers.data does (so the training cache is reused)."""
-    root = data_root.resolve()
-    paths = [str(root / rel) for rel in rel_paths.tolist()]
-    missing = [rel for rel, path in zip(rel_paths.tolist(), paths, strict=True) if not os.path.isfile(path)]
-    if missing:
-        raise OrchestratorError(
-            f"{len(missing)} training images the trials were trained on are missing under {root} (e.g. "
-            f"{missing[:3]}); --data must be the data root the search was run on"
-        )
-    return paths
-
 
 # ----------------------------------------------------------------------------------------------------------
 # the stage
@@ -125,6 +78,7 @@ def run_ensemble(
     greedy_steps: int = DEFAULT_GREEDY_STEPS,
     log: Callable[[str], None] | None = print,
     folds: Sequence[int] | None = None,
+    with_refit: bool = False,
 ) -> EnsembleResult:
     """Select members of search ``search`` on OOF F1, predict eval/images, write the submission last.
 
@@ -132,25 +86,26 @@ def run_ensemble(
     member, for the OOF estimate as well as for the submission. ``top`` takes the N best trials with equal
     weights instead of greedy selection. ``folds`` keeps only those fold models of each member (e.g. one
     fold model, to measure what the k-fold average adds); its OOF figures then cover those folds'
-    validation images only.
+    validation images only. ``with_refit`` adds each member's refit models (``foldtune refit``) to its
+    fold models in the vote.
     """
     from trainers.data import read_eval
 
     # check the arguments, the data and the device before anything slow
     log = log or (lambda message: None)
     data_root = Path(data_root)
-    tta = _check_tta(tta)
+    tta = check_tta(tta)
     if top is not None and top < 1:
         raise OrchestratorError(f"--top must be at least 1, got {top}")
     if batch_size < 1:
         raise OrchestratorError(f"--batch-size must be at least 1, got {batch_size}")
-    search_dir = _check_search_dir(search, storage)
+    search_dir = check_search_dir(search, storage)
     out = Path(out) if out else search_dir / "submission.csv"
     if cache_dir is None:
         from trainers.cache import default_cache_dir
 
         cache_dir = default_cache_dir()
-    torch_device = _check_device(device)
+    torch_device = check_device(device)
     eval_table = read_eval(data_root)  # fail fast: missing eval images are a DataError naming each one
 
     # discover the candidates; they must agree on images, folds, labels and classes
@@ -160,13 +115,17 @@ def run_ensemble(
     selection = select(pool.candidates, pool.labels, pool.rows, tta, top, greedy_steps)
     if top is not None and top > len(pool.candidates):
         log(f"--top {top}: only {len(pool.candidates)} usable trials, taking all of them")
+    estimates = _selection_estimates(pool, selection, tta, top, greedy_steps)
+    refit = _refit_models(search_dir, selection, with_refit)
+    holdout = read_holdout(pool.candidates[0].run_dir)
+    holdout_paths = train_paths(data_root, holdout.rel_path) if len(holdout) else []
 
     # fail fast on a bad checkpoint before any prediction
     for i in selection.chosen:
         check_member_checkpoints(selection.candidates[i], pool.folds)
-    train_paths = None
+    oof_paths = None
     if any(not selection.exact[i] for i in selection.chosen):
-        train_paths = _train_paths(data_root, pool.candidates[0].rel_path)
+        oof_paths = train_paths(data_root, pool.candidates[0].rel_path)
 
     # predict (one fold model on the device at a time), combine, describe
     predicted = _predict_members(
@@ -174,18 +133,22 @@ def run_ensemble(
         selection,
         tta,
         eval_table["image_path"].tolist(),
-        train_paths,
+        oof_paths,
         Path(cache_dir),
         torch_device,
         batch_size,
         log,
+        holdout_paths,
+        refit,
     )
     result, confusion = _combine(pool, selection, predicted, tta, out, eval_table["image_id"].tolist())
+    result.estimates = _holdout_estimates(estimates, holdout, predicted, result)
     settings = {
         "greedy_max_steps": greedy_steps if selection.method == "greedy" else None,
         "top": top,
         "candidates": len(pool.candidates),
         "folds": ",".join(map(str, pool.folds)) if result.folds is not None else None,
+        "with_refit": {t: len(paths) for t, paths in refit.items()} if with_refit else None,
     }
     candidates_oof_f1 = {
         c.trial_id: f for c, f in zip(selection.candidates, selection.single_f1, strict=True)
@@ -196,8 +159,8 @@ def run_ensemble(
     _write_outputs(result, report, predicted, confusion, pool.class_names)
 
     # after the submission: the model folder `foldtune predict` reads, then the MLflow run and model
-    bundle = _write_bundle(result, pool, search, log)
-    _record_in_mlflow(
+    bundle = _write_bundle(result, pool, search, log, refit)
+    record_in_mlflow(
         result, report, pool.summary, search, search_dir, tracking_uri, settings, log, bundle, data_root
     )
     log(format_report(result))
@@ -220,18 +183,28 @@ class _Pool:
     folds: list[int]  # the fold models used
     rows: np.ndarray  # boolean mask of the OOF rows those fold models can be judged on
     labels: np.ndarray  # the labels of those rows
+    pruned: list[Candidate]  # trials whose checkpoints keep_top deleted but whose OOF is kept
 
 
 def _discover(search_dir: Path, folds: Sequence[int] | None) -> _Pool:
     """The candidates, checked to agree on images, folds, labels and classes, and the rows to judge on."""
     summary = read_search_summary(search_dir)
-    candidates, skipped = discover(search_dir, *left_out_by_search(summary))
+    found, skipped = discover(search_dir, *left_out_by_search(summary), with_pruned=True)
+    candidates = [c for c in found if c.checkpoints_kept]
     check_same_split(candidates)
+    pruned = []  # OOF records only; one that does not match the candidates is just left out
+    for c in (c for c in found if not c.checkpoints_kept):
+        skipped[c.trial_id] = PRUNED
+        try:
+            check_same_split([candidates[0], c])
+        except OrchestratorError:
+            continue
+        pruned.append(c)
     names = shared_class_names(candidates)
     k = len(candidates[0].checkpoints)
-    use_folds = _check_folds(folds, k)
+    use_folds = check_folds(folds, k)
     rows = np.isin(candidates[0].fold, use_folds)
-    return _Pool(summary, candidates, skipped, names, k, use_folds, rows, candidates[0].label[rows])
+    return _Pool(summary, candidates, skipped, names, k, use_folds, rows, candidates[0].label[rows], pruned)
 
 
 @dataclass
@@ -242,6 +215,9 @@ class _Predicted:
     eval: list[np.ndarray]  # (N eval images, 18) each, float64
     oof: list[np.ndarray]  # OOF on the judged rows with the member's TTA
     oof_plain: list[np.ndarray]  # OOF on the judged rows without TTA
+    holdout: list[np.ndarray]  # on the holdout persons' images, as submitted (refit models included)
+    holdout_kfold: list[np.ndarray]  # the same with the k fold models only
+    with_refit: bool = False  # some member's refit models are in the vote
 
 
 def _predict_members(
@@ -254,10 +230,15 @@ def _predict_members(
     device,
     batch_size: int,
     log: Callable[[str], None],
+    holdout_paths: list[str],
+    refit: dict[str, list[Path]],
 ) -> _Predicted:
-    """Each member's eval probabilities and, when the stored ones do not match its TTA, its OOF again."""
+    """Each member's eval (and holdout) probabilities and, when the stored ones do not match its TTA, its
+    OOF again; with ``refit`` models, each counts as one more model in the member's average."""
     k, use_folds, rows, labels = pool.k, pool.folds, pool.rows, pool.labels
-    predicted = _Predicted(members=[], eval=[], oof=[], oof_plain=[])
+    predicted = _Predicted(members=[], eval=[], oof=[], oof_plain=[], holdout=[], holdout_kfold=[])
+    images = eval_paths + holdout_paths
+    n_eval = len(eval_paths)
     for i in selection.chosen:
         candidate = selection.candidates[i]
         views = candidate.own_tta if tta is None else tta
@@ -266,11 +247,11 @@ def _predict_members(
             f"predicting with trial {candidate.trial_id} ({candidate.config.get('backbone')}, "
             f"{which}, TTA {describe_tta(views)})"
         )
-        eval_probs, recomputed = predict_member(
+        kfold_probs, recomputed = predict_member(
             candidate,
             views,
             not selection.exact[i],
-            eval_paths,
+            images,
             train_paths,
             cache_dir,
             device,
@@ -278,6 +259,20 @@ def _predict_members(
             log,
             use_folds,
         )
+        probs = kfold_probs
+        refit_paths = refit.get(candidate.trial_id) or []
+        if refit_paths:
+            predicted.with_refit = True
+            log(f"  + {len(refit_paths)} refit model(s) of trial {candidate.trial_id}")
+            refit_probs = predict_models(
+                refit_paths, candidate.config, views, images, cache_dir, device, batch_size, log
+            )
+            probs = (len(use_folds) * kfold_probs + len(refit_paths) * refit_probs) / (
+                len(use_folds) + len(refit_paths)
+            )
+        eval_probs = probs[:n_eval]
+        predicted.holdout.append(probs[n_eval:])
+        predicted.holdout_kfold.append(kfold_probs[n_eval:])
         oof = recomputed[rows] if recomputed is not None else selection.probs[i]
         plain = candidate.probs[rows]
         predicted.eval.append(eval_probs)
@@ -297,6 +292,68 @@ def _predict_members(
             )
         )
     return predicted
+
+
+def _selection_estimates(
+    pool: _Pool, selection: Selection, tta: tuple[str, ...] | None, top: int | None, greedy_steps: int
+) -> Estimates:
+    """The nested estimate of the selection (on the stored OOF probabilities it selected on), and the
+    pruned trials selection would have picked had keep_top kept them; the in-sample and holdout figures
+    are filled in once the members are predicted."""
+    fold = pool.candidates[0].fold[pool.rows]
+    nested = None
+    if len(np.unique(fold)) > 1:
+        ids = [c.trial_id for c in selection.candidates]
+        nested = nested_estimate(selection.probs, pool.labels, fold, ids, top, greedy_steps)
+    would_pick = []
+    if pool.pruned:
+        everything = select(pool.candidates + pool.pruned, pool.labels, pool.rows, tta, top, greedy_steps)
+        would_pick = [
+            everything.candidates[i].trial_id
+            for i in everything.chosen
+            if not everything.candidates[i].checkpoints_kept
+        ]
+    return Estimates(
+        in_sample_f1=float("nan"),
+        nested_f1=nested.f1 if nested else None,
+        nested_fold_f1=nested.fold_f1 if nested else [],
+        pruned_would_pick=would_pick,
+    )
+
+
+def _refit_models(search_dir: Path, selection: Selection, with_refit: bool) -> dict[str, list[Path]]:
+    """Each member's refit models (``foldtune refit``) when asked for; an error when no member has any."""
+    if not with_refit:
+        return {}
+    from orchestrator.refit import refit_models
+
+    found = {
+        selection.candidates[i].trial_id: refit_models(search_dir, selection.candidates[i].trial_id)
+        for i in selection.chosen
+    }
+    if not any(found.values()):
+        first = selection.candidates[selection.chosen[0]].trial_id
+        raise OrchestratorError(
+            f"--with-refit: no member has refit models in {search_dir / 'refit'}; run `foldtune refit "
+            f"--search {search_dir.name} --trial {first}` first, or leave --with-refit out"
+        )
+    return found
+
+
+def _holdout_estimates(
+    estimates: Estimates, holdout: Holdout, predicted: _Predicted, result: EnsembleResult
+) -> Estimates:
+    """The in-sample figure, and the submission's vote scored on the holdout persons (when any)."""
+    estimates.in_sample_f1 = result.oof_f1
+    if not len(holdout):
+        return estimates
+    weights = np.array([m.weight for m in predicted.members], dtype=np.float64)
+    estimates.holdout_f1 = macro_f1(holdout.label, soft_vote(weights, predicted.holdout))
+    if predicted.with_refit:
+        estimates.holdout_f1_kfold = macro_f1(holdout.label, soft_vote(weights, predicted.holdout_kfold))
+    estimates.holdout_best_single_f1 = macro_f1(holdout.label, predicted.holdout_kfold[0])
+    estimates.holdout_persons, estimates.holdout_images = holdout.persons, len(holdout)
+    return estimates
 
 
 def _combine(
@@ -370,7 +427,11 @@ def _write_outputs(
 
 
 def _write_bundle(
-    result: EnsembleResult, pool: _Pool, search: str, log: Callable[[str], None]
+    result: EnsembleResult,
+    pool: _Pool,
+    search: str,
+    log: Callable[[str], None],
+    refit: dict[str, list[Path]] | None = None,
 ) -> Path | None:
     """The ensemble's model folder next to the submission (members' used fold checkpoints + spec); after the
     submission, so a failure only warns (and leaves no stale model: the folder is replaced or removed)."""
@@ -379,13 +440,26 @@ def _write_bundle(
     target = result.submission.parent / BUNDLE_DIR
     try:
         candidates = {c.trial_id: c for c in pool.candidates}
+        refit = refit or {}
         members = [
             member_from_config(
-                m.trial_id, m.weight, m.tta, candidates[m.trial_id].config, pool.folds, m.oof_f1
+                m.trial_id,
+                m.weight,
+                m.tta,
+                candidates[m.trial_id].config,
+                pool.folds,
+                m.oof_f1,
+                refit=len(refit.get(m.trial_id) or []),
             )
             for m in result.members
         ]
-        sources = {m.trial_id: dict(enumerate(candidates[m.trial_id].checkpoints)) for m in result.members}
+        sources = {
+            m.trial_id: {
+                **dict(enumerate(candidates[m.trial_id].checkpoints)),
+                **{f"refit{i}": path for i, path in enumerate(refit.get(m.trial_id) or [])},
+            }
+            for m in result.members
+        }
         age_edges = candidates[result.members[0].trial_id].config.get("age_edges", (30, 60))
         info = {"search": search, "oof_f1": result.oof_f1, "submission": str(result.submission.absolute())}
         write_bundle(target, members, sources, pool.class_names, age_edges, info)
@@ -400,46 +474,3 @@ def _write_bundle(
         return None
     log(f"model folder: {target} (`foldtune predict --model` it)")
     return target
-
-
-def _record_in_mlflow(
-    result: EnsembleResult,
-    report: dict,
-    summary: dict,
-    search: str,
-    search_dir: Path,
-    tracking_uri: str | None,
-    settings: dict,
-    log: Callable[[str], None],
-    bundle: Path | None = None,
-    data_root: Path | None = None,
-) -> None:
-    """Log the run (its id goes into the result and ensemble.json), then the model folder as an MLflow model
-    registered under the search's name; a failure of either only warns."""
-    try:
-        from orchestrator.tracking.ensemble_run import log_ensemble_run
-
-        result.mlflow_run_id = log_ensemble_run(
-            result, summary, search, search_dir, tracking_uri, settings, data_root=data_root
-        )
-    except Exception as error:  # tracking is a record of the result, not the result: keep the submission
-        log(
-            f"warning: the submission is written but logging the ensemble to MLflow failed "
-            f"({type(error).__name__}: {error}); check the tracking URI / MLFLOW_TRACKING_URI"
-        )
-        return
-    report["mlflow_run_id"] = result.mlflow_run_id
-    if bundle is not None:
-        try:
-            from orchestrator.tracking.ensemble_model import log_ensemble_model
-
-            registered = log_ensemble_model(bundle, result.mlflow_run_id, search, tracking_uri, summary)
-        except Exception as error:
-            log(
-                f"warning: the submission and the MLflow run are written but logging the ensemble as an "
-                f"MLflow model failed ({type(error).__name__}: {error})"
-            )
-        else:
-            report["registered_model"] = registered.model_uri
-            log(f"MLflow model: {registered.model_uri}")
-    write_text_atomic(json.dumps(report, indent=2, default=float), result.report_path)

@@ -24,6 +24,7 @@ from ray import tune
 from ray.tune import Callback
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.search.budget import BUDGET_FILE, BudgetStopper, settle_budget
 from orchestrator.search.closing import (
     SearchInterrupted,
     SettleLeftovers,
@@ -49,7 +50,7 @@ from orchestrator.search.summary import SearchSummary, summarize
 from orchestrator.search.trial import TrialContext, run_trial
 from orchestrator.space import SearchSpace
 from orchestrator.tracking.provenance import search_inputs
-from orchestrator.tracking.search_runs import start_parent_run
+from orchestrator.tracking.search_runs import settle_child_runs, start_parent_run
 from orchestrator.tracking.store import SearchTracking
 from orchestrator.tracking.trials import MlflowTrialCallback
 from trainers.io import write_text_atomic
@@ -82,6 +83,8 @@ def run_search(
     folds_file: str | os.PathLike | None = None,
     trial_fn: Callable[[dict[str, Any], TrialContext], None] | None = None,
     hash_images: bool = False,
+    holdout: float | None = None,
+    time_budget_minutes: float | None = None,
 ) -> SearchSummary:
     """Run (or with ``resume``, continue) a search; see the package docstring for what is written where.
 
@@ -95,6 +98,9 @@ def run_search(
     ``trial_fn(params, context)`` in a Ray trial process, reporting with ``ray.tune.report`` (tests use it
     to run the real driver and scheduling with a stand-in trial); a resume must pass the same one.
     ``hash_images`` makes the training data's MLflow digest hash the image bytes, not paths/sizes/mtimes.
+    ``holdout`` (a share of persons, overriding the space's) keeps persons out of every fold for the
+    ensemble to score the submission on. ``time_budget_minutes`` ends the search there (``budget``): no
+    trial starts after it, running ones are cut keeping their best fold models; a resume gets the rest.
 
     The summary says whether the search finished with a result (``summary.problem()`` is the one line to
     show when not). Ctrl+C or SIGTERM during the trials ends it interrupted (Tune saves the experiment);
@@ -103,11 +109,12 @@ def run_search(
     """
     storage_dir = Path(storage or "runs").expanduser().absolute()
     space, search_dir, restoring = settle_space(
-        space_path, storage_dir, trials, name, resume, cpus_per_trial, gpus_per_trial
+        space_path, storage_dir, trials, name, resume, cpus_per_trial, gpus_per_trial, holdout
     )
     tracking = settle_tracking(search_dir, tracking_uri, space.name)
     started_before = resume and (search_dir / "space.yaml").exists()
     relabel_copy = settle_relabel(search_dir, relabel, started_before)
+    budget = settle_budget(search_dir, space.name, time_budget_minutes, started_before)
     write_text_atomic(space.to_yaml(), search_dir / "space.yaml")
     data_root = Path(data_root).expanduser().absolute()
 
@@ -129,6 +136,9 @@ def run_search(
             parent_run_id = start_parent_run(
                 tracking, space, search_dir, data_root, _parent_artifacts(search_dir)
             )
+            budget.start()  # the budget counts the trials, not the preparation before them
+            if budget.total_s is not None and progress:
+                print(budget.describe())
             summary = _tune(
                 trial_fn or run_trial,
                 context,
@@ -139,6 +149,7 @@ def run_search(
                 restoring,
                 retry_failed,
                 progress,
+                budget,
             )
     finally:
         if started_ray:
@@ -151,7 +162,7 @@ def run_search(
 
 
 def _tune(
-    trial_fn, context, space, search_dir, tracking, parent_run_id, restoring, retry_failed, progress
+    trial_fn, context, space, search_dir, tracking, parent_run_id, restoring, retry_failed, progress, budget
 ) -> SearchSummary:
     """Build (or restore) Tune's experiment, run it, summarise it; every way out closes what the search
     opened in Optuna and MLflow (``closing``), and an interruption outside Tune's own graceful stop ends
@@ -166,10 +177,17 @@ def _tune(
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 results = tuner.fit()
-        # Tune returns early when Ctrl+C or SIGTERM stopped it: the trials it left stop here too
+        budget.record()
+        cut = budget.stopped()
+        # Tune returns early when Ctrl+C, SIGTERM or the time budget stopped it: the trials it left stop
+        # here too (the budget's stop calls no completion callback: their MLflow runs are closed here)
         fail_running_trials_quietly(search_dir, space.name)
-        return summarize(results, space, search_dir, tracking, parent_run_id)
+        if cut:
+            settle_child_runs(tracking, parent_run_id, keep=())
+        return summarize(results, space, search_dir, tracking, parent_run_id, budget_spent=cut)
     except BaseException as error:
+        with contextlib.suppress(OSError):  # never hide the error that ended the search
+            budget.record()
         close_after(error, tracking, parent_run_id, search_dir, space.name)
         if isinstance(error, KeyboardInterrupt) and not isinstance(error, SearchInterrupted):
             finished = finished_trials(search_dir, space.name)
@@ -331,6 +349,7 @@ def _new_tuner(
             storage_path=str(search_dir),
             callbacks=_callbacks(space, search_dir, tracking, parent_run_id, progress),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            stop=BudgetStopper(search_dir / BUDGET_FILE),  # no deadline unless a budget is set
             failure_config=tune.FailureConfig(max_failures=space.max_failures, fail_fast=False),
             verbose=0,
         ),

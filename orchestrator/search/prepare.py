@@ -56,6 +56,7 @@ def prepare(
         data_root=data_root,
         folds_file=folds_file,
         resuming=resuming,
+        holdout=space.holdout,
     )
     if cache_dir is None:
         from trainers.cache import default_cache_dir
@@ -89,19 +90,21 @@ def settle_folds(
     data_root: Path,
     folds_file: str | os.PathLike | None = None,
     resuming: bool = False,
+    holdout: float = 0.0,
 ) -> pd.DataFrame:
     """The search's fold file at ``folds_path``: the saved one, the user's ``folds_file``, or a new split.
 
     A saved fold file is kept when resuming, and when no ``folds_file`` is given (a start abandoned before
     its first trial reuses its split); it must still fit the data and ``k``. A ``folds_file`` given on
     resume must be the split the search started with. Otherwise ``folds_file`` is checked against the data
-    and ``k`` and copied, or the data is split into ``k`` folds by person with ``seed``.
+    and ``k`` and copied, or the data is split into ``k`` folds by person with ``seed``, after holding out
+    a ``holdout`` share of persons (fold -1) when asked. A given fold file carries its own holdout rows.
     """
-    from trainers.folds import make_folds, read_folds, write_folds
+    from trainers.folds import fold_count, make_folds, read_folds, write_folds
 
     if folds_path.exists() and (resuming or folds_file is None):
         folds = read_folds(folds_path)
-        if set(folds["rel_path"]) != set(table["rel_path"]) or folds["fold"].nunique() != k:
+        if set(folds["rel_path"]) != set(table["rel_path"]) or fold_count(folds) != k:
             raise OrchestratorError(
                 f"{folds_path} does not match the data in {data_root} (or k={k}): the search was "
                 "started on other data; use that data root or start a new search with --name NEW_NAME"
@@ -114,7 +117,12 @@ def settle_folds(
             )
         return folds
     if folds_file is None:
-        folds = make_folds(table, k=k, seed=seed)
+        folds = make_folds(table, k=k, seed=seed, holdout=holdout)
+    elif holdout:
+        raise OrchestratorError(
+            f"--folds {folds_file} and holdout {holdout:g}: a fold file holds its own holdout persons; write "
+            f"one with `foldtune folds --holdout {holdout:g}` or drop holdout from the space/command"
+        )
     else:
         folds = _given_folds(Path(folds_file).expanduser(), table, k, data_root)
     write_folds(folds, folds_path)
@@ -123,7 +131,7 @@ def settle_folds(
 
 def _given_folds(path: Path, table: pd.DataFrame, k: int, data_root: Path) -> pd.DataFrame:
     """The user's fold file, if it splits exactly the data's images into ``k`` folds."""
-    from trainers.folds import read_folds
+    from trainers.folds import fold_count, read_folds
 
     folds = read_folds(path)
     only_file = set(folds["rel_path"]) - set(table["rel_path"])
@@ -133,7 +141,7 @@ def _given_folds(path: Path, table: pd.DataFrame, k: int, data_root: Path) -> pd
             f"--folds {path} does not cover the images in {data_root} ({len(only_file)} only in the fold "
             f"file, {len(only_data)} only in the data): write one for this data with `foldtune folds`"
         )
-    count = folds["fold"].nunique()
+    count = fold_count(folds)
     if count != k:
         raise OrchestratorError(
             f"--folds {path} has {count} folds but the space has k={k}: set k: {count} in the space's "

@@ -22,14 +22,16 @@ from trainers.io import write_text_atomic
 
 
 def settle_space(
-    space_path, storage_dir: Path, trials, name, resume, cpus, gpus
+    space_path, storage_dir: Path, trials, name, resume, cpus, gpus, holdout=None
 ) -> tuple[SearchSpace, Path, bool]:
     """The space to run, its folder, and whether Ray's experiment is to be restored."""
     given = None
     if space_path is not None:
-        given = load_space(space_path).with_overrides(trials, name, cpus, gpus)
+        given = load_space(space_path).with_overrides(trials, name, cpus, gpus, holdout)
     elif not resume:
         raise OrchestratorError("a new search needs a search space file (see search_spaces/)")
+    elif holdout is not None:
+        raise OrchestratorError("--holdout is part of what is searched: resume without it")
     search_name = name or (given.name if given else None)
     if search_name is None:
         raise OrchestratorError("resume needs the search name (--name) or its space file")

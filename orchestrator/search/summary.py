@@ -3,7 +3,9 @@
 Ray's results only say how each trial ended as far as Tune saw it; the trial's run folder says whether fit
 finished (``result.json``), so the two are read together into one state per trial: completed,
 stopped_early, failed or unfinished (a search interrupted before the trial ended). The leaderboard ranks by
-that state, then by best mean F1. A finished search keeps checkpoints only for its ``keep_top`` trials.
+that state, then by best mean F1. A trial the time budget stopped is ``cut``: it keeps the best fold models
+and OOF predictions it reached. A finished search keeps checkpoints only for its ``keep_top`` trials,
+ranked by the figure the ensemble selects on (each trial's OOF macro F1, with its TTA when it finished).
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from orchestrator.search.closing import interrupted_line
-from orchestrator.search.constants import ASHA_STATE, FOLDS_FILE, METRIC, STATE_ORDER, TIME_ATTR
+from orchestrator.search.constants import (
+    ASHA_STATE,
+    CANDIDATE_STATES,
+    FOLDS_FILE,
+    METRIC,
+    STATE_ORDER,
+    TIME_ATTR,
+)
 from orchestrator.search.plots import plot_study
 from orchestrator.search.stopping import EarlyStops
 from orchestrator.space import SearchSpace
@@ -45,6 +55,7 @@ class SearchSummary:
     tracking_uri: str
     finished: bool = True  # False when the search was interrupted and can be resumed
     trials_planned: int = 0  # the space's number of trials (0: as many as the leaderboard has)
+    budget_spent: bool = False  # the time budget ended the search
 
     def problem(self) -> str | None:
         """None when the search finished with a usable trial; else the one line that says why not (the
@@ -53,8 +64,14 @@ class SearchSummary:
         ended = sum(state != "unfinished" for state in states)
         if not self.finished:
             return interrupted_line(self.name, ended, self.trials_planned or len(states))
-        if any(state in ("completed", "stopped_early") for state in states):
+        usable = self.leaderboard[self.leaderboard["state"].isin(CANDIDATE_STATES)] if states else []
+        if len(usable) and (usable["best_f1"] > float("-inf")).any():
             return None
+        if self.budget_spent:
+            return (
+                f"search '{self.name}': no trial finished an epoch within the time budget; raise "
+                "--time-budget, or lower epochs, image_size or k in the space"
+            )
         failed = self.leaderboard[self.leaderboard["state"] == "failed"] if states else self.leaderboard
         if len(failed):
             first = failed.sort_values("trial_id").iloc[0]
@@ -67,11 +84,14 @@ class SearchSummary:
     def report(self, rows: int = 10) -> str:
         columns = [c for c in self.leaderboard.columns if c not in ("run_dir", "error", "best_epoch")]
         table = self.leaderboard[columns].head(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}")
-        lines = [
-            f"search '{self.name}' {'finished' if self.finished else 'INTERRUPTED (continue with --resume)'}:"
-            f" {len(self.leaderboard)} trials in {self.search_dir}",
-            table,
-        ]
+        how = "finished" if self.finished else "INTERRUPTED (continue with --resume)"
+        if self.budget_spent:
+            how = "ended by its time budget"
+        lines = [f"search '{self.name}' {how}: {len(self.leaderboard)} trials in {self.search_dir}", table]
+        states = self.leaderboard.get("state")
+        cut = self.leaderboard.loc[states == "cut", "trial_id"].tolist() if states is not None else []
+        if cut:
+            lines.append(f"cut by the time budget (best fold models, OOF kept: candidates): {', '.join(cut)}")
         if self.best_trial_id is not None:
             best = self.leaderboard.iloc[0]
             lines.append(f"best trial {self.best_trial_id}: mean val macro F1 {best['best_f1']:.4f}")
@@ -81,11 +101,19 @@ class SearchSummary:
 
 
 def summarize(
-    results, space: SearchSpace, search_dir: Path, tracking: SearchTracking, parent_run_id: str
+    results,
+    space: SearchSpace,
+    search_dir: Path,
+    tracking: SearchTracking,
+    parent_run_id: str,
+    budget_spent: bool = False,
 ) -> SearchSummary:
-    """Leaderboard, ``summary.json``, plots and the parent run's results, from Tune's results and run dirs."""
-    rows = trial_rows(results, space, search_dir, EarlyStops(search_dir / ASHA_STATE))
-    finished = all(r["state"] != "unfinished" for r in rows) and len(rows) >= space.trials
+    """Leaderboard, ``summary.json``, plots and the parent run's results, from Tune's results and run dirs.
+
+    ``budget_spent``: the time budget ended the search; its unfinished trials are ``cut`` and it is over.
+    """
+    rows = trial_rows(results, space, search_dir, EarlyStops(search_dir / ASHA_STATE), budget_spent)
+    finished = budget_spent or (all(r["state"] != "unfinished" for r in rows) and len(rows) >= space.trials)
     kept = _prune_checkpoints(rows, space.keep_top, tracking, parent_run_id) if finished else None
     leaderboard = pd.DataFrame([{k: v for k, v in r.items() if k != "config"} for r in rows])
     if leaderboard.empty:
@@ -107,6 +135,7 @@ def summarize(
         tracking_uri=tracking.tracking_uri,
         finished=finished,
         trials_planned=space.trials,
+        budget_spent=budget_spent,
     )
     write_csv_atomic(leaderboard, search_dir / "leaderboard.csv")
     payload = {
@@ -116,6 +145,7 @@ def summarize(
         "tracking_uri": tracking.tracking_uri,
         "parent_run_id": parent_run_id,
         "finished": finished,
+        "budget_spent": budget_spent,
         "best_trial_id": summary.best_trial_id,
         "best_config": summary.best_config,
         "disk_bytes": disk,
@@ -143,10 +173,15 @@ def summarize(
 
 
 def trial_rows(
-    results, space: SearchSpace, search_dir: Path, early_stops: Collection[str] = ()
+    results,
+    space: SearchSpace,
+    search_dir: Path,
+    early_stops: Collection[str] = (),
+    budget_spent: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per trial, best first; its state from Tune's result (an error), fit's ``result.json`` (it
-    finished) and ``early_stops``, the scheduler's record of the trials it stopped early."""
+    finished), ``early_stops``, the scheduler's record of the trials it stopped early, and whether the
+    time budget ended the search (its unfinished trials are then ``cut``)."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
@@ -161,6 +196,8 @@ def trial_rows(
             state = "completed"
         elif trial_id in early_stops:
             state = "stopped_early"
+        elif budget_spent and run_dir.exists():  # it ran: the budget stopped it (else it never started)
+            state = "cut"
         else:  # Ray's "done" flag is not kept in its snapshots, so a restored search cannot use it
             state = "unfinished"
         best_f1 = fit_result.get("best_f1", metrics.get("best_f1"))
@@ -193,16 +230,28 @@ def _short_error(error: BaseException) -> str:
 def _prune_checkpoints(
     rows: list[dict], keep_top: int, tracking: SearchTracking, parent_run_id: str
 ) -> set[str]:
-    """Bounded disk: trials outside the best ``keep_top`` lose their checkpoints; none keeps ``last.pt``."""
+    """Bounded disk: trials outside the best ``keep_top`` lose their checkpoints; none keeps ``last.pt``.
+
+    Ranked as the ensemble ranks its candidates (``selection_f1``), so pruning never deletes what the
+    ensemble would have taken first. A pruned trial keeps its OOF predictions (an unfinished one's are
+    written to ``oof.npz`` first), so the ensemble can say when it would have picked one.
+    """
+    from orchestrator.ensemble.candidates import selection_f1
     from trainers.resume import RESUME_STATE, local_resume_dir  # torch: only once the search is over
 
-    ranked = [r for r in rows if r["state"] in ("completed", "stopped_early") and math.isfinite(r["best_f1"])]
-    kept = {r["trial_id"] for r in ranked[:keep_top]}
+    scored = {  # a trial pruned by an earlier summary (on a resume) has no checkpoints left to keep
+        r["trial_id"]: selection_f1(Path(r["run_dir"]))
+        for r in rows
+        if r["state"] in CANDIDATE_STATES and (Path(r["run_dir"]) / "checkpoints").is_dir()
+    }
+    ranked = sorted((t for t, f1 in scored.items() if f1 is not None), key=lambda t: (-scored[t], t))
+    kept = set(ranked[:keep_top])
     deleted = []
     for row in rows:
         run_dir = Path(row["run_dir"])
-        if row["state"] != "failed":
-            # the resume state of a stopped trial: never resumed now
+        if row["state"] != "failed" and not (row["state"] == "cut" and row["trial_id"] in kept):
+            # the resume state of a stopped trial: never resumed now (a kept cut one continues on a
+            # --resume with a larger --time-budget; a pruned one would lack its best checkpoints)
             resume_dir = local_resume_dir(run_dir)
             (resume_dir / RESUME_STATE).unlink(missing_ok=True)
             with contextlib.suppress(OSError):
@@ -210,11 +259,21 @@ def _prune_checkpoints(
         checkpoints = run_dir / "checkpoints"
         if row["trial_id"] in kept or not checkpoints.exists():
             continue
+        if scored.get(row["trial_id"]) is not None and not (run_dir / "oof.npz").exists():
+            _keep_partial_oof(run_dir, row)
         shutil.rmtree(checkpoints)
         deleted.append(row["trial_id"])
     if deleted:
         mark_checkpoints_deleted(tracking, parent_run_id, deleted)
     return kept
+
+
+def _keep_partial_oof(run_dir: Path, row: dict) -> None:
+    from trainers.run_outputs import save_partial_out_of_fold
+
+    with contextlib.suppress(Exception):  # a record for the ensemble's note only; never block the pruning
+        config = row.get("config") or yaml.safe_load((run_dir / "config.yaml").read_text())
+        save_partial_out_of_fold(run_dir, int(config["k"]))
 
 
 def folder_bytes(folder: Path) -> int:

@@ -76,8 +76,10 @@ def log_ensemble_run(
             "n_members": len(result.members),
             "tta": ",".join(result.tta) if result.tta is not None else "own",
             "member_tta": json.dumps({m.trial_id: list(m.tta) for m in result.members}),
+            "trusted_estimate": result.estimates.trusted if result.estimates else None,
             **{key: value for key, value in selection.items() if value is not None},
         }
+        params = {key: value for key, value in params.items() if value is not None}
         metrics = {
             "oof_f1": result.oof_f1,
             "oof_f1_no_tta": result.oof_f1_no_tta,
@@ -89,6 +91,7 @@ def log_ensemble_run(
             },
             **{f"member/{metric_name(m.trial_id)}/oof_f1": m.oof_f1 for m in result.members},
             **{f"member/{metric_name(m.trial_id)}/weight": m.weight for m in result.members},
+            **(result.estimates.metrics() if result.estimates else {}),
         }
         tracking.log_params(run_id, params)
         tracking.log_metrics(run_id, metrics)

@@ -1,0 +1,92 @@
+"""The seed-style baseline the k-fold search is measured against: one model, trained on every training
+person, no folds, no validation, no TTA, for a fixed number of epochs; its submission scored on eval.
+
+    python -m benchmarks.single_model --data /tmp/aaffull --space search_spaces/cpu.yaml \
+        --backbone tf_efficientnet_lite0 --epochs 8 --out /tmp/b14/single --threads 2
+
+The configuration is the space's fixed settings plus the given searched values (the best trial's, for a
+like-for-like comparison); ``--epochs`` is chosen so the run takes the search's wall time. It trains with
+``trainers.refit`` (one fold of fit's training on all rows), so nothing about the training step differs
+from the search's. Prints the wall time and the eval macro F1 (with ``eval/answers.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--space", required=True, type=Path)
+    parser.add_argument("--epochs", required=True, type=int)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE (YAML) over the fixed settings")
+    args = parser.parse_args(argv)
+
+    import torch
+    import yaml
+
+    from orchestrator.ensemble.members import predict_models
+    from orchestrator.ensemble.submission import score_submission_arrays, write_submission
+    from orchestrator.space import load_space
+    from trainers.cache import default_cache_dir
+    from trainers.data import read_eval, read_train
+    from trainers.labels import AgeBands
+    from trainers.refit import refit
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    space = load_space(args.space)
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    params = {name: param.values[0] for name, param in space.search.items()}
+    cfg = space.config_for({**params, **{k: v for k, v in overrides.items() if k in space.search}})
+    cfg = type(cfg).from_dict({**cfg.to_dict(), **overrides, "epochs": args.epochs})
+    table = read_train(args.data, AgeBands(tuple(cfg.age_edges))).table.assign(fold=0)
+    cache_dir = default_cache_dir()
+    result = refit(cfg, table, args.out, cache_dir, epochs=args.epochs, log=print)
+    trained_s = time.perf_counter() - started
+
+    eval_table = read_eval(args.data)
+    device = torch.device("cpu")
+    probs = predict_models(
+        [m.path for m in result.models],
+        cfg.to_dict(),
+        (),
+        eval_table["image_path"].tolist(),
+        cache_dir,
+        device,
+        128,
+        print,
+    )
+    submission = args.out / "submission.csv"
+    write_submission(submission, eval_table["image_id"].tolist(), probs.argmax(axis=1))
+    total_s = time.perf_counter() - started
+    report = {
+        "config": cfg.to_dict(),
+        "epochs": args.epochs,
+        "rows_trained": result.rows_trained,
+        "train_seconds": round(trained_s, 1),
+        "total_seconds": round(total_s, 1),
+        "submission": str(submission),
+    }
+    answers = args.data / "eval" / "answers.csv"
+    if answers.is_file():
+        scores = score_submission_arrays(submission, answers)
+        report["eval"] = {key: scores[key] for key in ("f1", "acc", "mask_f1", "gender_f1", "age_f1")}
+    (args.out / "single_model.json").write_text(json.dumps(report, indent=2, default=float))
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""What the ensemble's F1 figures estimate, and which one to trust.
+
+Three figures, each answering a different question:
+
+- **in-sample OOF**: the selected vote's macro F1 on the out-of-fold rows it was selected on. Each row is
+  predicted by single fold models (not the k-fold average that is submitted), and the votes were fitted on
+  those rows, so it is biased both ways: low for the k-fold vote, high for the selection.
+- **nested**: the same selection procedure, scored on rows it did not select on (``selection.
+  nested_estimate``): the honest answer to "does greedy selection generalise, do more models help". Still
+  single fold models, so usually below what the k-fold vote scores on new persons.
+- **holdout**: when the search kept holdout persons (``holdout:`` in the space, ``--holdout``), the
+  submission itself (every member's k fold models, their TTA, refit models if used, the same weights)
+  scored on persons no model trained on and no selection looked at. This one describes the submission.
+
+The report labels the holdout figure as the one to trust when there is one, else the nested figure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from orchestrator.errors import OrchestratorError
+from trainers.folds import HOLDOUT_FOLD
+
+
+@dataclass
+class Estimates:
+    """The ensemble's F1 estimates (see the module docstring)."""
+
+    in_sample_f1: float  # the selected vote's OOF macro F1, on the rows it was selected on
+    nested_f1: float | None  # the selection procedure on rows it did not see (None: a single fold)
+    nested_fold_f1: list[float] = field(default_factory=list)
+    holdout_f1: float | None = None  # the submission's vote on the holdout persons
+    holdout_f1_kfold: float | None = None  # the same vote without refit models (when refit models are in)
+    holdout_best_single_f1: float | None = None  # the best single trial's k-fold vote (TTA) on the holdout
+    holdout_persons: int = 0
+    holdout_images: int = 0
+    pruned_would_pick: list[str] = field(default_factory=list)  # pruned trials selection would have picked
+
+    @property
+    def trusted(self) -> str:
+        """Which figure describes the submission best: "holdout" when there is one, else "nested"."""
+        if self.holdout_f1 is not None:
+            return "holdout"
+        return "nested" if self.nested_f1 is not None else "in_sample"
+
+    @property
+    def trusted_f1(self) -> float:
+        return {"holdout": self.holdout_f1, "nested": self.nested_f1}.get(self.trusted, self.in_sample_f1)
+
+    def lines(self) -> list[str]:
+        """The report's estimate block, the trusted figure marked."""
+        mark = {name: "  <- trust this one" if name == self.trusted else "" for name in self.NAMES}
+        lines = [
+            f"  in-sample OOF F1 {self.in_sample_f1:.4f}  (selected and scored on the same rows; single fold "
+            f"models){mark['in_sample']}"
+        ]
+        if self.nested_f1 is not None:
+            folds = " ".join(f"{f:.3f}" for f in self.nested_fold_f1)
+            lines.append(
+                f"  nested F1        {self.nested_f1:.4f}  (selection scored on folds it did not see: "
+                f"{folds}; single fold models){mark['nested']}"
+            )
+        if self.holdout_f1 is not None:
+            refit = ""
+            if self.holdout_f1_kfold is not None:
+                refit = f"; k-fold vote without refit {self.holdout_f1_kfold:.4f}"
+            single = ""
+            if self.holdout_best_single_f1 is not None:
+                single = f"; best single trial {self.holdout_best_single_f1:.4f}"
+            lines.append(
+                f"  holdout F1       {self.holdout_f1:.4f}  (the submission's vote on {self.holdout_persons} "
+                f"held-out persons, {self.holdout_images} images{refit}{single}){mark['holdout']}"
+            )
+        else:
+            lines.append(
+                "  holdout F1       -       (no holdout persons: search with `holdout: 0.1` or --holdout "
+                "to score the submission itself)"
+            )
+        if self.pruned_would_pick:
+            pruned = ", ".join(self.pruned_would_pick)
+            lines.append(
+                f"  note: selection would also have picked pruned trial(s) {pruned} (their checkpoints were "
+                "deleted by keep_top); raise keep_top to keep them"
+            )
+        return lines
+
+    NAMES = ("in_sample", "nested", "holdout")
+
+    def as_dict(self) -> dict:
+        values = asdict(self)
+        return {
+            **{k: v for k, v in values.items() if not (isinstance(v, float) and math.isnan(v))},
+            "trusted": self.trusted,
+            "trusted_f1": self.trusted_f1,
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """The figures as MLflow metrics (the absent ones left out)."""
+        values = {
+            "estimate/in_sample_oof_f1": self.in_sample_f1,
+            "estimate/nested_f1": self.nested_f1,
+            "estimate/holdout_f1": self.holdout_f1,
+            "estimate/holdout_f1_kfold": self.holdout_f1_kfold,
+            "estimate/holdout_best_single_f1": self.holdout_best_single_f1,
+            "estimate/trusted_f1": self.trusted_f1,
+        }
+        return {key: float(value) for key, value in values.items() if value is not None}
+
+
+@dataclass
+class Holdout:
+    """The held-out persons' images (relative paths, sorted) and their labels; empty when none."""
+
+    rel_path: np.ndarray
+    label: np.ndarray
+    persons: int
+
+    def __len__(self) -> int:
+        return len(self.rel_path)
+
+
+def read_holdout(run_dir: Path) -> Holdout:
+    """The holdout rows of a trial's ``folds.csv`` (fold ``HOLDOUT_FOLD``), with the labels it trained on."""
+    path = Path(run_dir) / "folds.csv"
+    empty = Holdout(np.array([], dtype=str), np.array([], dtype=np.int64), 0)
+    if not path.is_file():
+        return empty
+    folds = pd.read_csv(path, dtype={"rel_path": str, "person_id": str})
+    held = folds[folds["fold"] == HOLDOUT_FOLD].sort_values("rel_path", kind="stable")
+    if held.empty:
+        return empty
+    if "label" not in held.columns:
+        raise OrchestratorError(f"{path} has holdout rows but no label column; re-run the search")
+    return Holdout(
+        held["rel_path"].to_numpy(dtype=str),
+        held["label"].to_numpy(dtype=np.int64),
+        int(held["person_id"].nunique()),
+    )

@@ -1,0 +1,133 @@
+"""The search's time budget (``--time-budget MINUTES``): no trial starts after it, running ones stop at it.
+
+The budget is the search's, not one driver's: ``budget.json`` in the search folder keeps the total and the
+seconds already used, so ``--resume`` gets what is left (a new ``--time-budget`` on resume sets a new
+total). The deadline is enforced by ``BudgetStopper``, a Tune stopper every search carries (with no
+deadline when there is no budget), so a search started without a budget can be given one on resume: its
+restored stopper reads the deadline from ``budget.json`` again. When the deadline passes, Tune stops every
+trial at once, without calling the completion callbacks (like its own ``time_budget_s``): the driver then
+settles those trials itself (``summary``): each keeps the best fold models and out-of-fold predictions it
+had reached, is marked ``cut``, and is a candidate for the ensemble.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.tune import Stopper
+
+from orchestrator.errors import OrchestratorError
+from trainers.io import write_text_atomic
+
+BUDGET_FILE = "budget.json"
+
+
+@dataclass
+class TimeBudget:
+    """One driver's share of the search's budget; ``total_s`` None means no budget."""
+
+    path: Path
+    total_s: float | None
+    used_before_s: float
+    started: float  # time.time() when this driver's trials began
+
+    @property
+    def deadline(self) -> float:
+        if self.total_s is None:
+            return math.inf
+        return self.started + self.total_s - self.used_before_s
+
+    def start(self) -> None:
+        """The trials begin now: the deadline counts from here (the preparation before is not billed)."""
+        self.started = time.time()
+        self.record()
+
+    def stopped(self) -> bool:
+        """Whether the stopper ended the search at the deadline (it says so in the budget file)."""
+        return bool(_read(self.path).get("stopped"))
+
+    def describe(self) -> str:
+        left = (self.total_s - self.used_before_s) / 60
+        return f"time budget: {self.total_s / 60:g} min ({left:.1f} min left); no trial starts after it"
+
+    def record(self) -> None:
+        """Write the budget and the seconds used so far (with a deadline the stopper reads)."""
+        used = self.used_before_s + max(0.0, time.time() - self.started)
+        payload = {"total_s": self.total_s, "used_s": round(used, 1), "deadline": self.deadline}
+        if self.total_s is None or not math.isfinite(self.deadline):
+            payload["deadline"] = None
+        payload["stopped"] = bool(_read(self.path).get("stopped")) and self.total_s is not None
+        write_text_atomic(json.dumps(payload, indent=2), self.path)
+
+
+def settle_budget(search_dir: Path, name: str, minutes: float | None, resuming: bool) -> TimeBudget:
+    """The budget this driver runs under: ``minutes`` (a new total), else the saved one on resume."""
+    path = Path(search_dir) / BUDGET_FILE
+    saved = {}
+    if resuming and minutes is not None and (Path(search_dir) / "tune").exists() and not path.is_file():
+        raise OrchestratorError(
+            f"search '{name}' was started by a foldtune without time budgets (no {path.name}); resume it "
+            "without --time-budget"
+        )
+    if resuming and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise OrchestratorError(
+                f"{path} is unreadable ({error}); delete it to resume without a budget"
+            ) from None
+    if minutes is not None and not minutes > 0:
+        raise OrchestratorError(f"--time-budget must be a number of minutes above 0, got {minutes:g}")
+    total = minutes * 60 if minutes is not None else saved.get("total_s")
+    used = float(saved.get("used_s") or 0.0) if resuming else 0.0
+    if total is not None and used >= total:
+        raise OrchestratorError(
+            f"search '{name}' has used its whole {total / 60:g}-minute time budget; resume with a larger "
+            f"--time-budget (the total, e.g. {2 * total / 60:g}) to continue it"
+        )
+    if path.is_file():  # a new driver: the previous one's "stopped" mark is history
+        write_text_atomic(json.dumps({**_read(path), "stopped": False}, indent=2), path)
+    budget = TimeBudget(path, total, used, time.time())
+    budget.record()
+    return budget
+
+
+def _read(path: Path) -> dict:
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+class BudgetStopper(Stopper):
+    """Stops the whole experiment once the deadline in ``budget.json`` has passed (never when none).
+
+    The deadline is read on the first check after a start or a restore (a resumed driver writes a new one
+    first), so Tune's pickled copy of the stopper always follows the current driver's budget.
+    """
+
+    def __init__(self, budget_path: Path):
+        self.budget_path = str(budget_path)
+        self._deadline: float | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_deadline": None}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        if self._deadline is None:
+            deadline = _read(Path(self.budget_path)).get("deadline")
+            self._deadline = math.inf if deadline is None else float(deadline)
+        if time.time() < self._deadline:
+            return False
+        record = _read(Path(self.budget_path))
+        if not record.get("stopped"):  # the driver reads this to tell a budget's end from Ctrl+C
+            write_text_atomic(json.dumps({**record, "stopped": True}, indent=2), Path(self.budget_path))
+        return True

@@ -1,0 +1,364 @@
+"""Quality per compute: estimates that describe the submission, holdout persons, partial trials, the time
+budget and keep_top's ranking.
+
+Real files throughout: tiny trials trained with ``trainers.fit`` on a generated data set, the real
+ensemble stage and the real search driver (with a stand-in trial where only scheduling is under test).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+from orchestrator.ensemble import run_ensemble
+from orchestrator.ensemble.candidates import discover, selection_f1
+from orchestrator.ensemble.selection import greedy_selection, macro_f1, nested_estimate
+from orchestrator.errors import OrchestratorError
+from orchestrator.search import run_search
+from orchestrator.search.budget import BudgetStopper, settle_budget
+from trainers.config import TrainConfig
+from trainers.data import read_train
+from trainers.fit import fit
+from trainers.folds import HOLDOUT_FOLD, make_folds, read_folds, write_folds
+from trainers.labels import NUM_CLASSES
+
+pytestmark = pytest.mark.filterwarnings("ignore::trainers.folds.FoldWarning")
+
+TINY = dict(
+    backbone="resnet10t",
+    epochs=2,
+    k=2,
+    image_size=(32, 24),
+    batch_size=16,
+    pretrained=False,
+    augment={},
+    tta=("hflip",),
+    num_workers=0,
+    seed=5,
+)
+
+
+def one_hot(classes: np.ndarray, confidence: float = 0.9) -> np.ndarray:
+    probs = np.full((len(classes), NUM_CLASSES), (1 - confidence) / (NUM_CLASSES - 1))
+    probs[np.arange(len(classes)), classes] = confidence
+    return probs
+
+
+# --- the nested estimate --------------------------------------------------------------------------------
+
+
+def test_nested_estimate_sees_through_a_selection_that_only_fits_its_own_rows():
+    """A is right on fold 0 and wrong on fold 1, B the reverse: together they are perfect in-sample, but a
+    selection made on one fold always picks the trial that is wrong on the other: nested F1 is 0."""
+    labels = np.tile(np.arange(NUM_CLASSES), 4)  # every class in both folds
+    fold = np.repeat([0, 1], 2 * NUM_CLASSES)
+    wrong = (labels + 1) % NUM_CLASSES
+    a = np.where((fold == 0)[:, None], one_hot(labels, 0.9), one_hot(wrong, 0.6))
+    b = np.where((fold == 1)[:, None], one_hot(labels, 0.9), one_hot(wrong, 0.6))
+    counts = greedy_selection([a, b], labels)
+    in_sample = macro_f1(labels, counts[0] * a + counts[1] * b)
+    nested = nested_estimate([a, b], labels, fold, ["a", "b"], top=None)
+    assert counts == [1, 1] and in_sample == pytest.approx(1.0)
+    assert nested.f1 == pytest.approx(0.0) and nested.fold_f1 == [0.0, 0.0]
+    assert nested.picks == [["b"], ["a"]]  # each outer fold chose on the other fold's rows
+
+
+def test_nested_estimate_of_one_steady_trial_is_its_own_score():
+    rng = np.random.default_rng(0)
+    labels = np.tile(np.arange(NUM_CLASSES), 6)
+    fold = np.tile([0, 1, 2], 2 * NUM_CLASSES)
+    right = rng.random(len(labels)) < 0.7
+    probs = one_hot(np.where(right, labels, (labels + 3) % NUM_CLASSES))
+    nested = nested_estimate([probs], labels, fold, ["only"], top=None)
+    assert nested.f1 == pytest.approx(macro_f1(labels, probs))
+    top = nested_estimate([probs, probs * 0.5], labels, fold, ["x", "y"], top=1)
+    assert top.f1 == pytest.approx(macro_f1(labels, probs)) and top.picks == [["x"]] * 3
+
+
+# --- holdout persons --------------------------------------------------------------------------------------
+
+
+def test_holdout_persons_are_in_no_fold_and_never_trained_on(tmp_path, make_dataset, monkeypatch):
+    table = read_train(make_dataset(n_persons=30).root).table
+    folds = make_folds(table, k=3, seed=1, holdout=0.2)
+    held = folds[folds["fold"] == HOLDOUT_FOLD]
+    assert held["person_id"].nunique() == 6  # a fifth of the persons, with all their images
+    assert not set(held["person_id"]) & set(folds.loc[folds["fold"] >= 0, "person_id"])
+    assert sorted(folds.loc[folds["fold"] >= 0, "fold"].unique()) == [0, 1, 2]
+    assert make_folds(table, k=3, seed=1, holdout=0.2).equals(folds)  # deterministic
+    write_folds(folds, tmp_path / "folds.csv")
+    assert read_folds(tmp_path / "folds.csv").equals(folds)  # -1 survives the fold file
+
+    import trainers.fit as fit_module
+
+    seen_rows: list[np.ndarray] = []
+    real_loader = fit_module.FoldLoader
+
+    def spying_loader(cache_path, train_rows, *args, **kwargs):
+        seen_rows.append(np.asarray(train_rows))
+        return real_loader(cache_path, train_rows, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "FoldLoader", spying_loader)
+    cfg = TrainConfig(**{**TINY, "k": 3, "epochs": 1})
+    fit(cfg, table, folds, tmp_path / "run", tmp_path / "cache", log=None)
+    from trainers.cache import open_cache
+
+    cache = open_cache(next((tmp_path / "cache").glob("images-*.npy")))
+    held_rows = set(cache.rows(table.loc[table["rel_path"].isin(held["rel_path"]), "image_path"].tolist()))
+    assert len(seen_rows) == 3 and not any(held_rows & set(rows.tolist()) for rows in seen_rows)
+    with np.load(tmp_path / "run" / "oof.npz") as oof:
+        assert not set(oof["rel_path"].tolist()) & set(held["rel_path"])
+        assert len(oof["rel_path"]) == int((folds["fold"] >= 0).sum())
+    written = pd.read_csv(tmp_path / "run" / "folds.csv", dtype={"rel_path": str, "person_id": str})
+    assert (written["fold"] == HOLDOUT_FOLD).sum() == len(held) and "label" in written
+
+
+# --- partial (stopped, cut) trials and the ensemble's estimates ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def search_with_holdout(tmp_path_factory, dataset_builder):
+    """A search folder with a finished trial and one cut by the time budget (no result.json, no oof.npz),
+    on folds that hold a fifth of the persons out."""
+    base = tmp_path_factory.mktemp("quality")
+    data = dataset_builder(base / "data", n_persons=20, n_eval=6)
+    table = read_train(data.root).table
+    folds = make_folds(table, k=2, seed=0, holdout=0.2)
+    trials = base / "runs" / "s" / "trials"
+    fit(TrainConfig(**TINY), table, folds, trials / "finished", base / "cache", log=None)
+    fit(
+        TrainConfig(**{**TINY, "lr": 3e-3, "seed": 9}), table, folds, trials / "cut", base / "cache", log=None
+    )
+    (trials / "cut" / "result.json").unlink()  # what a trial the budget stopped leaves: no end of fit
+    (trials / "cut" / "oof.npz").unlink()
+    return {"base": base, "data": data, "storage": base / "runs", "cache": base / "cache", "folds": folds}
+
+
+def test_a_cut_trial_is_a_candidate_with_the_oof_of_its_best_epoch(search_with_holdout):
+    search_dir = search_with_holdout["storage"] / "s"
+    candidates, skipped = discover(search_dir, failed={})
+    by_id = {c.trial_id: c for c in candidates}
+    assert set(by_id) == {"finished", "cut"} and not skipped
+    cut = by_id["cut"]
+    assert cut.partial and cut.status == "unfinished" and not by_id["finished"].partial
+    # the rows are those of every fold (not the holdout), each from its fold's best checkpoint
+    assert np.array_equal(cut.rel_path, by_id["finished"].rel_path)
+    import torch
+
+    for fold in (0, 1):
+        saved = torch.load(cut.checkpoints[fold], weights_only=True)["val_probs"].numpy()
+        rows = pd.read_csv(cut.run_dir / "folds.csv", dtype={"rel_path": str})
+        rel = rows.loc[rows["fold"] == fold, "rel_path"].to_numpy()
+        order = np.searchsorted(cut.rel_path, rel)
+        np.testing.assert_array_equal(cut.probs[order], saved)
+    assert selection_f1(cut.run_dir) == pytest.approx(macro_f1(cut.label, cut.probs))
+
+
+def test_ensemble_reports_in_sample_nested_and_holdout_estimates(search_with_holdout, tmp_path):
+    world = search_with_holdout
+    result = run_ensemble(
+        world["data"].root,
+        "s",
+        storage=world["storage"],
+        top=2,
+        out=tmp_path / "submission.csv",
+        cache_dir=world["cache"],
+        log=None,
+    )
+    estimates = result.estimates
+    assert {m.trial_id for m in result.members} == {"finished", "cut"}
+    cut = next(m for m in result.members if m.trial_id == "cut")
+    assert cut.recomputed  # its stored OOF had no TTA: predicted again with hflip before judging it
+    assert estimates.in_sample_f1 == pytest.approx(result.oof_f1)
+    assert estimates.nested_f1 is not None and len(estimates.nested_fold_f1) == 2
+    held = world["folds"][world["folds"]["fold"] == HOLDOUT_FOLD]
+    assert estimates.holdout_images == len(held) and estimates.holdout_persons == held["person_id"].nunique()
+    assert estimates.trusted == "holdout" and estimates.trusted_f1 == estimates.holdout_f1
+
+    report = json.loads((tmp_path / "ensemble.json").read_text())
+    assert report["estimates"]["trusted"] == "holdout"
+    assert report["estimates"]["holdout_f1"] == pytest.approx(estimates.holdout_f1)
+    world["holdout_f1"] = estimates.holdout_f1  # for the next test: the same ensemble, other eval images
+
+
+def test_the_holdout_vote_equals_scoring_the_submission_on_those_persons(search_with_holdout, tmp_path):
+    """Copy the data with the holdout persons' images (shuffled, among two other eval images) as the eval
+    set: the submission's F1 on those images must be the holdout estimate the ensemble printed when its
+    eval set was another one (so a mix-up of eval and holdout rows would show)."""
+    world = search_with_holdout
+    root = tmp_path / "data"
+    shutil.copytree(world["data"].root / "train", root / "train")
+    held = world["folds"][world["folds"]["fold"] == HOLDOUT_FOLD]
+    table = read_train(world["data"].root).table.set_index("rel_path")
+    (root / "eval" / "images").mkdir(parents=True)
+    ids, answers = [], {}
+    shuffled = np.random.default_rng(3).permutation(sorted(held["rel_path"]))
+    for i, rel in enumerate(shuffled):
+        name = f"h{i:03d}{Path(rel).suffix}"
+        shutil.copy(world["data"].root / rel, root / "eval" / "images" / name)
+        ids.append(name)
+        answers[name] = int(table.loc[rel, "label"])
+    extra = sorted((world["data"].root / "eval" / "images").iterdir())[:2]
+    for i, path in enumerate(extra):
+        shutil.copy(path, root / "eval" / "images" / f"x{i}{path.suffix}")
+        ids.insert(3 * i, f"x{i}{path.suffix}")
+    pd.DataFrame({"ImageID": ids, "ans": 0}).to_csv(root / "eval" / "info.csv", index=False)
+    run_ensemble(
+        root,
+        "s",
+        storage=world["storage"],
+        top=2,
+        out=tmp_path / "sub.csv",
+        cache_dir=world["cache"],
+        log=None,
+    )
+    submitted = pd.read_csv(tmp_path / "sub.csv", dtype={"ImageID": str}).set_index("ImageID")
+    names = sorted(answers)
+    predicted = submitted.loc[names, "ans"].to_numpy()
+    truth = np.array([answers[n] for n in names])
+    assert macro_f1(truth, np.eye(NUM_CLASSES)[predicted]) == pytest.approx(world["holdout_f1"])
+
+
+def test_keep_top_ranks_by_the_ensembles_criterion_and_keeps_pruned_oof(
+    search_with_holdout, tmp_path, monkeypatch
+):
+    from orchestrator.search import summary as summary_module
+
+    storage = tmp_path / "runs"
+    shutil.copytree(search_with_holdout["storage"] / "s", storage / "s")
+    trials = storage / "s" / "trials"
+    rows = [
+        {"trial_id": t, "state": state, "run_dir": str(trials / t), "config": {"k": 2}, "best_f1": 0.5}
+        for t, state in (("finished", "completed"), ("cut", "cut"))
+    ]
+    scores = {t: selection_f1(trials / t) for t in ("finished", "cut")}
+    best = max(scores, key=scores.get)
+    worst = min(scores, key=scores.get)
+
+    class NoTracking:
+        pass
+
+    recorded = []
+    monkeypatch.setattr(
+        summary_module, "mark_checkpoints_deleted", lambda tracking, run_id, ids: recorded.extend(ids)
+    )
+    kept = summary_module._prune_checkpoints(rows, 1, NoTracking(), "parent")
+    assert kept == {best} and recorded == [worst]
+    assert not (trials / worst / "checkpoints").exists() and (trials / worst / "oof.npz").is_file()
+    assert selection_f1(trials / worst) == pytest.approx(scores[worst])  # the same figure, kept as a record
+
+
+# --- the time budget ---------------------------------------------------------------------------------------
+
+
+def test_budget_is_kept_across_resumes_and_a_spent_one_is_refused(tmp_path):
+    budget = settle_budget(tmp_path, "s", 1.0, resuming=False)
+    assert budget.total_s == 60 and budget.deadline == pytest.approx(time.time() + 60, abs=2)
+    saved = json.loads((tmp_path / "budget.json").read_text())
+    (tmp_path / "budget.json").write_text(json.dumps({**saved, "used_s": 45.0}))
+    resumed = settle_budget(tmp_path, "s", None, resuming=True)
+    assert resumed.total_s == 60 and resumed.deadline == pytest.approx(time.time() + 15, abs=2)
+    stopper = BudgetStopper(tmp_path / "budget.json")
+    assert not stopper.stop_all()
+    (tmp_path / "budget.json").write_text(json.dumps({**saved, "used_s": 61.0}))
+    with pytest.raises(OrchestratorError, match=r"used its whole 1-minute time budget; resume with a larger"):
+        settle_budget(tmp_path, "s", None, resuming=True)
+    assert settle_budget(tmp_path, "s", 2.0, resuming=True).deadline == pytest.approx(time.time() + 59, abs=2)
+    restored = BudgetStopper(tmp_path / "budget.json")
+    (tmp_path / "budget.json").write_text(
+        json.dumps({"total_s": 1, "used_s": 0, "deadline": time.time() - 1})
+    )
+    assert restored.stop_all()  # the deadline is read from the file, so a restored copy follows it
+
+
+def endless_trial(record_dir: Path):
+    """A stand-in trial that writes a trial folder with a finished first epoch, then runs until stopped."""
+
+    def endless_trial(params, context) -> None:
+        trial_id = ray.tune.get_context().get_trial_id()
+        with (record_dir / f"{trial_id}.started").open("a") as starts:  # one line per start (resumes too)
+            starts.write("start\n")
+        for epoch in range(1, 10_000):
+            time.sleep(0.5)
+            ray.tune.report({"val_f1": 0.1, "epoch": epoch, "epochs_planned": 10_000, "best_f1": 0.1})
+
+    return endless_trial
+
+
+def test_the_time_budget_cuts_running_trials_and_starts_no_more(tmp_path, demo_root, tracking_uri, local_ray):
+    raw = {
+        "name": "budget",
+        "trials": 3,
+        "fixed": {"epochs": 1, "k": 2, "image_size": [32, 24], "batch_size": 16, "pretrained": False},
+        "search": {"lr": {"loguniform": [1e-4, 1e-1]}},
+        "resources": {"cpu": 1, "gpu": 0},
+        "max_concurrent": 1,
+        "scheduler": "none",
+        "sampler": {"seed": 3, "n_startup_trials": 2},
+        "keep_top": 1,
+    }
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    record = tmp_path / "record"
+    record.mkdir()
+    outcome = {}
+
+    def target() -> None:
+        outcome["summary"] = run_search(
+            demo_root,
+            space,
+            storage=tmp_path / "runs",
+            tracking_uri=tracking_uri,
+            progress=False,
+            trial_fn=endless_trial(record),
+            time_budget_minutes=0.75,  # room for a trial process to start on a loaded machine
+        )
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(180)
+    assert not thread.is_alive(), "the time budget did not end the search"
+    summary = outcome["summary"]
+    assert summary.budget_spent and summary.finished
+    assert len(list(record.glob("*.started"))) == 1, summary.leaderboard.to_dict("records")
+    assert summary.leaderboard.loc[summary.leaderboard["epochs"] > 0, "state"].tolist() == ["cut"]
+    assert "ended by its time budget" in summary.report()
+    assert json.loads((tmp_path / "runs" / "budget" / "summary.json").read_text())["budget_spent"]
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["budget"], tracking_uri=tracking_uri, output_format="list")
+    assert runs and all(run.info.status != "RUNNING" for run in runs)
+
+    # a resume with a larger total budget gets what is left, and the cut trial continues
+    with pytest.raises(OrchestratorError, match="used its whole"):
+        run_search(demo_root, space, storage=tmp_path / "runs", resume=True, progress=False)
+    outcome.clear()
+    kwargs = dict(resume=True, time_budget_minutes=1.25)
+
+    def resumed() -> None:
+        outcome["summary"] = run_search(
+            demo_root,
+            space,
+            storage=tmp_path / "runs",
+            progress=False,
+            trial_fn=endless_trial(record),
+            **kwargs,
+        )
+
+    thread = threading.Thread(target=resumed, daemon=True)
+    thread.start()
+    thread.join(180)
+    assert not thread.is_alive() and outcome["summary"].budget_spent
+    starts = {path.stem: path.read_text().count("start") for path in record.glob("*.started")}
+    assert list(starts.values()) == [2], starts  # the same trial, started again, no other one
+    assert json.loads((tmp_path / "runs" / "budget" / "budget.json").read_text())["used_s"] >= 74
