@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator.ensemble.arguments import DEFAULT_STORAGE
 from orchestrator.errors import OrchestratorError
 
-DEFAULT_STORAGE = Path("runs")
 REFIT_DIR = "refit"
 RECORD_FILE = "refit.json"
 

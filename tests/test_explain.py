@@ -4,9 +4,7 @@ checkpoints, each image explained by the fold model that never saw it."""
 
 from __future__ import annotations
 
-import argparse
 import json
-from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -23,21 +21,9 @@ SIZE = (64, 48)  # (height, width): not square, so a swapped axis would show
 
 
 def foldtune(argv: list[str]) -> int:
-    """``orchestrator.cli.main`` with the inspect commands (added here until cli.py adds them itself)."""
     from orchestrator import cli
-    from orchestrator.inspect.commands import add_commands
 
-    build = cli.build_parser
-
-    def with_inspect() -> argparse.ArgumentParser:
-        parser = build()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "explain" not in sub.choices:
-            add_commands(sub)
-        return parser
-
-    with mock.patch.object(cli, "build_parser", with_inspect):
-        return cli.main(argv)
+    return cli.main(argv)
 
 
 def one_error_line(capsys) -> str:

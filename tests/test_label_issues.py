@@ -9,7 +9,6 @@ probabilities drawn from the CLEAN labels: a model that learned the truth, judgi
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -395,21 +394,9 @@ def test_find_issues_needs_no_files():
 
 
 def foldtune(argv: list[str]) -> int:
-    """``orchestrator.cli.main`` with the inspect commands (added here until cli.py adds them itself)."""
     from orchestrator import cli
-    from orchestrator.inspect.commands import add_commands
 
-    build = cli.build_parser
-
-    def with_inspect() -> argparse.ArgumentParser:
-        parser = build()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "label-issues" not in sub.choices:
-            add_commands(sub)
-        return parser
-
-    with mock.patch.object(cli, "build_parser", with_inspect):
-        return cli.main(argv)
+    return cli.main(argv)
 
 
 def one_error_line(capsys) -> str:

@@ -31,8 +31,6 @@ from orchestrator.ensemble.selection import macro_f1, rank, soft_vote
 from orchestrator.errors import OrchestratorError
 from trainers.labels import AgeBands
 
-DEFAULT_STORAGE = Path("runs")
-
 
 @dataclass
 class SearchOOF:
@@ -67,14 +65,10 @@ class SearchOOF:
 
 
 def search_folder(search: str, storage: Path | None) -> Path:
-    """``<storage>/<search>``, which must exist."""
-    search_dir = Path(storage or DEFAULT_STORAGE) / search
-    if not search_dir.is_dir():
-        raise OrchestratorError(
-            f"search folder {search_dir} not found; run `foldtune search --name {search}` first, or pass the "
-            "--storage the search used"
-        )
-    return search_dir
+    """``<storage>/<search>``, which must exist (the ensemble's check, one message for both)."""
+    from orchestrator.ensemble.arguments import check_search_dir
+
+    return check_search_dir(search, storage)
 
 
 def _candidates(search: str, search_dir: Path, summary: dict) -> tuple[list[Candidate], dict[str, str]]:
