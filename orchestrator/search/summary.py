@@ -196,7 +196,8 @@ def trial_rows(
             state = "completed"
         elif trial_id in early_stops:
             state = "stopped_early"
-        elif budget_spent and run_dir.exists():  # it ran: the budget stopped it (else it never started)
+        elif budget_spent and (run_dir.exists() or metrics.get(TIME_ATTR)):  # it ran, then the budget
+            # stopped it (a trial that never started stays unfinished)
             state = "cut"
         else:  # Ray's "done" flag is not kept in its snapshots, so a restored search cannot use it
             state = "unfinished"
