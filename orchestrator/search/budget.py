@@ -3,12 +3,12 @@
 The budget is the search's, not one driver's: ``budget.json`` in the search folder keeps the total and the
 seconds already used, so a ``--resume`` of a spent budget is refused, and one with a new (larger)
 ``--time-budget`` total runs for what is left (Tune does not restart the trials the budget stopped: it
-restores them as ended; a known limit). The deadline is enforced by ``BudgetStopper``, a Tune stopper every search carries (with no
-deadline when there is no budget), so a search started without a budget can be given one on resume: its
-restored stopper reads the deadline from ``budget.json`` again. When the deadline passes, Tune stops every
-trial at once, without calling the completion callbacks (like its own ``time_budget_s``): the driver then
-settles those trials itself (``summary``): each keeps the best fold models and out-of-fold predictions it
-had reached, is marked ``cut``, and is a candidate for the ensemble.
+restores them as ended; a known limit). The deadline is enforced by ``BudgetStopper``, a Tune stopper every
+search carries (with no deadline when there is no budget), so a search started without a budget can be given
+one on resume: its restored stopper reads the deadline from ``budget.json`` again. When the deadline passes,
+Tune stops every trial at once, without calling the completion callbacks (like its own ``time_budget_s``):
+the driver then settles those trials itself (``summary``): each keeps the best fold models and out-of-fold
+predictions it had reached, is marked ``cut``, and is a candidate for the ensemble.
 """
 
 from __future__ import annotations
