@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from orchestrator.ensemble.arguments import check_tta
 from orchestrator.ensemble.bundle import BUNDLE_DIR, SPEC_NAME, read_spec
 from orchestrator.errors import OrchestratorError
 from trainers.labels import GENDER_NAMES, MASK_NAMES, NUM_CLASSES, AgeBands, decode
@@ -39,15 +40,8 @@ ImageInput = str | os.PathLike | bytes | bytearray | memoryview  # a file path o
 
 
 def _check_views(tta: Sequence[str]) -> tuple[str, ...]:
-    from trainers.transforms import TTA_VIEWS
-
-    views = tuple(str(v).strip() for v in tta if str(v).strip())
-    unknown = TTA_VIEWS.unknown(views)
-    if unknown:
-        raise OrchestratorError(
-            f"--tta: unknown view(s) {unknown}; use a comma-separated subset of {list(TTA_VIEWS.names())}"
-        )
-    return views
+    """The ensemble stage's ``--tta`` check, for a bundle's or a caller's views."""
+    return check_tta(tuple(tta))
 
 
 def _decode(image: ImageInput, size: tuple[int, int], crop: tuple[float, ...] | None) -> np.ndarray:
