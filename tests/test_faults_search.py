@@ -16,6 +16,7 @@ real training (``test_resume_after_the_driver_is_killed``). Trainer-side faults 
 | every trial fails                    | test_every_trial_failing_is_exit_1_with_the_first_error         |
 | MLflow store unreachable at start    | test_an_unreachable_tracking_store_fails_before_ray_starts      |
 | MLflow store lost mid-search         | test_losing_the_tracking_store_mid_search_loses_no_result       |
+| optuna.db created by two processes   | test_opening_the_study_while_another_process_creates_it         |
 | driver killed during the ensemble    | test_a_killed_ensemble_never_leaves_a_partial_submission (slow) |
 | worker node lost                     | test_search.py::test_search_survives_losing_a_node (slow)       |
 | driver SIGKILLed, real training      | test_search.py::test_resume_after_the_driver_is_killed          |
@@ -364,6 +365,42 @@ def test_a_resume_after_sigkill_settles_what_was_left(tmp_path, demo_root, track
 
 
 # --- exit codes --------------------------------------------------------------------------------------------
+
+
+def test_opening_the_study_while_another_process_creates_it(tmp_path, monkeypatch):
+    """The driver opening a new optuna.db while another process (a status call, a plot, a test polling)
+    creates it loses the schema-version insert (``UNIQUE constraint failed: alembic_version``): it opens
+    again and finds the complete schema instead of ending the search; a persistent error still raises."""
+    import sqlalchemy.exc
+
+    from orchestrator.search.optuna_adapter import study_storage
+
+    real = optuna.storages.RDBStorage
+    lost_races = []
+    lost = sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint"))
+
+    def racing(url, *args, **kwargs):  # another process creates the schema first; this one loses once
+        if len(lost_races) < 1:
+            real(url).remove_session()
+            lost_races.append(url)
+            raise lost
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = study_storage(tmp_path)
+    monkeypatch.undo()  # optuna itself checks isinstance(storage, RDBStorage)
+    assert len(lost_races) == 1
+    study = optuna.create_study(study_name="tiny", storage=storage)
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={}, distributions={}))
+    reread = optuna.load_study(study_name="tiny", storage=real(f"sqlite:///{tmp_path / 'optuna.db'}"))
+    assert reread.best_value == 0.5
+
+    def always_failing(url, *args, **kwargs):
+        raise lost
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", always_failing)
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        study_storage(tmp_path / "other")
 
 
 def test_every_trial_failing_is_exit_1_with_the_first_error(

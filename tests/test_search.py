@@ -31,7 +31,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.search import run_search
 from orchestrator.search.console import progress_table
 from orchestrator.search.constants import ASHA_STATE, EXPERIMENT_DIRNAME
-from orchestrator.search.optuna_adapter import make_searcher, optuna_storage_url
+from orchestrator.search.optuna_adapter import make_searcher, study_storage
 from orchestrator.search.prepare import settle_folds
 from orchestrator.search.settle import settle_space
 from orchestrator.search.stopping import EarlyStops, FinishingASHA, make_scheduler
@@ -85,7 +85,7 @@ def write_space(path: Path, **changes) -> Path:
 
 
 def load_study(search_dir: Path, name: str = "tiny") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=optuna_storage_url(search_dir))
+    return optuna.load_study(study_name=name, storage=study_storage(search_dir))
 
 
 def by_ray_id(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:

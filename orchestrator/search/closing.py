@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from orchestrator.search.optuna_adapter import INTERRUPTED, fail_running_trials, optuna_storage_url
+from orchestrator.search.optuna_adapter import INTERRUPTED, fail_running_trials, study_storage
 from orchestrator.tracking.search_runs import close_search_runs, settle_child_runs
 from orchestrator.tracking.store import SearchTracking
 
@@ -52,7 +52,7 @@ def finished_trials(search_dir: Path, name: str) -> int:
     try:
         import optuna
 
-        study = optuna.load_study(study_name=name, storage=optuna_storage_url(search_dir))
+        study = optuna.load_study(study_name=name, storage=study_storage(search_dir))
         ended = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
         return sum(1 for t in ended if not t.user_attrs.get(INTERRUPTED))
     except Exception:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,7 @@ def fail_running_trials(search_dir: Path, study_name: str, keep: Collection[str]
     path = Path(search_dir) / "optuna.db"
     if not path.exists():
         return []
-    storage = optuna.storages.RDBStorage(optuna_storage_url(search_dir))
+    storage = study_storage(search_dir)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:  # no study yet: the driver stopped before the first trial
@@ -170,6 +171,27 @@ def optuna_storage_url(search_dir: Path) -> str:
     return f"sqlite:///{Path(search_dir).absolute() / 'optuna.db'}"
 
 
+def study_storage(search_dir: Path, attempts: int = 3):
+    """The search's Optuna storage, safe to open while another process creates ``optuna.db``.
+
+    Opening a new SQLite study creates its tables and stamps the schema version; two processes doing that
+    at once (the driver starting while ``foldtune status``, a plot or a test reads the study) both find no
+    version and both insert one, and the loser dies on ``UNIQUE constraint failed: alembic_version``. The
+    winner has by then written a complete schema, so opening again simply finds it.
+    """
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(optuna_storage_url(search_dir))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))  # the other creator commits within milliseconds
+    raise AssertionError("unreachable")
+
+
 def make_searcher(space: SearchSpace, search_dir: Path) -> ConcurrencyLimiter:
     import optuna
 
@@ -178,7 +200,7 @@ def make_searcher(space: SearchSpace, search_dir: Path) -> ConcurrencyLimiter:
         metric=METRIC,
         mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=space.sampler_seed, n_startup_trials=space.n_startup_trials),
-        storage=optuna.storages.RDBStorage(optuna_storage_url(search_dir)),
+        storage=study_storage(search_dir),
         study_name=space.name,
         points_to_evaluate=[dict(point) for point in space.points_to_evaluate] or None,
         early_stops=EarlyStops(Path(search_dir).absolute() / ASHA_STATE),

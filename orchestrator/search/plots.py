@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator.search.optuna_adapter import optuna_storage_url
+from orchestrator.search.optuna_adapter import study_storage
 from trainers.io import save_figure_atomic
 
 
@@ -28,7 +28,7 @@ def plot_study(search_dir: Path, study_name: str) -> list[Path]:
     out = Path(search_dir) / "plots"
     out.mkdir(exist_ok=True)
     try:
-        study = optuna.load_study(study_name=study_name, storage=optuna_storage_url(search_dir))
+        study = optuna.load_study(study_name=study_name, storage=study_storage(search_dir))
     except Exception as error:
         print(f"warning: no Optuna study to plot: {error}", file=sys.stderr)
         return []
