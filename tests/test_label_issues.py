@@ -468,3 +468,45 @@ def test_the_ensemble_members_judge_weighted_else_the_best_trial(world, tmp_path
     assert np.allclose(voted.probs, expected / expected.sum(axis=1, keepdims=True), atol=1e-6)
     assert [m.trial_id for m in voted.members] == ["flat", "good"] and "ensemble" in voted.source
     assert load_search_oof("ens", tmp_path / "runs", trial="flat").members[0].trial_id == "flat"
+
+
+def test_holdout_persons_are_judged_by_the_ensembles_vote_on_them(world, tmp_path):
+    """Holdout persons have no OOF probabilities; the ensemble's vote on them (``holdout_probs.npz``, no
+    model trained on them) judges them like the rest, so an error among them is found too; without that
+    file (no ensemble yet, or another ensemble's members) they are left out and the summary says so."""
+    from orchestrator.ensemble.estimates import HOLDOUT_PROBS, Holdout, write_holdout_probs
+
+    given, probs = world["given"], world["probs"]
+    flipped = sorted(injected_ids(world, "gender"))
+    persons = sorted(given["person_id"].unique())
+    held_persons = set(flipped[:2]) | set([p for p in persons if p not in flipped][:4])
+    held = given["person_id"].isin(held_persons).to_numpy()
+    search_dir = tmp_path / "runs" / "hold"
+    run_dir = write_trial(search_dir, "t1", given[~held], probs[~held])
+    folds = pd.DataFrame(
+        {"rel_path": given["rel_path"], "person_id": given["person_id"], "label": given["label"]}
+    )
+    folds["fold"] = np.where(held, -1, 0)
+    folds.to_csv(run_dir / "folds.csv", index=False)
+    (search_dir / "ensemble.json").write_text(json.dumps({"members": [{"trial_id": "t1", "weight": 1.0}]}))
+    order = np.argsort(given["rel_path"].to_numpy()[held], kind="stable")
+    holdout = Holdout(
+        given["rel_path"].to_numpy(dtype=str)[held][order],
+        given["label"].to_numpy()[held][order],
+        len(held_persons),
+    )
+    write_holdout_probs(search_dir / HOLDOUT_PROBS, holdout, probs[held][order], ["t1"])
+
+    lines: list[str] = []
+    result = run_label_issues(world["noisy"], "hold", tmp_path / "runs", log=lines.append)
+    gender = result.issues[result.issues["kind"] == "gender"]
+    assert set(gender["id"].head(len(flipped))) == set(flipped)  # two were never in any fold
+    assert lines[0].startswith(f"judged {len(persons)} persons") and "holdout persons" in lines[0]
+    assert not any("not judged" in line for line in lines)
+
+    write_holdout_probs(search_dir / HOLDOUT_PROBS, holdout, probs[held][order], ["another"])
+    lines.clear()
+    result = run_label_issues(world["noisy"], "hold", tmp_path / "runs", log=lines.append)
+    assert not set(result.issues["id"]) & held_persons
+    assert lines[0].startswith(f"judged {len(persons) - len(held_persons)} persons")
+    assert any(line.startswith(f"{len(held_persons)} holdout persons were not judged") for line in lines)

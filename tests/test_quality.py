@@ -21,6 +21,7 @@ import yaml
 
 from orchestrator.ensemble import run_ensemble
 from orchestrator.ensemble.candidates import discover, selection_f1
+from orchestrator.ensemble.estimates import HOLDOUT_PROBS
 from orchestrator.ensemble.selection import greedy_selection, macro_f1, nested_estimate
 from orchestrator.errors import OrchestratorError
 from orchestrator.search import run_search
@@ -188,6 +189,10 @@ def test_ensemble_reports_in_sample_nested_and_holdout_estimates(search_with_hol
     assert report["estimates"]["trusted"] == "holdout"
     assert report["estimates"]["holdout_f1"] == pytest.approx(estimates.holdout_f1)
     world["holdout_f1"] = estimates.holdout_f1  # for the next test: the same ensemble, other eval images
+    with np.load(tmp_path / HOLDOUT_PROBS) as saved:  # the vote label-issues judges holdout persons by
+        assert saved["rel_path"].tolist() == sorted(held["rel_path"])
+        assert saved["members"].tolist() == [m.trial_id for m in result.members]
+        assert macro_f1(saved["label"], saved["probs"]) == pytest.approx(estimates.holdout_f1)
 
 
 def test_the_holdout_vote_equals_scoring_the_submission_on_those_persons(search_with_holdout, tmp_path):

@@ -26,6 +26,7 @@ import pandas as pd
 
 from orchestrator.errors import OrchestratorError
 from trainers.folds import HOLDOUT_FOLD
+from trainers.io import atomic_savez
 
 
 @dataclass
@@ -141,4 +142,20 @@ def read_holdout(run_dir: Path) -> Holdout:
         held["rel_path"].to_numpy(dtype=str),
         held["label"].to_numpy(dtype=np.int64),
         int(held["person_id"].nunique()),
+    )
+
+
+HOLDOUT_PROBS = "holdout_probs.npz"  # beside ensemble.json: the submission's vote on the holdout persons
+
+
+def write_holdout_probs(path: Path, holdout: Holdout, probs: np.ndarray, member_ids: list[str]) -> None:
+    """The submission's vote on the holdout persons' images, with the labels the search trained on and the
+    members that voted, atomically. No model trained on these persons, so ``foldtune label-issues`` can
+    judge their labels with these probabilities as it judges the others with their out-of-fold ones."""
+    atomic_savez(
+        path,
+        rel_path=np.asarray(holdout.rel_path, dtype=str),
+        label=np.asarray(holdout.label, dtype=np.int64),
+        probs=np.asarray(probs, dtype=np.float32),
+        members=np.asarray(member_ids, dtype=str),
     )

@@ -37,7 +37,13 @@ from orchestrator.ensemble.candidates import (
     read_search_summary,
     shared_class_names,
 )
-from orchestrator.ensemble.estimates import Estimates, Holdout, read_holdout
+from orchestrator.ensemble.estimates import (
+    HOLDOUT_PROBS,
+    Estimates,
+    Holdout,
+    read_holdout,
+    write_holdout_probs,
+)
 from orchestrator.ensemble.members import check_member_checkpoints, predict_member, predict_models
 from orchestrator.ensemble.recording import record_in_mlflow
 from orchestrator.ensemble.result import (
@@ -157,6 +163,13 @@ def run_ensemble(
 
     # everything is computed: write the side files, then the submission last
     _write_outputs(result, report, predicted, confusion, pool.class_names)
+    if len(holdout):  # label-issues judges the holdout persons by these (nothing trained on them)
+        write_holdout_probs(
+            out.parent / HOLDOUT_PROBS,
+            holdout,
+            soft_vote(np.array([m.weight for m in result.members]), predicted.holdout),
+            [m.trial_id for m in result.members],
+        )
 
     # after the submission: the model folder `foldtune predict` reads, then the MLflow run and model
     bundle = _write_bundle(result, pool, search, log, refit)

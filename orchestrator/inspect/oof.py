@@ -29,6 +29,7 @@ from orchestrator.ensemble.candidates import (
 )
 from orchestrator.ensemble.selection import macro_f1, rank, soft_vote
 from orchestrator.errors import OrchestratorError
+from trainers.folds import HOLDOUT_FOLD
 from trainers.labels import AgeBands
 
 
@@ -145,6 +146,46 @@ def load_search_oof(search: str, storage: Path | None = None, trial: str | None 
     return SearchOOF(
         search, search_dir, summary, chosen, weights, first.rel_path, first.label, first.fold, probs, source
     )
+
+
+def with_holdout(oof: SearchOOF) -> tuple[SearchOOF, int]:
+    """``oof`` plus the holdout persons' images, judged by the ensemble's vote on them
+    (``holdout_probs.npz``, written by ``foldtune ensemble`` beside ``ensemble.json``), and how many
+    holdout persons stay unjudged (no ensemble of these members predicted them yet).
+
+    Holdout persons (``holdout:`` in the space) are in no fold, so they have no OOF probabilities; but no
+    model trained on them either, so the ensemble's vote on them is just as honest a judge. Only the vote
+    of the very members being used is taken, so the two kinds of rows come from one set of models.
+    """
+    from orchestrator.ensemble.estimates import HOLDOUT_PROBS, read_holdout
+
+    holdout = read_holdout(oof.members[0].run_dir)
+    if not len(holdout):
+        return oof, 0
+    path = oof.search_dir / HOLDOUT_PROBS
+    try:
+        with np.load(path) as saved:
+            members = saved["members"].astype(str).tolist()
+            rel_path, label = saved["rel_path"].astype(str), saved["label"].astype(np.int64)
+            probs = saved["probs"].astype(np.float64)
+    except (OSError, ValueError, KeyError):  # missing (no ensemble yet) or unreadable: judge without them
+        return oof, holdout.persons
+    if members != [m.trial_id for m in oof.members] or not np.array_equal(rel_path, holdout.rel_path):
+        return oof, holdout.persons  # another ensemble's vote, or another holdout
+    probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
+    joined = SearchOOF(
+        oof.search,
+        oof.search_dir,
+        oof.summary,
+        oof.members,
+        oof.weights,
+        np.concatenate([oof.rel_path, rel_path]),
+        np.concatenate([oof.label, label]),
+        np.concatenate([oof.fold, np.full(len(rel_path), HOLDOUT_FOLD, dtype=oof.fold.dtype)]),
+        np.concatenate([oof.probs, probs]),
+        f"{oof.source}, and for the {holdout.persons} holdout persons their vote on them ({HOLDOUT_PROBS})",
+    )
+    return joined, 0
 
 
 def check_data_root(data_root: Path) -> Path:

@@ -19,7 +19,7 @@ import pandas as pd
 from orchestrator.errors import OrchestratorError
 from orchestrator.inspect.draft import build_draft
 from orchestrator.inspect.label_issues import KINDS, counts_by_kind, find_issues
-from orchestrator.inspect.oof import check_data_root, load_search_oof, read_matching_train
+from orchestrator.inspect.oof import check_data_root, load_search_oof, read_matching_train, with_holdout
 from orchestrator.inspect.review import (
     ROWS_PER_SHEET,
     SHEETS_DIR,
@@ -45,6 +45,7 @@ class LabelIssuesResult:
     source: str = ""
     conflicts: int = 0  # new swaps overlapping one of the search's own overlay swaps in one image
     no_overlay_form: int = 0  # flagged findings the overlay cannot express
+    unjudged_holdout: int = 0  # holdout persons without the ensemble's vote on them
     mlflow_run_id: str | None = None
 
     @property
@@ -64,6 +65,11 @@ def summary_lines(result: LabelIssuesResult, persons: int, images: int) -> list[
         f"flagged at the default cut (cleanlab; swaps from a likelihood ratio of 10): {counts}",
         f"drafted fixes: {len(result.draft)} line(s) in {result.draft_path}",
     ]
+    if result.unjudged_holdout:
+        lines.append(
+            f"{result.unjudged_holdout} holdout persons were not judged (they have no out-of-fold "
+            "probabilities): run `foldtune ensemble` first, whose vote on them label-issues then uses"
+        )
     if result.no_overlay_form:
         lines.append(
             f"{result.no_overlay_form} flagged finding(s) have no overlay form (the overlay only swaps two "
@@ -92,7 +98,7 @@ def run_label_issues(
     if review_rows < 0:
         raise OrchestratorError(f"--review-rows must be 0 or more, got {review_rows}")
     data_root = check_data_root(Path(data_root))
-    oof = load_search_oof(search, storage, trial)
+    oof, unjudged = with_holdout(load_search_oof(search, storage, trial))
     out = Path(out) if out else oof.search_dir / "label_issues"
     table = read_matching_train(data_root, oof)
     issues = find_issues(table, oof.probs, oof.age_bands)
@@ -106,6 +112,7 @@ def run_label_issues(
         source=oof.source,
         conflicts=conflicts,
         no_overlay_form=int((flagged["fix"] == "").sum()),
+        unjudged_holdout=unjudged,
     )
 
     # render everything before writing anything
