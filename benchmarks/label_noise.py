@@ -129,8 +129,14 @@ def _read_issues(path: Path) -> pd.DataFrame:
     return issues
 
 
-def score(injected: pd.DataFrame, issues: pd.DataFrame) -> pd.DataFrame:
-    """Precision and recall per injected kind, at the default cut and at top-K (K = injected count)."""
+def score(injected: pd.DataFrame, issues: pd.DataFrame, baseline: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Precision and recall per injected kind, at the default cut and at top-K (K = injected count).
+
+    ``baseline``: label-issues' list for a search on the clean source. Real data has label errors (and
+    persons the models get wrong) of its own; a flag on one of those is not a false alarm about the noise
+    but cannot be told from one either. With a baseline, ``base_flags`` counts the flagged persons that were
+    already flagged on the clean data and were not injected, and ``precision_new`` leaves them out.
+    """
     records = []
     for kind in injected["kind"].drop_duplicates():
         truth = set(injected.loc[injected["kind"] == kind, "id"].astype(str))
@@ -139,17 +145,22 @@ def score(injected: pd.DataFrame, issues: pd.DataFrame) -> pd.DataFrame:
         hits = int(cut["id"].isin(truth).sum())
         top = found.head(len(truth))
         top_hits = int(top["id"].isin(truth).sum())
-        records.append(
-            {
-                "kind": kind,
-                "injected": len(truth),
-                "flagged": len(cut),
-                "precision": hits / len(cut) if len(cut) else float("nan"),
-                "recall": hits / len(truth),
-                "precision_at_k": top_hits / len(truth),
-                "recall_at_k": top_hits / len(truth),
-            }
-        )
+        record = {
+            "kind": kind,
+            "injected": len(truth),
+            "flagged": len(cut),
+            "precision": hits / len(cut) if len(cut) else float("nan"),
+            "recall": hits / len(truth),
+            "precision_at_k": top_hits / len(truth),
+            "recall_at_k": top_hits / len(truth),
+        }
+        if baseline is not None:
+            before = baseline[(baseline["kind"] == kind) & baseline["flagged"]]
+            base = set(before["id"].astype(str)) - truth
+            base_flags = int(cut["id"].isin(base).sum())
+            new = len(cut) - base_flags
+            record |= {"base_flags": base_flags, "precision_new": hits / new if new else float("nan")}
+        records.append(record)
     return pd.DataFrame(records)
 
 
@@ -179,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("injected", type=Path)
     p.add_argument("issues", type=Path, help="label_issues.csv written by foldtune label-issues")
     p.add_argument("--fixed-draft", type=Path, help="write the true hits as a relabel overlay here")
+    p.add_argument(
+        "--baseline", type=Path, help="label_issues.csv of a search on the clean source (its own suspects)"
+    )
     return parser
 
 
@@ -194,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             args.injected, dtype={"id": str, "old": str, "new": str}, keep_default_na=False
         )
         issues = _read_issues(args.issues)
-        print(score(injected, issues).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        baseline = _read_issues(args.baseline) if args.baseline else None
+        print(score(injected, issues, baseline).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         if args.fixed_draft:
             draft = fixed_draft(injected, issues)
             write_csv_atomic(draft, args.fixed_draft)

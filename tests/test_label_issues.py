@@ -279,6 +279,20 @@ def test_benchmark_scores_the_findings_and_its_fixed_draft_restores_the_labels(w
     assert (restored.loc[~fixed, "label"] == noisy.loc[fixed[~fixed].index, "label"]).all()
 
 
+def test_benchmark_leaves_the_clean_datas_own_suspects_out_of_precision_new():
+    """With label-issues' list on the clean source as a baseline, a flag it already raised there (a real
+    label error of the base data or a model blind spot, not injected) is counted apart, not as a miss."""
+    injected = pd.DataFrame({"id": ["a", "b"], "kind": "gender"})
+    issues = pd.DataFrame(
+        {"id": ["a", "c", "d", "b"], "kind": "gender", "flagged": [True, True, True, False]}
+    )
+    baseline = pd.DataFrame({"id": ["c", "a"], "kind": "gender", "flagged": [True, True]})
+    row = score(injected, issues, baseline).iloc[0]
+    assert (row["flagged"], row["precision"], row["recall"]) == (3, 1 / 3, 0.5)
+    assert (row["base_flags"], row["precision_new"]) == (1, 0.5)  # c is the base's own; a stays a hit
+    assert "base_flags" not in score(injected, issues).columns
+
+
 def test_review_page_and_contact_sheets(world):
     out = world["result"].out
     page = (out / "review.html").read_text()

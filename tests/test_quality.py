@@ -164,6 +164,20 @@ def test_a_cut_trial_is_a_candidate_with_the_oof_of_its_best_epoch(search_with_h
     assert selection_f1(cut.run_dir) == pytest.approx(macro_f1(cut.label, cut.probs))
 
 
+def test_the_summary_says_which_cut_trials_are_candidates(search_with_holdout, tmp_path):
+    from orchestrator.search.summary import cut_line
+
+    trials = search_with_holdout["storage"] / "s" / "trials"
+    (tmp_path / "early" / "checkpoints").mkdir(parents=True)  # cut during its first fold: nothing saved
+    cut = pd.DataFrame(
+        {"trial_id": ["cut", "early"], "run_dir": [str(trials / "cut"), str(tmp_path / "early")]}
+    )
+    assert cut_line(cut) == (
+        "cut by the time budget: cut (best fold models and OOF kept: ensemble candidates); "
+        "early (cut before every fold had an epoch: not candidates)"
+    )
+
+
 def test_ensemble_reports_in_sample_nested_and_holdout_estimates(search_with_holdout, tmp_path):
     world = search_with_holdout
     result = run_ensemble(

@@ -89,9 +89,8 @@ class SearchSummary:
             how = "ended by its time budget"
         lines = [f"search '{self.name}' {how}: {len(self.leaderboard)} trials in {self.search_dir}", table]
         states = self.leaderboard.get("state")
-        cut = self.leaderboard.loc[states == "cut", "trial_id"].tolist() if states is not None else []
-        if cut:
-            lines.append(f"cut by the time budget (best fold models, OOF kept: candidates): {', '.join(cut)}")
+        if states is not None and (states == "cut").any():
+            lines.append(cut_line(self.leaderboard[states == "cut"]))
         if self.best_trial_id is not None:
             best = self.leaderboard.iloc[0]
             lines.append(f"best trial {self.best_trial_id}: mean val macro F1 {best['best_f1']:.4f}")
@@ -220,6 +219,24 @@ def trial_rows(
         key=lambda r: (STATE_ORDER[r["state"]], -r["best_f1"] if math.isfinite(r["best_f1"]) else math.inf)
     )
     return rows
+
+
+def cut_line(cut: pd.DataFrame) -> str:
+    """Which trials the time budget cut, and which of them the ensemble can use: a trial is a candidate
+    once every fold has a best checkpoint (its OOF probabilities), which a trial cut in its first fold
+    does not have."""
+    from orchestrator.ensemble.candidates import selection_f1
+
+    usable = [selection_f1(Path(run_dir)) is not None for run_dir in cut["run_dir"]]
+    ids = cut["trial_id"].astype(str).tolist()
+    parts = []
+    candidates = [t for t, ok in zip(ids, usable, strict=True) if ok]
+    early = [t for t, ok in zip(ids, usable, strict=True) if not ok]
+    if candidates:
+        parts.append(f"{', '.join(candidates)} (best fold models and OOF kept: ensemble candidates)")
+    if early:
+        parts.append(f"{', '.join(early)} (cut before every fold had an epoch: not candidates)")
+    return "cut by the time budget: " + "; ".join(parts)
 
 
 def _short_error(error: BaseException) -> str:
