@@ -16,6 +16,7 @@ RELABEL ?=                     # search: label-fix CSV (id,field,value), kept wi
 FOLD_FILE ?=                   # search: a fold file from `foldtune folds` (default: made from the space)
 TIME    ?=                     # search: time budget in minutes (cuts running trials, keeps their best models)
 HOLDOUT ?=                     # search: share of persons held out of every fold (default: the space's)
+RESUME  ?=                     # search: 1 = continue the search NAME (interrupted, or with a larger TIME)
 TRIAL   ?=                     # refit, label-issues, explain: one trial (default: the ensemble's first member)
 SEEDS   ?=                     # refit: models per trial (default 1)
 WITH_REFIT ?=                  # ensemble: 1 = add the members' refit models to the vote
@@ -55,7 +56,8 @@ demo-data: .venv
 search: .venv
 	$(FT) search --data $(strip $(DATA)) --space $(strip $(SPACE)) --storage $(strip $(STORAGE)) \
 		$(call opt,--trials,$(TRIALS)) $(call opt,--name,$(NAME)) $(call opt,--relabel,$(RELABEL)) \
-		$(call opt,--folds,$(FOLD_FILE)) $(call opt,--time-budget,$(TIME)) $(call opt,--holdout,$(HOLDOUT))
+		$(call opt,--folds,$(FOLD_FILE)) $(call opt,--time-budget,$(TIME)) $(call opt,--holdout,$(HOLDOUT)) \
+		$(if $(filter 1 yes true,$(strip $(RESUME))),--resume)
 
 ensemble: .venv
 	$(FT) ensemble --data $(strip $(DATA)) --storage $(strip $(STORAGE)) \

@@ -509,7 +509,7 @@ def test_holdout_persons_are_judged_by_the_ensembles_vote_on_them(world, tmp_pat
         given["label"].to_numpy()[held][order],
         len(held_persons),
     )
-    write_holdout_probs(search_dir / HOLDOUT_PROBS, holdout, probs[held][order], ["t1"])
+    write_holdout_probs(search_dir / HOLDOUT_PROBS, holdout, probs[held][order], ["t1"], True, True)
 
     lines: list[str] = []
     result = run_label_issues(world["noisy"], "hold", tmp_path / "runs", log=lines.append)
@@ -518,9 +518,18 @@ def test_holdout_persons_are_judged_by_the_ensembles_vote_on_them(world, tmp_pat
     assert lines[0].startswith(f"judged {len(persons)} persons") and "holdout persons" in lines[0]
     assert not any("not judged" in line for line in lines)
 
-    write_holdout_probs(search_dir / HOLDOUT_PROBS, holdout, probs[held][order], ["another"])
-    lines.clear()
-    result = run_label_issues(world["noisy"], "hold", tmp_path / "runs", log=lines.append)
-    assert not set(result.issues["id"]) & held_persons
-    assert lines[0].startswith(f"judged {len(persons) - len(held_persons)} persons")
-    assert any(line.startswith(f"{len(held_persons)} holdout persons were not judged") for line in lines)
+    for members, own_tta, all_folds in (
+        (["another"], True, True),
+        (["t1"], False, True),
+        (["t1"], True, False),
+    ):
+        write_holdout_probs(
+            search_dir / HOLDOUT_PROBS, holdout, probs[held][order], members, own_tta, all_folds
+        )
+        lines.clear()
+        result = run_label_issues(world["noisy"], "hold", tmp_path / "runs", log=lines.append)
+        assert not set(result.issues["id"]) & held_persons
+        assert lines[0].startswith(f"judged {len(persons) - len(held_persons)} persons")
+        assert any(line.startswith(f"{len(held_persons)} holdout persons were not judged") for line in lines)
+    (search_dir / HOLDOUT_PROBS).write_bytes(b"PK\x03\x04 cut short")  # a damaged file: judged without it
+    assert run_label_issues(world["noisy"], "hold", tmp_path / "runs", log=None).counts

@@ -8,7 +8,9 @@ ensemble stage and the real search driver (with a stand-in trial where only sche
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -164,17 +166,17 @@ def test_a_cut_trial_is_a_candidate_with_the_oof_of_its_best_epoch(search_with_h
     assert selection_f1(cut.run_dir) == pytest.approx(macro_f1(cut.label, cut.probs))
 
 
-def test_the_summary_says_which_cut_trials_are_candidates(search_with_holdout, tmp_path):
+def test_the_summary_says_which_cut_trials_are_candidates():
     from orchestrator.search.summary import cut_line
 
-    trials = search_with_holdout["storage"] / "s" / "trials"
-    (tmp_path / "early" / "checkpoints").mkdir(parents=True)  # cut during its first fold: nothing saved
-    cut = pd.DataFrame(
-        {"trial_id": ["cut", "early"], "run_dir": [str(trials / "cut"), str(tmp_path / "early")]}
+    assert cut_line(["a", "b", "c"], candidates={"a"}, pruned={"b"}) == (
+        "cut by the time budget: a (best fold models and OOF kept: ensemble candidates); "
+        "b (outside keep_top: checkpoints deleted, OOF kept as a record); "
+        "c (cut before every fold had an epoch: not candidates)"
     )
-    assert cut_line(cut) == (
-        "cut by the time budget: cut (best fold models and OOF kept: ensemble candidates); "
-        "early (cut before every fold had an epoch: not candidates)"
+    assert (
+        cut_line(["c"], (), ())
+        == "cut by the time budget: c (cut before every fold had an epoch: not candidates)"
     )
 
 
@@ -207,6 +209,7 @@ def test_ensemble_reports_in_sample_nested_and_holdout_estimates(search_with_hol
         assert saved["rel_path"].tolist() == sorted(held["rel_path"])
         assert saved["members"].tolist() == [m.trial_id for m in result.members]
         assert macro_f1(saved["label"], saved["probs"]) == pytest.approx(estimates.holdout_f1)
+        assert bool(saved["own_tta"]) and bool(saved["all_folds"])
 
 
 def test_the_holdout_vote_equals_scoring_the_submission_on_those_persons(search_with_holdout, tmp_path):
@@ -296,7 +299,16 @@ def test_budget_is_kept_across_resumes_and_a_spent_one_is_refused(tmp_path):
     (tmp_path / "budget.json").write_text(
         json.dumps({"total_s": 1, "used_s": 0, "deadline": time.time() - 1})
     )
-    assert restored.stop_all()  # the deadline is read from the file, so a restored copy follows it
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # no Tune handler: the fallback stop
+    try:
+        assert restored.stop_all()  # the deadline is read from the file, so a restored copy follows it
+        asked = []
+        signal.signal(signal.SIGUSR1, lambda signum, frame: asked.append(signum))  # Tune's, during a run
+        interrupting = BudgetStopper(tmp_path / "budget.json")
+        assert not interrupting.stop_all() and asked == [signal.SIGUSR1]  # Tune's graceful stop instead
+        assert not interrupting.stop_all() and len(asked) == 1  # asked once
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def endless_trial(record_dir: Path):
@@ -313,7 +325,7 @@ def endless_trial(record_dir: Path):
     return endless_trial
 
 
-def test_the_time_budget_cuts_running_trials_and_starts_no_more(tmp_path, demo_root, tracking_uri, local_ray):
+def budget_space(tmp_path: Path) -> Path:
     raw = {
         "name": "budget",
         "trials": 3,
@@ -327,6 +339,12 @@ def test_the_time_budget_cuts_running_trials_and_starts_no_more(tmp_path, demo_r
     }
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(raw))
+    return space
+
+
+def test_the_time_budget_cuts_running_trials_and_starts_no_more(tmp_path, demo_root, tracking_uri, local_ray):
+    """A driver outside the main thread (no Tune signal handler there): the stopper's fallback stop."""
+    space = budget_space(tmp_path)
     record = tmp_path / "record"
     record.mkdir()
     outcome = {}
@@ -362,3 +380,39 @@ def test_the_time_budget_cuts_running_trials_and_starts_no_more(tmp_path, demo_r
     # a resume of a spent budget is refused before Ray starts
     with pytest.raises(OrchestratorError, match="used its whole"):
         run_search(demo_root, space, storage=tmp_path / "runs", resume=True, progress=False)
+
+
+def test_a_resume_with_a_larger_budget_continues_the_cut_trial(tmp_path, demo_root, tracking_uri, local_ray):
+    """In the main thread (as `foldtune search` runs) the budget stops Tune as Ctrl+C does, so the trial it
+    cut stays unfinished in Tune's state: a --resume with a larger budget restarts that same trial (its
+    stand-in logs a second start) instead of leaving it ended and starting a new one."""
+    space = budget_space(tmp_path)
+    record = tmp_path / "record"
+    record.mkdir()
+    search = {"storage": tmp_path / "runs", "tracking_uri": tracking_uri, "progress": False}
+    fired = []
+
+    def watchdog_stop() -> None:  # a budget that does not stop: Tune's own graceful stop, then fail
+        fired.append(True)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watchdog = threading.Timer(360, watchdog_stop)
+    watchdog.start()
+    try:
+        first = run_search(
+            demo_root, space, trial_fn=endless_trial(record), time_budget_minutes=0.75, **search
+        )
+        assert first.budget_spent and not fired, "the time budget did not end the search"
+        (cut,) = first.leaderboard.loc[first.leaderboard["state"] == "cut", "trial_id"]
+        assert [p.stem for p in record.glob("*.started")] == [cut]
+        assert "(cut before every fold had an epoch: not candidates)" in first.report()
+        second = run_search(  # 2.5 minutes in all: more than a minute left to restart the trial
+            demo_root, space, resume=True, trial_fn=endless_trial(record), time_budget_minutes=2.5, **search
+        )
+    finally:
+        watchdog.cancel()
+    assert not fired, "the time budget did not end the resumed search"
+    assert second.budget_spent
+    assert [p.stem for p in record.glob("*.started")] == [cut]  # no new trial: the cut one went on
+    assert (record / f"{cut}.started").read_text().count("start") == 2
+    assert second.leaderboard.set_index("trial_id").loc[cut, "state"] == "cut"

@@ -145,17 +145,27 @@ def read_holdout(run_dir: Path) -> Holdout:
     )
 
 
-HOLDOUT_PROBS = "holdout_probs.npz"  # beside ensemble.json: the submission's vote on the holdout persons
+HOLDOUT_PROBS = "holdout_probs.npz"  # beside ensemble.json: the members' k-fold vote on the holdout persons
 
 
-def write_holdout_probs(path: Path, holdout: Holdout, probs: np.ndarray, member_ids: list[str]) -> None:
-    """The submission's vote on the holdout persons' images, with the labels the search trained on and the
-    members that voted, atomically. No model trained on these persons, so ``foldtune label-issues`` can
-    judge their labels with these probabilities as it judges the others with their out-of-fold ones."""
+def write_holdout_probs(
+    path: Path,
+    holdout: Holdout,
+    probs: np.ndarray,
+    member_ids: list[str],
+    own_tta: bool,
+    all_folds: bool,
+) -> None:
+    """The members' k-fold vote (no refit models) on the holdout persons' images, with the labels the search
+    trained on, the members and whether each used its own TTA and all k fold models, atomically. No model
+    trained on these persons, so ``foldtune label-issues`` can judge their labels with these probabilities
+    as it judges the others with the same members' out-of-fold ones (``inspect.oof.with_holdout``)."""
     atomic_savez(
         path,
         rel_path=np.asarray(holdout.rel_path, dtype=str),
         label=np.asarray(holdout.label, dtype=np.int64),
         probs=np.asarray(probs, dtype=np.float32),
         members=np.asarray(member_ids, dtype=str),
+        own_tta=np.asarray(own_tta),
+        all_folds=np.asarray(all_folds),
     )

@@ -162,14 +162,7 @@ def run_ensemble(
     report = build_report(result, search, search_dir, settings, confusion, candidates_oof_f1)
 
     # everything is computed: write the side files, then the submission last
-    _write_outputs(result, report, predicted, confusion, pool.class_names)
-    if len(holdout):  # label-issues judges the holdout persons by these (nothing trained on them)
-        write_holdout_probs(
-            out.parent / HOLDOUT_PROBS,
-            holdout,
-            soft_vote(np.array([m.weight for m in result.members]), predicted.holdout),
-            [m.trial_id for m in result.members],
-        )
+    _write_outputs(result, report, predicted, confusion, pool.class_names, holdout)
 
     # after the submission: the model folder `foldtune predict` reads, then the MLflow run and model
     bundle = _write_bundle(result, pool, search, log, refit)
@@ -418,9 +411,20 @@ def _write_outputs(
     predicted: _Predicted,
     confusion: np.ndarray,
     names: list[str],
+    holdout: Holdout,
 ) -> None:
-    """ensemble.json, the probabilities and the confusion plot, then the submission, each atomically."""
+    """The holdout vote, ensemble.json, the probabilities and the confusion plot, then the submission, each
+    atomically."""
     result.submission.parent.mkdir(parents=True, exist_ok=True)
+    if len(holdout):  # label-issues judges the holdout persons by the k-fold vote (no model trained on them)
+        write_holdout_probs(
+            result.report_path.parent / HOLDOUT_PROBS,
+            holdout,
+            soft_vote(np.array([m.weight for m in result.members]), predicted.holdout_kfold),
+            [m.trial_id for m in result.members],
+            own_tta=result.tta is None,
+            all_folds=result.folds is None,
+        )
     write_text_atomic(json.dumps(report, indent=2, default=float), result.report_path)
     write_probs(
         result.probs_path,

@@ -14,6 +14,7 @@ fixes the search itself was started with, so "given" means what the models were 
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,10 +169,13 @@ def with_holdout(oof: SearchOOF) -> tuple[SearchOOF, int]:
             members = saved["members"].astype(str).tolist()
             rel_path, label = saved["rel_path"].astype(str), saved["label"].astype(np.int64)
             probs = saved["probs"].astype(np.float64)
-    except (OSError, ValueError, KeyError):  # missing (no ensemble yet) or unreadable: judge without them
+            like_oof = bool(saved["own_tta"]) and bool(saved["all_folds"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, or unreadable
         return oof, holdout.persons
     if members != [m.trial_id for m in oof.members] or not np.array_equal(rel_path, holdout.rel_path):
         return oof, holdout.persons  # another ensemble's vote, or another holdout
+    if not like_oof:  # --tta or --folds: other models than the OOF rows' judges
+        return oof, holdout.persons
     probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
     joined = SearchOOF(
         oof.search,

@@ -68,7 +68,8 @@ def summary_lines(result: LabelIssuesResult, persons: int, images: int) -> list[
     if result.unjudged_holdout:
         lines.append(
             f"{result.unjudged_holdout} holdout persons were not judged (they have no out-of-fold "
-            "probabilities): run `foldtune ensemble` first, whose vote on them label-issues then uses"
+            "probabilities): run `foldtune ensemble` (without --tta/--folds) first, whose vote on them "
+            "label-issues then uses (not with --trial)"
         )
     if result.no_overlay_form:
         lines.append(

@@ -2,19 +2,26 @@
 
 The budget is the search's, not one driver's: ``budget.json`` in the search folder keeps the total and the
 seconds already used, so a ``--resume`` of a spent budget is refused, and one with a new (larger)
-``--time-budget`` total runs for what is left (Tune does not restart the trials the budget stopped: it
-restores them as ended; a known limit). The deadline is enforced by ``BudgetStopper``, a Tune stopper every
-search carries (with no deadline when there is no budget), so a search started without a budget can be given
-one on resume: its restored stopper reads the deadline from ``budget.json`` again. When the deadline passes,
-Tune stops every trial at once, without calling the completion callbacks (like its own ``time_budget_s``):
-the driver then settles those trials itself (``summary``): each keeps the best fold models and out-of-fold
-predictions it had reached, is marked ``cut``, and is a candidate for the ensemble.
+``--time-budget`` total runs for what is left. The deadline is enforced by ``BudgetStopper``, a Tune stopper
+every search carries (with no deadline when there is no budget), so a search started without a budget can be
+given one on resume: its restored stopper reads the deadline from ``budget.json`` again.
+
+At the deadline the stopper ends the experiment the way Ctrl+C does (Tune's graceful interrupt, SIGUSR1,
+which Tune handles like SIGINT): the running trials stop and stay *unfinished* in Tune's saved state, so a
+``--resume`` with a larger budget continues them from their resume state. (Ending it with ``stop_all``
+instead would mark them finished and Tune would never restart them; that is only the fallback when Tune
+could not install its handler, i.e. a driver outside the main thread.) Either way Tune calls no completion
+callback for them: the driver settles them itself (``summary``): each keeps the best fold models and
+out-of-fold predictions it had reached, is marked ``cut``, and is a candidate for the ensemble once every
+fold has had an epoch.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,7 @@ from orchestrator.errors import OrchestratorError
 from trainers.io import write_text_atomic
 
 BUDGET_FILE = "budget.json"
+INTERRUPT_GRACE_S = 30.0  # Tune ends within a step of being interrupted; after this, stop the trials
 
 
 @dataclass
@@ -115,9 +123,10 @@ class BudgetStopper(Stopper):
     def __init__(self, budget_path: Path):
         self.budget_path = str(budget_path)
         self._deadline: float | None = None
+        self._interrupted: float | None = None  # when Tune was asked to stop (asked once)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_deadline": None}
+        return {**self.__dict__, "_deadline": None, "_interrupted": None}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False
@@ -128,7 +137,24 @@ class BudgetStopper(Stopper):
             self._deadline = math.inf if deadline is None else float(deadline)
         if time.time() < self._deadline:
             return False
+        asked = getattr(self, "_interrupted", None)  # (absent from stoppers pickled by older versions)
+        if asked:  # Tune ends after this step; if it still runs, the handler was not Tune's: stop it here
+            return time.time() - asked > INTERRUPT_GRACE_S
         record = _read(Path(self.budget_path))
         if not record.get("stopped"):  # the driver reads this to tell a budget's end from Ctrl+C
             write_text_atomic(json.dumps({**record, "stopped": True}, indent=2), Path(self.budget_path))
-        return True
+        self._interrupted = time.time() if interrupt_tune() else None
+        return self._interrupted is None
+
+
+def interrupt_tune() -> bool:
+    """Ask Tune for its graceful stop (as Ctrl+C does) by raising the SIGUSR1 it handles; False when Tune
+    has no handler for it here (a driver outside the main thread), so the caller stops the trials instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    handler = signal.getsignal(signal.SIGUSR1)
+    if not callable(handler):  # the default action would kill the driver
+        return False
+    signal.raise_signal(signal.SIGUSR1)
+    return True

@@ -295,7 +295,14 @@ class _TunerRestoreAdvice(logging.Filter):
     how to continue (``--resume``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "has been interrupted, but the most recent state was saved" not in str(record.msg)
+        message = str(record.msg)
+        return not any(line in message for line in self.LINES)
+
+    LINES = (
+        "has been interrupted, but the most recent state was saved",
+        "Stop signal received",  # also the time budget's stop, which the summary reports itself
+        "Trials did not complete",
+    )
 
 
 @contextlib.contextmanager

@@ -185,7 +185,11 @@ def study_storage(search_dir: Path, attempts: int = 3):
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(optuna_storage_url(search_dir))
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+        except (
+            sqlalchemy.exc.IntegrityError,
+            sqlalchemy.exc.OperationalError,
+            optuna.exceptions.StorageInternalError,  # Optuna's wrapping of the same, e.g. a locked file
+        ):
             if attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))  # the other creator commits within milliseconds

@@ -56,6 +56,8 @@ class SearchSummary:
     finished: bool = True  # False when the search was interrupted and can be resumed
     trials_planned: int = 0  # the space's number of trials (0: as many as the leaderboard has)
     budget_spent: bool = False  # the time budget ended the search
+    cut_candidates: tuple[str, ...] = ()  # cut trials whose best fold models were kept (ensemble candidates)
+    cut_pruned: tuple[str, ...] = ()  # cut trials outside keep_top (their OOF kept as a record only)
 
     def problem(self) -> str | None:
         """None when the search finished with a usable trial; else the one line that says why not (the
@@ -90,7 +92,8 @@ class SearchSummary:
         lines = [f"search '{self.name}' {how}: {len(self.leaderboard)} trials in {self.search_dir}", table]
         states = self.leaderboard.get("state")
         if states is not None and (states == "cut").any():
-            lines.append(cut_line(self.leaderboard[states == "cut"]))
+            cut = self.leaderboard.loc[states == "cut", "trial_id"].astype(str).tolist()
+            lines.append(cut_line(cut, self.cut_candidates, self.cut_pruned))
         if self.best_trial_id is not None:
             best = self.leaderboard.iloc[0]
             lines.append(f"best trial {self.best_trial_id}: mean val macro F1 {best['best_f1']:.4f}")
@@ -114,6 +117,13 @@ def summarize(
     rows = trial_rows(results, space, search_dir, EarlyStops(search_dir / ASHA_STATE), budget_spent)
     finished = budget_spent or (all(r["state"] != "unfinished" for r in rows) and len(rows) >= space.trials)
     kept = _prune_checkpoints(rows, space.keep_top, tracking, parent_run_id) if finished else None
+    cut = [r for r in rows if r["state"] == "cut"]
+    cut_candidates = tuple(r["trial_id"] for r in cut if kept is not None and r["trial_id"] in kept)
+    cut_pruned = tuple(  # a pruned trial's OOF is saved to oof.npz before its checkpoints go
+        r["trial_id"]
+        for r in cut
+        if r["trial_id"] not in cut_candidates and (Path(r["run_dir"]) / "oof.npz").is_file()
+    )
     leaderboard = pd.DataFrame([{k: v for k, v in r.items() if k != "config"} for r in rows])
     if leaderboard.empty:
         leaderboard = pd.DataFrame(
@@ -135,6 +145,8 @@ def summarize(
         finished=finished,
         trials_planned=space.trials,
         budget_spent=budget_spent,
+        cut_candidates=cut_candidates,
+        cut_pruned=cut_pruned,
     )
     write_csv_atomic(leaderboard, search_dir / "leaderboard.csv")
     payload = {
@@ -221,22 +233,19 @@ def trial_rows(
     return rows
 
 
-def cut_line(cut: pd.DataFrame) -> str:
-    """Which trials the time budget cut, and which of them the ensemble can use: a trial is a candidate
-    once every fold has a best checkpoint (its OOF probabilities), which a trial cut in its first fold
-    does not have."""
-    from orchestrator.ensemble.candidates import selection_f1
-
-    usable = [selection_f1(Path(run_dir)) is not None for run_dir in cut["run_dir"]]
-    ids = cut["trial_id"].astype(str).tolist()
-    parts = []
-    candidates = [t for t, ok in zip(ids, usable, strict=True) if ok]
-    early = [t for t, ok in zip(ids, usable, strict=True) if not ok]
-    if candidates:
-        parts.append(f"{', '.join(candidates)} (best fold models and OOF kept: ensemble candidates)")
-    if early:
-        parts.append(f"{', '.join(early)} (cut before every fold had an epoch: not candidates)")
-    return "cut by the time budget: " + "; ".join(parts)
+def cut_line(cut: list[str], candidates: Collection[str], pruned: Collection[str]) -> str:
+    """Which trials the time budget cut, and which of them the ensemble can use: those whose best fold
+    models were kept (every fold had an epoch, and the trial is within ``keep_top``); a pruned one keeps
+    only its OOF record; one cut before every fold had an epoch has nothing to vote with."""
+    groups = (
+        ([t for t in cut if t in candidates], "best fold models and OOF kept: ensemble candidates"),
+        ([t for t in cut if t in pruned], "outside keep_top: checkpoints deleted, OOF kept as a record"),
+        (
+            [t for t in cut if t not in candidates and t not in pruned],
+            "cut before every fold had an epoch: not candidates",
+        ),
+    )
+    return "cut by the time budget: " + "; ".join(f"{', '.join(ids)} ({why})" for ids, why in groups if ids)
 
 
 def _short_error(error: BaseException) -> str:
