@@ -357,7 +357,7 @@ def test_the_time_budget_cuts_running_trials_and_starts_no_more(tmp_path, demo_r
             tracking_uri=tracking_uri,
             progress=False,
             trial_fn=endless_trial(record),
-            time_budget_minutes=0.75,  # room for a trial process to start on a loaded machine
+            time_budget_minutes=1.0,  # room for a trial process to start on a loaded machine
         )
 
     thread = threading.Thread(target=target, daemon=True)
@@ -400,14 +400,14 @@ def test_a_resume_with_a_larger_budget_continues_the_cut_trial(tmp_path, demo_ro
     watchdog.start()
     try:
         first = run_search(
-            demo_root, space, trial_fn=endless_trial(record), time_budget_minutes=0.75, **search
+            demo_root, space, trial_fn=endless_trial(record), time_budget_minutes=1.0, **search
         )
         assert first.budget_spent and not fired, "the time budget did not end the search"
         (cut,) = first.leaderboard.loc[first.leaderboard["state"] == "cut", "trial_id"]
         assert [p.stem for p in record.glob("*.started")] == [cut]
         assert "(cut before every fold had an epoch: not candidates)" in first.report()
-        second = run_search(  # 2.5 minutes in all: more than a minute left to restart the trial
-            demo_root, space, resume=True, trial_fn=endless_trial(record), time_budget_minutes=2.5, **search
+        second = run_search(  # 3 minutes in all: more than a minute left to restart the trial
+            demo_root, space, resume=True, trial_fn=endless_trial(record), time_budget_minutes=3.0, **search
         )
     finally:
         watchdog.cancel()
