@@ -382,6 +382,7 @@ def test_the_time_budget_cuts_running_trials_and_starts_no_more(tmp_path, demo_r
         run_search(demo_root, space, storage=tmp_path / "runs", resume=True, progress=False)
 
 
+@pytest.mark.slow  # two time budgets, 4 minutes: `make test-slow`
 def test_a_resume_with_a_larger_budget_continues_the_cut_trial(tmp_path, demo_root, tracking_uri, local_ray):
     """In the main thread (as `foldtune search` runs) the budget stops Tune as Ctrl+C does, so the trial it
     cut stays unfinished in Tune's state: a --resume with a larger budget restarts that same trial (its
