@@ -166,6 +166,34 @@ def test_a_cut_trial_is_a_candidate_with_the_oof_of_its_best_epoch(search_with_h
     assert selection_f1(cut.run_dir) == pytest.approx(macro_f1(cut.label, cut.probs))
 
 
+def test_a_partial_member_that_adds_nothing_once_predicted_with_tta_is_dropped():
+    """Greedy picked a partial trial on its no-TTA OOF; predicted again with TTA it no longer helps: the
+    selection repeated on the exact OOF drops it, and the best single member stays first with all votes."""
+    from orchestrator.ensemble.members import Predicted, select_again
+    from orchestrator.ensemble.result import EnsembleMember
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, NUM_CLASSES, 300)
+    good = np.eye(NUM_CLASSES)[np.where(rng.random(300) < 0.8, labels, (labels + 1) % NUM_CLASSES)]
+    noise = rng.random((300, NUM_CLASSES))  # the partial trial's OOF with TTA: no signal at all
+
+    def member(trial_id: str, oof: np.ndarray, recomputed: bool) -> EnsembleMember:
+        f1 = macro_f1(labels, oof)
+        return EnsembleMember(trial_id, Path(trial_id), "b", 1, 0.5, ("hflip",), f1, f1, recomputed)
+
+    def predicted(oofs: list[np.ndarray]) -> Predicted:
+        members = [member("partial", oofs[0], True), member("finished", oofs[1], False)]
+        evals = [np.full((4, NUM_CLASSES), i) for i in range(2)]
+        return Predicted(members, evals, oofs, oofs, evals, evals)
+
+    again = select_again(predicted([noise, good]), labels, 25, log=lambda line: None)
+    assert [m.trial_id for m in again.members] == ["finished"] and again.members[0].weight == 1.0
+    assert len(again.eval) == len(again.oof) == len(again.holdout) == 1 and (again.eval[0] == 1).all()
+    helpful = np.eye(NUM_CLASSES)[labels] * 0.6 + good * 0.4  # better alone: it becomes the first member
+    again = select_again(predicted([helpful, good]), labels, 25, log=lambda line: None)
+    assert again.members[0].trial_id == "partial" and sum(m.weight for m in again.members) == 1.0
+
+
 def test_the_summary_says_which_cut_trials_are_candidates():
     from orchestrator.search.summary import cut_line
 

@@ -8,17 +8,24 @@ memory:
 - one fold model is on the device at a time, and images stream in batches from the memory-mapped image
   cache (built once per image size and crop, and shared with training).
 
+``Predicted`` holds the members' probabilities; ``select_again`` repeats greedy selection among them once a
+partial member's OOF was predicted again with its TTA (it was picked on a no-TTA proxy).
+
 torch is imported inside the functions, so importing the ensemble package stays cheap (e.g. for the CLI).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from orchestrator.ensemble.candidates import Candidate
+from orchestrator.ensemble.result import EnsembleMember
+from orchestrator.ensemble.selection import greedy_selection, rank
 from trainers.labels import NUM_CLASSES
 
 
@@ -136,3 +143,40 @@ def predict_models(
         )
         del loaded
     return probs / len(checkpoints)
+
+
+@dataclass
+class Predicted:
+    """The members and their probabilities, in member order."""
+
+    members: list[EnsembleMember]
+    eval: list[np.ndarray]  # (N eval images, 18) each, float64
+    oof: list[np.ndarray]  # OOF on the judged rows with the member's TTA
+    oof_plain: list[np.ndarray]  # OOF on the judged rows without TTA
+    holdout: list[np.ndarray]  # on the holdout persons' images, as submitted (refit models included)
+    holdout_kfold: list[np.ndarray]  # the same with the k fold models only
+    with_refit: bool = False  # some member's refit models are in the vote
+
+
+def select_again(
+    predicted: Predicted, labels: np.ndarray, greedy_steps: int, log: Callable[[str], None]
+) -> Predicted:
+    """Greedy selection once more among the members, now all on OOF made with the TTA they are submitted
+    with: a partial trial was picked on its no-TTA OOF (a proxy), and once predicted again it may no longer
+    add anything. Only drops members or changes their votes; the best single member stays first."""
+    order = rank([m.oof_f1 for m in predicted.members], [m.trial_id for m in predicted.members])
+    counts = greedy_selection([predicted.oof[i] for i in order], labels, max_steps=greedy_steps)
+    kept = [(i, c) for i, c in zip(order, counts, strict=True) if c > 0]
+    dropped = sorted(set(range(len(predicted.members))) - {i for i, _ in kept})
+    if dropped:
+        names = ", ".join(predicted.members[i].trial_id for i in dropped)
+        log(f"selection repeated on the re-predicted OOF (with TTA): dropped {names}")
+    total = sum(c for _, c in kept)
+    pick = {f: [getattr(predicted, f)[i] for i, _ in kept] for f in ("eval", "oof", "oof_plain")}
+    return Predicted(
+        members=[dataclasses.replace(predicted.members[i], count=c, weight=c / total) for i, c in kept],
+        holdout=[predicted.holdout[i] for i, _ in kept],
+        holdout_kfold=[predicted.holdout_kfold[i] for i, _ in kept],
+        with_refit=predicted.with_refit,
+        **pick,
+    )

@@ -44,7 +44,13 @@ from orchestrator.ensemble.estimates import (
     read_holdout,
     write_holdout_probs,
 )
-from orchestrator.ensemble.members import check_member_checkpoints, predict_member, predict_models
+from orchestrator.ensemble.members import (
+    Predicted,
+    check_member_checkpoints,
+    predict_member,
+    predict_models,
+    select_again,
+)
 from orchestrator.ensemble.recording import record_in_mlflow
 from orchestrator.ensemble.result import (
     EnsembleMember,
@@ -147,6 +153,8 @@ def run_ensemble(
         holdout_paths,
         refit,
     )
+    if selection.method == "greedy" and any(m.recomputed for m in predicted.members):
+        predicted = select_again(predicted, pool.labels, greedy_steps, log)
     result, confusion = _combine(pool, selection, predicted, tta, out, eval_table["image_id"].tolist())
     result.estimates = _holdout_estimates(estimates, holdout, predicted, result)
     settings = {
@@ -213,19 +221,6 @@ def _discover(search_dir: Path, folds: Sequence[int] | None) -> _Pool:
     return _Pool(summary, candidates, skipped, names, k, use_folds, rows, candidates[0].label[rows], pruned)
 
 
-@dataclass
-class _Predicted:
-    """The members and their probabilities, in member order."""
-
-    members: list[EnsembleMember]
-    eval: list[np.ndarray]  # (N eval images, 18) each, float64
-    oof: list[np.ndarray]  # OOF on the judged rows with the member's TTA
-    oof_plain: list[np.ndarray]  # OOF on the judged rows without TTA
-    holdout: list[np.ndarray]  # on the holdout persons' images, as submitted (refit models included)
-    holdout_kfold: list[np.ndarray]  # the same with the k fold models only
-    with_refit: bool = False  # some member's refit models are in the vote
-
-
 def _predict_members(
     pool: _Pool,
     selection: Selection,
@@ -238,11 +233,11 @@ def _predict_members(
     log: Callable[[str], None],
     holdout_paths: list[str],
     refit: dict[str, list[Path]],
-) -> _Predicted:
+) -> Predicted:
     """Each member's eval (and holdout) probabilities and, when the stored ones do not match its TTA, its
     OOF again; with ``refit`` models, each counts as one more model in the member's average."""
     k, use_folds, rows, labels = pool.k, pool.folds, pool.rows, pool.labels
-    predicted = _Predicted(members=[], eval=[], oof=[], oof_plain=[], holdout=[], holdout_kfold=[])
+    predicted = Predicted(members=[], eval=[], oof=[], oof_plain=[], holdout=[], holdout_kfold=[])
     images = eval_paths + holdout_paths
     n_eval = len(eval_paths)
     for i in selection.chosen:
@@ -347,7 +342,7 @@ def _refit_models(search_dir: Path, selection: Selection, with_refit: bool) -> d
 
 
 def _holdout_estimates(
-    estimates: Estimates, holdout: Holdout, predicted: _Predicted, result: EnsembleResult
+    estimates: Estimates, holdout: Holdout, predicted: Predicted, result: EnsembleResult
 ) -> Estimates:
     """The in-sample figure, and the submission's vote scored on the holdout persons (when any)."""
     estimates.in_sample_f1 = result.oof_f1
@@ -365,7 +360,7 @@ def _holdout_estimates(
 def _combine(
     pool: _Pool,
     selection: Selection,
-    predicted: _Predicted,
+    predicted: Predicted,
     tta: tuple[str, ...] | None,
     out: Path,
     image_ids: list[str],
@@ -408,7 +403,7 @@ def _combine(
 def _write_outputs(
     result: EnsembleResult,
     report: dict,
-    predicted: _Predicted,
+    predicted: Predicted,
     confusion: np.ndarray,
     names: list[str],
     holdout: Holdout,
