@@ -175,7 +175,7 @@ def study_storage(search_dir: Path, attempts: int = 3):
     """The search's Optuna storage, safe to open while another process creates ``optuna.db``.
 
     Opening a new SQLite study creates its tables and stamps the schema version; two processes doing that
-    at once (the driver starting while ``foldtune status``, a plot or a test reads the study) both find no
+    at once (the driver starting while a script, a notebook or a test reads the study) both find no
     version and both insert one, and the loser dies on ``UNIQUE constraint failed: alembic_version``. The
     winner has by then written a complete schema, so opening again simply finds it.
     """
