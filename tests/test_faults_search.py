@@ -368,7 +368,7 @@ def test_a_resume_after_sigkill_settles_what_was_left(tmp_path, demo_root, track
 
 
 def test_opening_the_study_while_another_process_creates_it(tmp_path, monkeypatch):
-    """The driver opening a new optuna.db while another process (a status call, a plot, a test polling)
+    """The driver opening a new optuna.db while another process (a script, a notebook, a test polling)
     creates it loses the schema-version insert (``UNIQUE constraint failed: alembic_version``): it opens
     again and finds the complete schema instead of ending the search; a persistent error still raises."""
     import sqlalchemy.exc
