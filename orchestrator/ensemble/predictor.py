@@ -39,11 +39,6 @@ OUTPUT_COLUMNS = ("class", "mask", "gender", "age", *PROB_COLUMNS, "error")
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview  # a file path or the encoded file's bytes
 
 
-def _check_views(tta: Sequence[str]) -> tuple[str, ...]:
-    """The ensemble stage's ``--tta`` check, for a bundle's or a caller's views."""
-    return check_tta(tuple(tta))
-
-
 def _decode(image: ImageInput, size: tuple[int, int], crop: tuple[float, ...] | None) -> np.ndarray:
     from trainers.cache import decode_image
 
@@ -145,7 +140,7 @@ class EnsemblePredictor:
                 _Member(
                     trial_id=str(entry["trial_id"]),
                     weight=float(entry["weight"]),
-                    tta=_check_views(entry.get("tta") or ()),
+                    tta=check_tta(tuple(entry.get("tta") or ())),
                     size=size,
                     crop=crop,
                     amp=bool(entry.get("amp", True)),
@@ -182,7 +177,7 @@ class EnsemblePredictor:
         """
         if batch_size < 1:
             raise OrchestratorError(f"--batch-size must be at least 1, got {batch_size}")
-        views = None if tta is None else _check_views(tta)
+        views = None if tta is None else check_tta(tuple(tta))
         total = len(images)
         probs = np.full((total, NUM_CLASSES), np.nan, dtype=np.float64)
         errors = [""] * total

@@ -13,6 +13,7 @@ fixes the search itself was started with, so "given" means what the models were 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from dataclasses import dataclass
@@ -141,8 +142,7 @@ def load_search_oof(search: str, storage: Path | None = None, trial: str | None 
         )
     check_same_split(chosen)
     weights = weights / weights.sum()
-    probs = soft_vote(weights, [c.probs_tta for c in chosen])
-    probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)  # stored as float32
+    probs = _rows_sum_to_one(soft_vote(weights, [c.probs_tta for c in chosen]))
     first = chosen[0]
     return SearchOOF(
         search, search_dir, summary, chosen, weights, first.rel_path, first.label, first.fold, probs, source
@@ -176,20 +176,21 @@ def with_holdout(oof: SearchOOF) -> tuple[SearchOOF, int]:
         return oof, holdout.persons  # another ensemble's vote, or another holdout
     if not like_oof:  # --tta or --folds: other models than the OOF rows' judges
         return oof, holdout.persons
-    probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
-    joined = SearchOOF(
-        oof.search,
-        oof.search_dir,
-        oof.summary,
-        oof.members,
-        oof.weights,
-        np.concatenate([oof.rel_path, rel_path]),
-        np.concatenate([oof.label, label]),
-        np.concatenate([oof.fold, np.full(len(rel_path), HOLDOUT_FOLD, dtype=oof.fold.dtype)]),
-        np.concatenate([oof.probs, probs]),
-        f"{oof.source}, and for the {holdout.persons} holdout persons their vote on them ({HOLDOUT_PROBS})",
+    joined = dataclasses.replace(
+        oof,
+        rel_path=np.concatenate([oof.rel_path, rel_path]),
+        label=np.concatenate([oof.label, label]),
+        fold=np.concatenate([oof.fold, np.full(len(rel_path), HOLDOUT_FOLD, dtype=oof.fold.dtype)]),
+        probs=np.concatenate([oof.probs, _rows_sum_to_one(probs)]),
+        source=f"{oof.source}, and for the {holdout.persons} holdout persons their vote on them "
+        f"({HOLDOUT_PROBS})",
     )
     return joined, 0
+
+
+def _rows_sum_to_one(probs: np.ndarray) -> np.ndarray:
+    """Stored as float32, a vote's rows sum to 1 only roughly; cleanlab wants them exact."""
+    return probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
 
 
 def check_data_root(data_root: Path) -> Path:

@@ -182,18 +182,17 @@ def study_storage(search_dir: Path, attempts: int = 3):
     import optuna
     import sqlalchemy.exc
 
-    for attempt in range(attempts):
+    url = optuna_storage_url(search_dir)
+    for attempt in range(attempts - 1):
         try:
-            return optuna.storages.RDBStorage(optuna_storage_url(search_dir))
+            return optuna.storages.RDBStorage(url)
         except (
             sqlalchemy.exc.IntegrityError,
             sqlalchemy.exc.OperationalError,
             optuna.exceptions.StorageInternalError,  # Optuna's wrapping of the same, e.g. a locked file
         ):
-            if attempt == attempts - 1:
-                raise
             time.sleep(0.2 * (attempt + 1))  # the other creator commits within milliseconds
-    raise AssertionError("unreachable")
+    return optuna.storages.RDBStorage(url)  # the last attempt: its error is the one to see
 
 
 def make_searcher(space: SearchSpace, search_dir: Path) -> ConcurrencyLimiter:

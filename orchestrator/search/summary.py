@@ -118,7 +118,7 @@ def summarize(
     finished = budget_spent or (all(r["state"] != "unfinished" for r in rows) and len(rows) >= space.trials)
     kept = _prune_checkpoints(rows, space.keep_top, tracking, parent_run_id) if finished else None
     cut = [r for r in rows if r["state"] == "cut"]
-    cut_candidates = tuple(r["trial_id"] for r in cut if kept is not None and r["trial_id"] in kept)
+    cut_candidates = tuple(r["trial_id"] for r in cut if r["trial_id"] in (kept or ()))
     cut_pruned = tuple(  # a pruned trial's OOF is saved to oof.npz before its checkpoints go
         r["trial_id"]
         for r in cut
