@@ -7,7 +7,10 @@ person, no folds, no validation, no TTA, for a fixed number of epochs; its submi
 The configuration is the space's fixed settings plus the given searched values (the best trial's, for a
 like-for-like comparison); ``--epochs`` is chosen so the run takes the search's wall time. It trains with
 ``trainers.refit`` (one fold of fit's training on all rows), so nothing about the training step differs
-from the search's. Prints the wall time and the eval macro F1 (with ``eval/answers.csv``).
+from the search's. Prints the wall time and the eval macro F1 (with ``eval/answers.csv``), and writes the
+eval probabilities as ``OUT/eval_probs.npz`` (``image_id``, ``probs``: the format of an ensemble's
+``submission.npz``) for ``benchmarks.judge_ceiling``. ``--reuse`` predicts with the models already in OUT
+(``seed*.pt``, same arguments) instead of training again.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE (YAML) over the fixed settings")
+    parser.add_argument("--reuse", action="store_true", help="predict with OUT/seed*.pt, do not train")
     args = parser.parse_args(argv)
 
+    import numpy as np
     import torch
     import yaml
 
@@ -41,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.space import load_space
     from trainers.cache import default_cache_dir
     from trainers.data import read_eval, read_train
+    from trainers.io import atomic_open
     from trainers.labels import AgeBands
     from trainers.refit import refit
 
@@ -51,15 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     params = {name: param.values[0] for name, param in space.search.items()}
     cfg = space.config_for({**params, **{k: v for k, v in overrides.items() if k in space.search}})
     cfg = type(cfg).from_dict({**cfg.to_dict(), **overrides, "epochs": args.epochs})
-    table = read_train(args.data, AgeBands(tuple(cfg.age_edges))).table.assign(fold=0)
     cache_dir = default_cache_dir()
-    result = refit(cfg, table, args.out, cache_dir, epochs=args.epochs, log=print)
+    if args.reuse:
+        model_paths = sorted(args.out.glob("seed*.pt"))
+        if not model_paths:
+            parser.error(f"--reuse: no seed*.pt in {args.out}; train first (run without --reuse)")
+        trained = json.loads((args.out / "single_model.json").read_text())  # the training run's record
+        rows_trained = trained["rows_trained"]
+    else:
+        table = read_train(args.data, AgeBands(tuple(cfg.age_edges))).table.assign(fold=0)
+        result = refit(cfg, table, args.out, cache_dir, epochs=args.epochs, log=print)
+        model_paths, rows_trained = [m.path for m in result.models], result.rows_trained
     trained_s = time.perf_counter() - started
 
     eval_table = read_eval(args.data)
     device = torch.device("cpu")
     probs = predict_models(
-        [m.path for m in result.models],
+        model_paths,
         cfg.to_dict(),
         (),
         eval_table["image_path"].tolist(),
@@ -70,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     submission = args.out / "submission.csv"
     write_submission(submission, eval_table["image_id"].tolist(), probs.argmax(axis=1))
+    with atomic_open(args.out / "eval_probs.npz", "wb") as handle:
+        np.savez(handle, image_id=eval_table["image_id"].to_numpy(dtype=str), probs=probs.astype(np.float32))
     total_s = time.perf_counter() - started
     report = {
         "config": cfg.to_dict(),
         "epochs": args.epochs,
-        "rows_trained": result.rows_trained,
-        "train_seconds": round(trained_s, 1),
-        "total_seconds": round(total_s, 1),
+        "rows_trained": rows_trained,
+        "train_seconds": trained["train_seconds"] if args.reuse else round(trained_s, 1),
+        "total_seconds": trained["total_seconds"] if args.reuse else round(total_s, 1),
         "submission": str(submission),
     }
     answers = args.data / "eval" / "answers.csv"
