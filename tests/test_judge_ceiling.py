@@ -58,7 +58,9 @@ def write_judge(path: Path, truth: pd.DataFrame, wrong_gender: set[str]) -> Path
     labels = encode(truth["mask"].to_numpy(), gender, truth["band"].to_numpy())
     probs = softmax(8.0 * np.eye(18)[labels])
     order = np.random.default_rng(1).permutation(len(truth))  # the npz need not be in answers order
-    np.savez(path, image_id=truth["ImageID"].to_numpy(dtype=str)[order], probs=probs[order].astype(np.float32))
+    np.savez(
+        path, image_id=truth["ImageID"].to_numpy(dtype=str)[order], probs=probs[order].astype(np.float32)
+    )
     return path
 
 

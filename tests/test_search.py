@@ -601,7 +601,9 @@ def test_asha_stops_reach_optuna_mlflow_and_the_summary_through_a_real_search(
 ):
     """Real Tune + ASHA with a stand-in trial: the weak trial is stopped after epoch 1 of 4. Optuna has it
     PRUNED (the strong one COMPLETE), MLflow KILLED (FINISHED), the summary stopped_early (completed), and
-    the search counts as finished; all from the scheduler's record in asha_state.json."""
+    the search counts as finished; all from the scheduler's record in asha_state.json. Tune's own Ctrl+C
+    handlers are gone afterwards: the caller's are back."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGUSR1)}
     summary = run_search(
         demo_root,
         standin_space(tmp_path / "tiny.yaml"),
@@ -628,6 +630,7 @@ def test_asha_stops_reach_optuna_mlflow_and_the_summary_through_a_real_search(
     assert parent.info.status == "FINISHED" and parent.data.tags["foldtune.finished"] == "true"
     saved = json.loads((search_dir / "summary.json").read_text())["trials"]
     assert {t["trial_id"]: t["status"] for t in saved} == {strong: "completed", weak: "stopped_early"}
+    assert {number: signal.getsignal(number) for number in handlers} == handlers
 
 
 DRIVER = """

@@ -174,7 +174,7 @@ def _tune(
                 tuner = _restored_tuner(trainable, search_dir, space, retry_failed)
             else:
                 tuner = _new_tuner(trainable, space, search_dir, tracking, parent_run_id, progress)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _callers_interrupt_handlers_back():
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 results = tuner.fit()
         budget.record()
@@ -216,6 +216,23 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _callers_interrupt_handlers_back() -> Iterator[None]:
+    """Tune installs its own SIGINT and SIGUSR1 handlers for ``tuner.fit`` and leaves them installed after
+    it returns (Ray 2.60): put the caller's back, so that after the search Ctrl+C is the caller's again
+    (not a flag nobody reads) and the time budget's stopper finds no Tune to ask outside a fit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            if handler is not None:  # None: set outside Python, cannot be restored from here
+                signal.signal(number, handler)
 
 
 # --- Ray ---------------------------------------------------------------------------------------------------
