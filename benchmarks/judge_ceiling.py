@@ -42,13 +42,24 @@ BANDS = AgeBands()
 def eval_table(data: Path, people: Path) -> pd.DataFrame:
     """One row per eval image (``answers.csv`` order): the columns find_issues reads, true labels."""
     answers = pd.read_csv(data / "eval" / "answers.csv", dtype={"ImageID": str})
+    if answers.empty or list(answers.columns) != ["ImageID", "ans"]:
+        raise BenchError(
+            f"{data / 'eval' / 'answers.csv'} is not ImageID,ans rows; pass an AAF-Mask data root"
+        )
     owner = {}
     with open(people, newline="") as handle:
-        for row in csv.DictReader(handle):
-            person_id = f"{int(row['serial']):06d}"
+        for line, row in enumerate(csv.DictReader(handle), start=2):
+            try:
+                person_id = f"{int(row['serial']):06d}"
+                person = (int(row["age"]), GENDER_CODES[row["gender"]])
+            except (KeyError, TypeError, ValueError):
+                raise BenchError(
+                    f"{people} line {line}: needs serial, age and gender (male/female)"
+                    "; pass aaf-base/people.csv"
+                ) from None
             for stem in STEM_ORDER:
                 image_id = hashlib.sha1(f"{person_id}/{stem}".encode()).hexdigest() + ".jpg"
-                owner[image_id] = (person_id, stem, int(row["age"]), GENDER_CODES[row["gender"]])
+                owner[image_id] = (person_id, stem, *person)
     unknown = sorted(set(answers["ImageID"]) - set(owner))
     if unknown:
         raise BenchError(
@@ -61,9 +72,12 @@ def eval_table(data: Path, people: Path) -> pd.DataFrame:
     )
     table["gender"] = np.asarray(gender_label, dtype=np.int64)
     table["age_band"] = np.asarray(band, dtype=np.int64)
-    if not (table["gender"].to_numpy() == np.asarray(gender)).all():
+    agrees = (table["gender"].to_numpy() == np.asarray(gender)) & (
+        table["age_band"].to_numpy() == np.array([BANDS.band(a) for a in age])
+    )
+    if not agrees.all():
         raise BenchError(
-            "answers.csv and --people disagree on a gender; the data was built from another base"
+            "answers.csv and --people disagree on a gender or age band; built from another base?"
         )
     return table
 
@@ -75,6 +89,8 @@ def read_probs(path: Path, image_ids: pd.Series) -> np.ndarray:
             ids, probs = stored["image_id"].astype(str), stored["probs"].astype(np.float64)
     except (OSError, KeyError, ValueError) as error:
         raise BenchError(f"{path} cannot be read as image_id + probs ({error})") from None
+    if probs.ndim != 2 or probs.shape != (len(ids), 18) or len(set(ids)) != len(ids):
+        raise BenchError(f"{path}: needs one row of 18 probabilities per image id, each id once")
     where = pd.Series(np.arange(len(ids)), index=ids)
     missing = set(image_ids) - set(ids)
     if missing:
@@ -128,7 +144,8 @@ def inject(
 
 
 def measure(table: pd.DataFrame, probs: np.ndarray, seeds: int) -> pd.DataFrame:
-    """label_noise.score per kind, mean and standard deviation over ``seeds`` injections."""
+    """label_noise.score per kind, mean and standard deviation over ``seeds`` injections (a seed whose cut
+    flags nothing of a kind has no precision for it and is left out of that mean)."""
     scores = []
     for seed in range(seeds):
         noisy, noisy_probs, injected = inject(table, probs, seed)

@@ -10,7 +10,7 @@ like-for-like comparison); ``--epochs`` is chosen so the run takes the search's 
 from the search's. Prints the wall time and the eval macro F1 (with ``eval/answers.csv``), and writes the
 eval probabilities as ``OUT/eval_probs.npz`` (``image_id``, ``probs``: the format of an ensemble's
 ``submission.npz``) for ``benchmarks.judge_ceiling``. ``--reuse`` predicts with the models already in OUT
-(``seed*.pt``, same arguments) instead of training again.
+(``seed*.pt``, with the configuration recorded in ``single_model.json``) instead of training again.
 """
 
 from __future__ import annotations
@@ -58,12 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = space.config_for({**params, **{k: v for k, v in overrides.items() if k in space.search}})
     cfg = type(cfg).from_dict({**cfg.to_dict(), **overrides, "epochs": args.epochs})
     cache_dir = default_cache_dir()
-    if args.reuse:
+    if args.reuse:  # the training run's record decides the configuration, not this command line
         model_paths = sorted(args.out.glob("seed*.pt"))
-        if not model_paths:
-            parser.error(f"--reuse: no seed*.pt in {args.out}; train first (run without --reuse)")
-        trained = json.loads((args.out / "single_model.json").read_text())  # the training run's record
-        rows_trained = trained["rows_trained"]
+        record = args.out / "single_model.json"
+        if not model_paths or not record.is_file():
+            parser.error(
+                f"--reuse: no seed*.pt and single_model.json in {args.out}; train first (no --reuse)"
+            )
+        trained = json.loads(record.read_text())
+        cfg, rows_trained = type(cfg).from_dict(trained["config"]), trained["rows_trained"]
     else:
         table = read_train(args.data, AgeBands(tuple(cfg.age_edges))).table.assign(fold=0)
         result = refit(cfg, table, args.out, cache_dir, epochs=args.epochs, log=print)
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - started
     report = {
         "config": cfg.to_dict(),
-        "epochs": args.epochs,
+        "epochs": cfg.epochs,
         "rows_trained": rows_trained,
         "train_seconds": trained["train_seconds"] if args.reuse else round(trained_s, 1),
         "total_seconds": trained["total_seconds"] if args.reuse else round(total_s, 1),

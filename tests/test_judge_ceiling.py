@@ -115,9 +115,18 @@ def test_an_eval_set_from_another_base_is_one_error(world, tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_probabilities_missing_eval_images_are_refused(world, tmp_path):
+def test_probabilities_missing_eval_images_are_one_error(world, tmp_path, capsys):
     root, people_csv, truth = world
-    table = judge_ceiling.eval_table(root, people_csv)
     path = write_judge(tmp_path / "j.npz", truth.iloc[:-7], set())
-    with pytest.raises(BenchError, match="lacks 7 eval image"):
-        judge_ceiling.read_probs(path, table["rel_path"])
+    code = judge_ceiling.main(["--data", str(root), "--people", str(people_csv), "--probs", f"j={path}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lacks 7 eval image" in err
+
+
+def test_a_people_table_without_genders_is_one_error(world, tmp_path):
+    root, _, _ = world
+    broken = tmp_path / "people.csv"
+    broken.write_text("file,serial,age\nx.jpg,1,30\n")
+    with pytest.raises(BenchError, match="line 2: needs serial, age and gender"):
+        judge_ceiling.eval_table(root, broken)
