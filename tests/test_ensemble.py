@@ -385,6 +385,22 @@ def test_missing_search_and_no_usable_trial_are_clear_errors(world):
         ensemble(world, world["base"] / "x.csv", search="unusable")
 
 
+def test_a_trial_that_never_finished_an_epoch_is_not_called_pruned(world):
+    """No checkpoints and no OOF record: it ended before an epoch (a budget cut, a crash), not keep_top."""
+    from orchestrator.ensemble.candidates import NO_EPOCH, PRUNED, discover
+
+    storage = world["storage"]
+    trials = storage / SEARCH / "trials"
+    for name in ("trial_x_pruned", "trial_y_no_epoch"):
+        copy_trial(trials / "trial_b", storage, "reasons", name)
+        shutil.rmtree(storage / "reasons" / "trials" / name / "checkpoints")
+    (storage / "reasons" / "trials" / "trial_y_no_epoch" / "oof.npz").unlink()
+    copy_trial(trials / "trial_b", storage, "reasons", "trial_b")
+    candidates, skipped = discover(storage / "reasons", failed={})
+    assert [c.trial_id for c in candidates] == ["trial_b"]
+    assert skipped == {"trial_x_pruned": PRUNED, "trial_y_no_epoch": NO_EPOCH}
+
+
 def test_mlflow_run_is_nested_under_the_search_with_metrics_and_submission(world, greedy):
     from mlflow import MlflowClient
 

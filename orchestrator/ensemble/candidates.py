@@ -28,6 +28,7 @@ from trainers.labels import AgeBands, class_names
 FAILED_STATUSES = frozenset({"diverged", "failed", "error", "errored"})
 OOF_ARRAYS = ("rel_path", "label", "fold", "probs", "probs_tta")
 PRUNED = "no checkpoints (pruned: outside the search's top K)"
+NO_EPOCH = "no checkpoints and no out-of-fold predictions: it ended before every fold finished an epoch"
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _read_trial(run_dir: Path, stopped: dict[str, str], with_pruned: bool = Fals
     oof_path = run_dir / "oof.npz"
     pruned = len(missing) == k
     if pruned and not (with_pruned and oof_path.is_file()):
-        return PRUNED
+        return PRUNED if oof_path.is_file() else NO_EPOCH  # keep_top leaves a pruned trial's OOF record
     if missing and not pruned:
         if status in ("unfinished", "stopped_early"):
             why = f"stopped before every fold finished an epoch ({', '.join(missing)} missing)"
