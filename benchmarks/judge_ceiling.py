@@ -73,7 +73,7 @@ def eval_table(data: Path, people: Path) -> pd.DataFrame:
     table["gender"] = np.asarray(gender_label, dtype=np.int64)
     table["age_band"] = np.asarray(band, dtype=np.int64)
     agrees = (table["gender"].to_numpy() == np.asarray(gender)) & (
-        table["age_band"].to_numpy() == np.array([BANDS.band(a) for a in age])
+        table["age_band"].to_numpy() == BANDS.band(np.asarray(age))
     )
     if not agrees.all():
         raise BenchError(
