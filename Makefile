@@ -8,7 +8,8 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
 DATA    ?= demo/data           # data root (train/ and eval/)
-SPACE   ?= search_spaces/cpu.yaml
+SPACE   ?= auto                # search space: auto = search_spaces/default.yaml with GPUs, else cpu.yaml
+TORCH   ?=                     # .venv: cu126|cu128|cu130|cpu = that torch build (PyTorch's index); empty: PyPI's
 TRIALS  ?=                     # number of trials (default: the space's)
 NAME    ?=                     # search name (default: the space's name)
 STORAGE ?= runs                # search results folder (shared storage on a cluster)
@@ -33,19 +34,30 @@ BENCH_DATA ?=                  # benchmark data root (default: realistic AAF dat
 
 opt = $(if $(strip $(2)),$(1) $(strip $(2)),)
 
-.PHONY: all demo demo-data search ensemble refit label-issues explain predict ui test test-slow bench \
-	bench-gpu lint format clean
+.PHONY: .venv all demo demo-data search ensemble refit label-issues explain predict ui doctor test test-slow \
+	bench bench-gpu lint format clean
 
-search_name = $(or $(strip $(NAME)),$(shell $(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(strip $(SPACE))'))['name'])"))
+# the space file: SPACE, or for auto the one `foldtune search --space auto` picks on this machine
+space_file = $(if $(filter auto,$(strip $(SPACE))),$(shell $(FT) doctor --which-space),$(strip $(SPACE)))
+search_name = $(or $(strip $(NAME)),$(shell $(BIN)/python -c "import yaml,sys; print(yaml.safe_load(open('$(space_file)'))['name'])"))
+# TORCH=cu126|cu128|cu130|cpu: torch and torchvision from PyTorch's wheel index for that build (at the
+# versions constraints.txt pins), before everything else; torch brings its own CUDA runtime packages
+torch_index = https://download.pytorch.org/whl/$(strip $(TORCH))
 
 all: test
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
+	$(if $(strip $(TORCH)),$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt \
+		--index-url $(torch_index) torch torchvision)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,weights]'
+	echo '$(or $(strip $(TORCH)),default)' > $(VENV)/.torch
 	touch $@
 
 .venv: $(VENV)/.installed
+	@if [ -n "$(strip $(TORCH))" ] && [ "$$(cat $(VENV)/.torch 2>/dev/null)" != "$(strip $(TORCH))" ]; then \
+		echo "error: .venv holds the torch build '$$(cat $(VENV)/.torch 2>/dev/null || echo default)', not" \
+			"'$(strip $(TORCH))': run make clean, then make .venv TORCH=$(strip $(TORCH))" >&2; exit 2; fi
 
 demo: .venv
 	$(BIN)/python -m orchestrator.demo --data $(strip $(DATA)) --persons $(strip $(PERSONS)) --storage $(strip $(STORAGE))
@@ -85,6 +97,10 @@ predict: .venv
 
 ui: .venv
 	$(FT) ui --port $(strip $(PORT)) $(call opt,--tracking-uri,$(TRACKING_URI))
+
+doctor: .venv
+	$(FT) doctor --storage $(strip $(STORAGE)) $(if $(filter auto,$(strip $(SPACE))),,--space $(strip $(SPACE))) \
+		$(call opt,--tracking-uri,$(TRACKING_URI))
 
 test: .venv
 	$(BIN)/python -m pytest -q

@@ -15,6 +15,7 @@ from trainers.io import write_text_atomic
 
 COMPUTE, FP32, NCHW = "compute/amp/channels_last", "compute/fp32/nchw", "compute/amp/nchw"
 LOADER_AUG, DEVICE_AUG = "loader+loader-aug/amp/channels_last", "loader+device-aug/amp/channels_last"
+NO_BENCHMARK, COMPILED = f"{COMPUTE}/no-cudnn-benchmark", f"{COMPUTE}/compile"
 
 
 def _rate(results: dict[str, Any], backbone: str, config: str) -> float | None:
@@ -57,6 +58,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "compute_amp_channels_last": compute,
             "amp_channels_last_over_fp32": _ratio(compute, _rate(results, backbone, FP32)),
             "channels_last_over_nchw": _ratio(compute, _rate(results, backbone, NCHW)),
+            "cudnn_benchmark_over_off": _ratio(compute, _rate(results, backbone, NO_BENCHMARK)),
+            "compile_over_eager": _ratio(_rate(results, backbone, COMPILED), compute),
             "loader_aug_over_compute": _ratio(_rate(results, backbone, LOADER_AUG), compute),
             "device_aug_over_compute": _ratio(_rate(results, backbone, DEVICE_AUG), compute),
             "packed_total_over_single": packed_figures(results, backbone)["total_over_single"],
@@ -97,13 +100,26 @@ def markdown(results: dict[str, Any]) -> str:
         "| waiting for input | peak GPU memory | note |",
         "|---|---|---|---|---|---:|---:|---:|---:|---|",
     ]
-    order = [COMPUTE, NCHW, "compute/fp32/channels_last", FP32, DEVICE_AUG, LOADER_AUG]
+    order = [
+        COMPUTE,
+        NCHW,
+        "compute/fp32/channels_last",
+        FP32,
+        NO_BENCHMARK,
+        COMPILED,
+        DEVICE_AUG,
+        LOADER_AUG,
+    ]
     rows = sorted(
         results["configs"],
         key=lambda r: (plan["backbones"].index(r["backbone"]), order.index(r["config"])),
     )
     for r in rows:
         feed = "in memory (compute only)" if r["input"] == "memory" else "FoldLoader"
+        if not r.get("cudnn_benchmark", True):
+            feed += ", cudnn_benchmark off"
+        if r.get("compile"):
+            feed += ", torch.compile"
         augment = {"none": "none", "loader": "loader (albumentations)", "device": "device (DeviceAugment)"}
         peak = r.get("peak_memory_bytes")
         note = r.get("error") or r.get("skipped") or ""
@@ -120,14 +136,15 @@ def markdown(results: dict[str, Any]) -> str:
         "## Per backbone",
         "",
         "| backbone | compute, AMP + channels_last (img/s) | AMP+CL / fp32 | channels_last / NCHW (AMP) "
-        "| loader aug / compute | device aug / compute | 2 packed / 1 | published, scaled (img/s) "
-        "| measured / published |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| cudnn_benchmark on / off | compile / eager | loader aug / compute | device aug / compute "
+        "| 2 packed / 1 | published, scaled (img/s) | measured / published |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for backbone, s in summary.items():
         lines.append(
             f"| {backbone} | {_num(s['compute_amp_channels_last'])} | "
             f"{_x(s['amp_channels_last_over_fp32'])} | {_x(s['channels_last_over_nchw'])} | "
+            f"{_x(s['cudnn_benchmark_over_off'])} | {_x(s['compile_over_eager'])} | "
             f"{_x(s['loader_aug_over_compute'])} | "
             f"{_x(s['device_aug_over_compute'])} | {_x(s['packed_total_over_single'])} | "
             f"{_num(s['published_scaled'])} | {_x(s['compute_over_published'])} |"

@@ -21,6 +21,7 @@ import torch
 try:
     from trainers import cache as image_cache
     from trainers.config import TrainConfig
+    from trainers.device import apply_backend_settings
     from trainers.device_augment import DeviceAugment
     from trainers.fit import input_stats, train_one_epoch
     from trainers.fold_state import build_fold, seed_everything
@@ -38,29 +39,43 @@ TINY_BACKBONES = ("test_efficientnet", "test_convnext", "test_resnet")  # timm's
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration of the step: what feeds it, where augmentation runs, precision, memory format."""
+    """One configuration of the step: what feeds it, where augmentation runs, precision, memory format, and
+    the two GPU speed settings a first run has to measure (``cudnn_benchmark`` on by default, ``compile``
+    off by default)."""
 
     input: str  # "memory" (compute only) or "loader"
     augment_on: str  # "none" (memory), "loader" or "device"
     amp: bool
     channels_last: bool
+    cudnn_benchmark: bool = True
+    compile: bool = False
 
     @property
     def name(self) -> str:
         feed = "compute" if self.input == "memory" else f"loader+{self.augment_on}-aug"
-        return f"{feed}/{'amp' if self.amp else 'fp32'}/{'channels_last' if self.channels_last else 'nchw'}"
+        name = f"{feed}/{'amp' if self.amp else 'fp32'}/{'channels_last' if self.channels_last else 'nchw'}"
+        return (
+            name
+            + ("" if self.cudnn_benchmark else "/no-cudnn-benchmark")
+            + ("/compile" if self.compile else "")
+        )
 
 
 COMPUTE = Variant("memory", "none", True, True)
 LOADER_DEVICE = Variant("loader", "device", True, True)
 LOADER_LOADER = Variant("loader", "loader", True, True)
-# most important first: what the default space trains with, then the precision / memory-format grid
+NO_CUDNN_BENCHMARK = replace(COMPUTE, cudnn_benchmark=False)
+COMPILED = replace(COMPUTE, compile=True)
+# most important first: what the default space trains with, then the precision / memory-format grid, then
+# the speed settings (compile last: its first steps compile for a minute or more)
 FIRST = (COMPUTE, LOADER_DEVICE, LOADER_LOADER)
 THEN = (
     Variant("memory", "none", False, False),
     Variant("memory", "none", False, True),
     replace(COMPUTE, channels_last=False),
+    NO_CUDNN_BENCHMARK,
 )
+LAST = (COMPILED,)
 PACKED = LOADER_DEVICE
 
 
@@ -72,7 +87,7 @@ class Plan:
     backbones: tuple[str, ...]
     image_size: tuple[int, int]
     batch_size: int
-    num_workers: int
+    num_workers: int | str
     threads: int
     augment: dict
     warmup_steps: int
@@ -85,9 +100,13 @@ class Plan:
     cache_images: int
     seed: int = 0
     tiny: bool = False
+    compile_allowance_s: float = 120.0  # the same for a compiled configuration (its warm-up compiles)
 
     def configurations(self) -> list[tuple[str, Variant]]:
-        return [(b, v) for group in (FIRST, THEN) for b in self.backbones for v in group]
+        return [(b, v) for group in (FIRST, THEN, LAST) for b in self.backbones for v in group]
+
+    def allowance_s(self, variant: Variant) -> float:
+        return self.compile_allowance_s if variant.compile else self.setup_allowance_s
 
     def train_config(self, backbone: str, variant: Variant) -> TrainConfig:
         return TrainConfig.from_dict(
@@ -101,6 +120,8 @@ class Plan:
                 "augment_on": "loader" if variant.augment_on in ("none", "loader") else "device",
                 "amp": variant.amp,
                 "channels_last": variant.channels_last,
+                "cudnn_benchmark": variant.cudnn_benchmark,
+                "compile": variant.compile,
                 "device": self.device,
                 "epochs": 1,
                 "seed": self.seed,
@@ -181,6 +202,7 @@ class ConfigRun:
         rows = np.resize(rng.permutation(plan.cache_images), n_rows)
         labels = rng.integers(0, 18, n_rows).astype(np.int64)
         seed_everything(plan.seed)
+        apply_backend_settings(self.cfg.cudnn_benchmark, self.cfg.tf32, self.device)  # as fit does
         self.fold = build_fold(self.cfg, 0, rows, labels, self.device)
         self.channels_last = self.cfg.channels_last and self.device.type == "cuda"  # as fit
         self.mean, self.std = input_stats(None)
@@ -224,7 +246,8 @@ class ConfigRun:
             "steps": batches.count,
             "seconds": elapsed,
             "input_wait_share": batches.wait / elapsed,
-            "train_loss": loss,
+            "train_loss": loss.mean,
+            "skipped_steps": loss.skipped,
             "peak_memory_bytes": peak,
         }
 

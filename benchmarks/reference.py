@@ -53,7 +53,7 @@ class SpaceFigures:
     path: str
     image_size: tuple[int, int]
     batch_size: int
-    num_workers: int
+    num_workers: int | str
     augment: dict[str, float]
     k: int
     backbones: tuple[str, ...]
@@ -95,7 +95,7 @@ def default_space(path: Path = DEFAULT_SPACE) -> SpaceFigures:
         path=str(path),
         image_size=tuple(int(v) for v in fixed["image_size"]),
         batch_size=int(fixed["batch_size"]),
-        num_workers=int(fixed.get("num_workers", 0)),
+        num_workers=fixed.get("num_workers", 0),  # a number, or "auto" (trainers.device.loader_workers)
         augment={k: float(v) for k, v in fixed.get("augment", {}).items()},
         k=int(fixed.get("k", 5)),
         backbones=tuple(str(b) for b in choices("backbone", "resnet10t")),

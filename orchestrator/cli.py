@@ -106,7 +106,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         summary = run_search(
             data_root=Path(args.data),
-            space_path=Path(args.space),
+            space_path=args.space,
             trials=args.trials,
             name=args.name,
             resume=args.resume,
@@ -201,6 +201,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed == len(images.paths) else 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from orchestrator.doctor import run_doctor, which_space
+
+    if args.which_space:
+        print(which_space(args.address))
+        return 0
+    return run_doctor(
+        space=args.space,
+        storage=args.storage,
+        data=args.data,
+        tracking_uri=args.tracking_uri,
+        address=args.address,
+    )
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from orchestrator.tracking import launch_ui
 
@@ -256,7 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="Ray Tune + Optuna search over k-fold trials, logged to MLflow")
     p.add_argument("--data", required=True)
-    p.add_argument("--space", required=True, help="search space YAML (see search_spaces/)")
+    p.add_argument(
+        "--space",
+        required=True,
+        help="search space YAML (see search_spaces/), or auto: default.yaml when the Ray cluster has GPUs, "
+        "else cpu.yaml",
+    )
     p.add_argument("--trials", type=int)
     p.add_argument("--name", help="search name (default: the space's name)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
@@ -350,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store for models:/ URIs (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--progress-every", type=int, default=10, help="print progress every N batches (10)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "doctor", help="check this machine before a search: torch/driver, GPUs, Ray, shm, disk"
+    )
+    p.add_argument("--space", help="the search space to check (default: what --space auto picks)")
+    p.add_argument("--storage", default="runs", help="the search results folder (default ./runs)")
+    p.add_argument("--data", help="a data root: also check the disk holds its decoded-image cache")
+    p.add_argument("--tracking-uri", help="the MLflow store (default: MLFLOW_TRACKING_URI, else mlruns/)")
+    p.add_argument(
+        "--address", default=os.environ.get("RAY_ADDRESS"), help="a Ray cluster to check (or RAY_ADDRESS)"
+    )
+    p.add_argument(
+        "--which-space", action="store_true", help="only print the space file --space auto picks here"
+    )
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("ui", help="start the MLflow UI over the tracking store")
     p.add_argument("--port", type=int, default=5000)

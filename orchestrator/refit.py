@@ -211,8 +211,8 @@ def run_refit(
     """
     import dataclasses
 
+    from trainers.device import pick_device
     from trainers.folds import HOLDOUT_FOLD, read_folds
-    from trainers.predict import pick_device
     from trainers.refit import mean_best_epoch, refit, training_mask
 
     log = log or (lambda message: None)

@@ -94,7 +94,7 @@ class SearchSpace:
     pretrained: Any = False  # a spec for every backbone, "auto", or a dict backbone -> spec
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
-    max_concurrent: int = 1
+    max_concurrent: int | str = 1  # trials at once, or "auto": what the cluster holds (search.capacity)
     asha: Asha | None = None
     sampler_seed: int = 42
     n_startup_trials: int = 10
@@ -253,7 +253,7 @@ def parse_space(raw: Any, source: str = "<mapping>") -> SearchSpace:
         pretrained=pretrained,
         cpus_per_trial=cpus,
         gpus_per_trial=gpus,
-        max_concurrent=_whole(raw.get("max_concurrent", 1), "max_concurrent", fail, low=1),
+        max_concurrent=_concurrency(raw.get("max_concurrent", 1), fail),
         asha=_parse_scheduler(raw.get("scheduler", "none"), fail),
         sampler_seed=_whole(sampler.get("seed", 42), "sampler.seed", fail, low=0),
         n_startup_trials=_whole(sampler.get("n_startup_trials", 10), "sampler.n_startup_trials", fail, low=0),
@@ -463,6 +463,15 @@ def _whole(value: Any, where: str, fail, low: int | None = None) -> int:
     if low is not None and value < low:
         raise fail(where, f"must be >= {low}, got {value}")
     return value
+
+
+def _concurrency(value: Any, fail) -> int | str:
+    """``max_concurrent``: a whole number of trials at once, or ``auto`` (what the cluster can hold)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fail("max_concurrent", f"must be auto or a whole number of trials at once, got {value!r}")
+    return _whole(value, "max_concurrent", fail, low=1)
 
 
 def _holdout(value: Any, fail) -> float:

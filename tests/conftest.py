@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,3 +234,29 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def write_fake_nvidia_smi(
+    folder: Path, driver: str = "550.54.15", gpus: int = 8, name: str = "NVIDIA A100-SXM4-80GB"
+) -> Path:
+    """An ``nvidia-smi`` that answers foldtune's query as a node with ``gpus`` GPUs on ``driver`` would."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "nvidia-smi"
+    rows = "\n".join(f"{name}, {driver}, 81920" for _ in range(gpus))
+    script.write_text(f"#!/bin/sh\ncat <<'ROWS'\n{rows}\nROWS\n")
+    script.chmod(0o755)
+    return folder
+
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path: Path, monkeypatch) -> Callable[..., Path]:
+    """Put a fake ``nvidia-smi`` first on PATH (also for a Ray started after it):
+    ``fake_nvidia_smi(driver=..., gpus=...)``. The machine's torch (a CUDA 13 build without a GPU here) is
+    left as it is."""
+
+    def install(driver: str = "550.54.15", gpus: int = 8) -> Path:
+        folder = write_fake_nvidia_smi(tmp_path / "fake-bin", driver, gpus)
+        monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+        return folder
+
+    return install

@@ -392,10 +392,15 @@ def test_gpu_device_tiny_runs_end_to_end_on_the_cpu(tmp_path, capsys):
     assert results["host"]["amp_dtype"].startswith("none")
     configs = {f"compute/{p}/{m}" for p in ("amp", "fp32") for m in ("channels_last", "nchw")}
     configs |= {f"loader+{place}-aug/amp/channels_last" for place in ("loader", "device")}
+    configs |= {"compute/amp/channels_last/no-cudnn-benchmark", "compute/amp/channels_last/compile"}
     assert {(c["backbone"], c["config"]) for c in results["configs"]} == {
         (b, c) for b in backbones for c in configs
     }
+    compiled = [c for c in results["configs"] if c["config"].endswith("/compile")]
+    assert all(c["skipped"].startswith("compile is measured on CUDA only") for c in compiled)
     for record in results["configs"]:
+        if record in compiled:
+            continue
         assert "error" not in record and "skipped" not in record
         assert record["steps"] == 2 and positive(record["images_per_second"])
         assert record["images_per_second"] == pytest.approx(2 * 4 / record["seconds"])
@@ -422,7 +427,8 @@ def test_gpu_device_tiny_runs_end_to_end_on_the_cpu(tmp_path, capsys):
     assert "device (DeviceAugment)" in table and "loader (albumentations)" in table
     assert "benchmark-train-amp-nhwc-pt112-cu113-rtx3090.csv" in table
     rows = [line for line in table.splitlines() if line.startswith("| test_")]
-    assert len(rows) == 3 * 6 + 3 + 3  # every configuration, the per-backbone summary, the packed pairs
+    assert len(rows) == 3 * 8 + 3 + 3  # every configuration, the per-backbone summary, the packed pairs
+    assert "cudnn_benchmark on / off" in table and "compile / eager" in table
     assert all(f"| {b} |" in table for b in backbones)
 
 
@@ -445,7 +451,7 @@ def test_gpu_device_records_a_failing_configuration_and_runs_the_others(tmp_path
         "loader+loader-aug/amp/channels_last",
     }
     assert all(c["backbone"] == "test_resnet" and "simulated CUDA error" in c["error"] for c in failed)
-    assert sum("images_per_second" in c for c in results["configs"]) == 2 * 6 - 2
+    assert sum("images_per_second" in c for c in results["configs"]) == 2 * 8 - 2 - 2  # - compile, - failed
     assert "packed" not in results
     assert "RuntimeError: simulated CUDA error" in (out / "gpu_device.md").read_text()
 
@@ -455,7 +461,8 @@ def test_gpu_device_skips_what_the_time_budget_leaves_no_room_for(tmp_path):
     flags = ["--tiny", "--no-packed", "--budget-s", "0", "--backbones", "test_resnet", "--out", str(out)]
     assert gpu_device.main(flags) == 0
     results = json.loads((out / "gpu_device.json").read_text())
-    assert len(results["configs"]) == 6 and all("time budget" in c["skipped"] for c in results["configs"])
+    assert len(results["configs"]) == 8 and all("skipped" in c for c in results["configs"])
+    assert sum("time budget" in c["skipped"] for c in results["configs"]) == 7  # compile: CUDA only
 
 
 def test_gpu_device_imports_nothing_of_the_orchestrator():

@@ -146,12 +146,15 @@ def test_train_reads_the_fold_file_foldtune_folds_wrote(capsys, make_dataset, tm
 def test_cuda_asked_for_without_a_gpu_is_one_error_line(capsys, tiny_dataset, tmp_path, monkeypatch):
     import torch
 
+    import trainers.device
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainers.device, "nvidia_smi", lambda: (None, ()))  # no driver, as on this machine
     config = tmp_path / "cuda.yaml"
     config.write_text("backbone: resnet10t\nk: 2\nepochs: 1\nimage_size: [32, 24]\ndevice: cuda\n")
     argv = ["train", "--data", str(tiny_dataset.root), "--config", str(config), "--out", str(tmp_path / "r")]
     code, _, err = run(capsys, *argv)
-    assert_user_error(code, err, "device 'cuda'", "no CUDA GPU is visible")
+    assert_user_error(code, err, "device 'cuda' was asked for but torch", "finds no NVIDIA driver")
 
 
 def stand_in_summary(tmp_path, states: list[str], finished: bool = True, planned: int = 0):

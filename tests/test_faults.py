@@ -6,6 +6,7 @@ unreachable) are in tests/test_faults_search.py and tests/test_search.py.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 
@@ -81,7 +82,7 @@ def test_nan_loss_ends_the_run_as_diverged_and_keeps_the_last_good_checkpoint(da
     def nan_in_epoch_two(fold, cfg, batches, *args, **kwargs):
         calls["n"] += 1
         loss = real(fold, cfg, batches, *args, **kwargs)
-        return float("nan") if calls["n"] > cfg.k else loss
+        return dataclasses.replace(loss, mean=float("nan"), nonfinite=1) if calls["n"] > cfg.k else loss
 
     monkeypatch.setattr(fit_module, "train_one_epoch", nan_in_epoch_two)
     result = fit(TrainConfig(**TINY), table, folds, tmp_path / "run", tmp_path / "cache", log=None)

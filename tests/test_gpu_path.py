@@ -12,11 +12,11 @@ import trainers.fit as fit_module
 from trainers import cache as image_cache
 from trainers.config import TrainConfig
 from trainers.data import read_train
+from trainers.device import amp_dtype
 from trainers.fit import RESUME_STATE, augment_on_device, fit
 from trainers.folds import make_folds
 from trainers.loader import FoldLoader, SeededShuffle, epoch_seed, train_loader
 from trainers.losses import balanced_sample_weights
-from trainers.predict import amp_dtype
 
 TINY = dict(
     backbone="resnet10t",

@@ -55,7 +55,9 @@ class TrainConfig:
     )
     tta: tuple[str, ...] = ("hflip",)
     age_edges: tuple[int, int] = (30, 60)
-    num_workers: int = 0  # loader worker processes per fold; they persist for the whole run
+    # loader worker processes per fold (they persist for the whole run); auto: none on the CPU, on CUDA one
+    # with device augmentation (it only slices the cache), the trial's CPU threads with loader augmentation
+    num_workers: int | str = 0
     # where augmentation runs: "loader" (CPU, per image), "device" (batched, on the GPU); auto: device on CUDA
     augment_on: str = "auto"
     resume_every_epochs: int = 1  # write the resume state (last.pt) every N epochs ...
@@ -63,6 +65,10 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # CUDA only: bf16 where supported, else fp16 with loss scaling
     channels_last: bool = True  # CUDA only
+    cudnn_benchmark: bool = True  # CUDA only: cuDNN times its algorithms once per (fixed) input shape
+    tf32: bool = True  # CUDA only: float32 matrix products on tensor cores (matmul precision "high")
+    fused_adamw: bool = True  # CUDA only: one fused AdamW kernel (and no host sync in fp16 GradScaler.step)
+    compile: bool = False  # torch.compile the training forward; off until a GPU measures it (make bench-gpu)
 
     def __post_init__(self) -> None:
         self._coerce()
@@ -117,6 +123,11 @@ class TrainConfig:
             self.augment_on in AUGMENT_PLACES,
             "augment_on",
             f"must be one of {list(AUGMENT_PLACES)}, got {self.augment_on!r}",
+        )
+        need(
+            self.num_workers == "auto" or int(self.num_workers) >= 0,
+            "num_workers",
+            f"must be auto or a number >= 0, got {self.num_workers!r}",
         )
         need(int(self.resume_every_epochs) >= 1, "resume_every_epochs", "must be >= 1")
         need(float(self.resume_every_minutes) >= 0, "resume_every_minutes", "must be >= 0 (0: off)")
@@ -188,6 +199,11 @@ def _int(value: Any) -> int:
     return int(number)
 
 
+def _int_or_auto(value: Any) -> int | str:
+    """``auto`` as it is, else an integer (``_int``)."""
+    return "auto" if value == "auto" else _int(value)
+
+
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError
@@ -196,6 +212,7 @@ def _bool(value: Any) -> bool:
 
 _KIND_NAMES = {
     _int: ("an integer", "integers"),
+    _int_or_auto: ("auto or an integer", "auto or integers"),
     float: ("a number", "numbers"),
     str: ("a string", "strings"),
     _bool: ("true or false", "booleans"),
@@ -204,6 +221,7 @@ _KIND_NAMES = {
 # declared field type -> converter for each value (tuples: for each element)
 _FIELD_KINDS: dict[str, Any] = {
     "int": _int,
+    "int | str": _int_or_auto,
     "float": float,
     "str": str,
     "bool": _bool,

@@ -174,8 +174,8 @@ def shift_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     )
     hue = torch.remainder(hue + 6.0 * turns.view(-1, 1, 1), 6.0)
     # HSV -> RGB: channel n (R 5, G 3, B 1) is V - C * clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6.
-    offsets = torch.tensor((5.0, 3.0, 1.0), device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(offsets + hue.unsqueeze(1), 6.0)
+    # (the offsets are Python numbers: a tensor of them would be a host-to-device copy on every call)
+    k = torch.stack([torch.remainder(hue + offset, 6.0) for offset in (5.0, 3.0, 1.0)], dim=1)
     return maxc.unsqueeze(1) - chroma.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import yaml
 from trainers import cache as image_cache
 from trainers.checkpoint import fold_checkpoint_path, save_fold_checkpoint
 from trainers.config import TrainConfig
+from trainers.device import apply_backend_settings, autocast_for, pick_device
 from trainers.device_augment import DeviceAugment
 from trainers.errors import FoldtuneError
 from trainers.fold_state import (
@@ -41,10 +43,15 @@ from trainers.io import write_csv_atomic, write_text_atomic
 from trainers.loader import FoldLoader, epoch_seed
 from trainers.metrics import compute_metrics, flat_scalars
 from trainers.models import apply_freeze_train_mode
-from trainers.predict import autocast_for, pick_device
 from trainers.resume import RESUME_STATE, Progress, load_resume_state, resume_state_due, save_resume_state
 from trainers.run_outputs import write_out_of_fold, write_result
 from trainers.transforms import normalize_batch
+
+# GradScaler skips an fp16 step whose gradients overflowed (the first steps, while it finds its scale); the
+# schedule then steps without the optimizer and torch warns about the order. Expected with loss scaling.
+warnings.filterwarnings(
+    "ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,17 +113,21 @@ def fit(
     callback: Callable[[EpochReport], None] | None = None,
     log: Callable[[str], None] | None = print,
     resume_dir: Path | None = None,
+    holds_gpu: bool | None = None,
 ) -> FitResult:
     """Train ``cfg`` on all k folds in lockstep; see the module docstring for what is written where.
 
     ``resume_dir`` holds the resume state (default: the run folder); a search puts it on node-local disk,
     so k models and their optimizer states are not written to shared storage every few epochs.
+    ``holds_gpu`` says whether the scheduler gave this run a GPU (``trainers.device.pick_device``: a run
+    holding one trains on it or fails at once, never quietly on the CPU).
     """
     log = log or (lambda message: None)
     run_dir = Path(run_dir).absolute()
     for sub in ("checkpoints", "metrics", "plots"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, holds_gpu)
+    apply_backend_settings(cfg.cudnn_benchmark, cfg.tf32, device)
     resolved_weights = _resolve_weights(cfg, resolved_weights)
     mean, std = input_stats(resolved_weights)
 
@@ -128,7 +139,8 @@ def fit(
     # with the labels trained on: the ensemble rebuilds an interrupted run's OOF rows from it
     write_csv_atomic(data[["rel_path", "person_id", "fold", "label"]], run_dir / "folds.csv")
 
-    fold_states = _build_folds(cfg, data, cache, device, resolved_weights)
+    with out_of_memory_advice(cfg, "building the fold models"):
+        fold_states = _build_folds(cfg, data, cache, device, resolved_weights)
     freeze = fold_states[0].freeze
     log(
         f"{cfg.backbone}: {freeze.trainable_params:,} of {freeze.total_params:,} parameters trainable "
@@ -158,8 +170,8 @@ def fit(
             if outcome.scalars is None:
                 status = "diverged"
                 message = (
-                    f"training loss became {outcome.train_loss} at epoch {epoch} in fold "
-                    f"{fold_state.index}: lower lr (now {cfg.lr:g}) or check the data"
+                    f"{outcome.why} at epoch {epoch} in fold {fold_state.index}: lower lr (now "
+                    f"{cfg.lr:g}) or check the data"
                 )
                 break
             fold_metrics.append(outcome.scalars)
@@ -208,7 +220,8 @@ def fit(
         total_params=freeze.total_params,
     )
     if status != "diverged":
-        write_out_of_fold(fold_states, data, cfg, cache, device, mean, std, run_dir, result)
+        with out_of_memory_advice(cfg, "predicting the out-of-fold images with TTA"):
+            write_out_of_fold(fold_states, data, cfg, cache, device, mean, std, run_dir, result)
         resume_path.unlink(missing_ok=True)
         if resume_path.parent != run_dir:
             with contextlib.suppress(OSError):  # its own folder goes too, unless something else is in it
@@ -295,11 +308,12 @@ def _build_folds(cfg: TrainConfig, data: pd.DataFrame, cache, device, resolved_w
 
 @dataclass
 class _FoldEpoch:
-    """One fold's epoch: its validation scalars and probabilities, or ``scalars`` None when it diverged."""
+    """One fold's epoch: its validation scalars and probabilities, or ``scalars`` None when it diverged
+    (``why`` then says how)."""
 
     scalars: dict[str, float] | None
     probs: np.ndarray | None
-    train_loss: float
+    why: str = ""
 
 
 def _train_and_validate(
@@ -307,17 +321,50 @@ def _train_and_validate(
 ) -> _FoldEpoch:
     """Train one fold for one epoch on ``batches`` and score its validation images."""
     channels_last = cfg.channels_last and device.type == "cuda"
-    try:
-        train_loss = train_one_epoch(fold, cfg, batches, device, mean, std, channels_last, augment)
+    with out_of_memory_advice(cfg, "training"):
+        loss = train_one_epoch(fold, cfg, batches, device, mean, std, channels_last, augment)
+        if loss.diverged:
+            return _FoldEpoch(None, None, loss.why())
         probs = predict_validation(fold, cfg, cache.images, device, mean, std)
-    except torch.OutOfMemoryError:
-        raise _oom_error(cfg) from None
-    if not math.isfinite(train_loss) or not np.isfinite(probs).all():
-        return _FoldEpoch(None, None, train_loss if not math.isfinite(train_loss) else float("nan"))
+    if not np.isfinite(probs).all():
+        return _FoldEpoch(None, None, "validation probabilities became non-finite")
     val_loss = float(-np.log(np.clip(probs[np.arange(len(probs)), fold.val_labels], 1e-7, 1)).mean())
     scalars = flat_scalars(compute_metrics(fold.val_labels, probs, loss=val_loss), prefix="val_")
-    scalars["train_loss"] = train_loss
-    return _FoldEpoch(scalars, probs, train_loss)
+    scalars["train_loss"] = loss.mean
+    scalars["train_skipped_steps"] = float(loss.skipped)
+    return _FoldEpoch(scalars, probs)
+
+
+# A GradScaler whose scale fell this low has skipped step after step: fp16 cannot hold this run's numbers.
+MIN_LOSS_SCALE = 2.0**-10
+
+
+@dataclass(frozen=True)
+class EpochLoss:
+    """One pass over the training batches, read back from the device once at its end."""
+
+    mean: float  # mean loss of the steps with a finite loss (nan when there was none)
+    steps: int
+    skipped: int  # steps fp16 loss scaling skipped (an overflow: the weights stayed as they were)
+    scale: float  # the loss scale after the pass (1.0 without loss scaling)
+    scaling: bool  # whether fp16 loss scaling ran (else any non-finite loss is divergence)
+    nonfinite: int = 0  # steps whose loss was nan or inf
+
+    @property
+    def diverged(self) -> bool:
+        """Without loss scaling a non-finite loss reached the weights; with it, a skipped step is harmless,
+        but a scale that collapsed (every step overflowing) or no finite step at all is divergence."""
+        if not self.scaling:
+            return self.nonfinite > 0 or not math.isfinite(self.mean)
+        return self.scale < MIN_LOSS_SCALE or not math.isfinite(self.mean)
+
+    def why(self) -> str:
+        if self.scaling and self.scale < MIN_LOSS_SCALE:
+            return (
+                f"the fp16 loss scale collapsed to {self.scale:g} ({self.skipped} of {self.steps} steps "
+                "overflowed)"
+            )
+        return f"training loss became {'nan' if self.nonfinite else self.mean} ({self.nonfinite} steps)"
 
 
 def train_one_epoch(
@@ -329,22 +376,25 @@ def train_one_epoch(
     std,
     channels_last: bool,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> float:
-    """One pass over ``batches`` (uint8 NHWC images, labels); the mean loss (nan/inf if it diverged).
+) -> EpochLoss:
+    """One pass over ``batches`` (uint8 NHWC images, labels); its ``EpochLoss``.
 
     ``fit`` passes its ``FoldLoader``'s epoch; any iterable of batches works, which is how ``make bench``
     times this same step on in-memory batches and on other loaders. ``augment`` (device augmentation)
     runs on the batch once it is on the device.
 
-    No host sync per step: the loss is summed on the device and read once, at the end of the epoch (a
-    ``loss.item()`` per step makes the CPU wait for the GPU to drain, so the next batch is queued late).
-    A non-finite loss is therefore found at the end of the epoch; the run then ends as "diverged".
+    No host sync per step: the loss sums, the count of non-finite losses and of the steps fp16 loss
+    scaling skipped stay on the device and are read once, at the end of the epoch (a ``loss.item()`` per
+    step makes the CPU wait for the GPU to drain, so the next batch is queued late). With fp16 a step
+    whose loss or gradients overflow is skipped by ``GradScaler`` and counted, not divergence.
     """
-    model = fold.model
+    model, forward, scaler = fold.model, fold.forward_for_training(), fold.scaler
     model.train()
     apply_freeze_train_mode(model, fold.freeze)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    scaling = scaler.is_enabled()
+    # on the device: [loss sum over finite steps, their images, non-finite steps, skipped steps]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    steps = 0
     for images, targets in batches:
         images = images.to(device, non_blocking=True)
         if augment is not None:
@@ -352,15 +402,35 @@ def train_one_epoch(
         x = normalize_batch(images, mean, std, channels_last)
         y = targets.to(device, non_blocking=True)
         with autocast_for(device, cfg.amp):
-            loss = fold.criterion(model(x), y)
+            loss = fold.criterion(forward(x), y)
         fold.optimizer.zero_grad(set_to_none=True)
-        fold.scaler.scale(loss).backward()
-        fold.scaler.step(fold.optimizer)
-        fold.scaler.update()
+        scaled = scaler.scale(loss)  # (makes the scaler's scale tensor on its first call)
+        scale_before = scaler._scale.clone() if scaling else None
+        scaled.backward()
+        scaler.step(fold.optimizer)
+        scaler.update()
         fold.scheduler.step()
-        total += loss.detach().double() * len(y)
-        count += len(y)
-    return float(total.item()) / max(1, count)
+        value = loss.detach().double()
+        finite = torch.isfinite(value)
+        sums[0] += torch.where(finite, value * len(y), 0.0)
+        sums[1] += finite * len(y)
+        sums[2] += ~finite
+        if scale_before is not None:  # GradScaler halves its scale exactly when it skips a step
+            sums[3] += scaler._scale < scale_before
+        steps += 1
+    scale = scaler._scale if scaling and scaler._scale is not None else None
+    if scale is not None:
+        sums = torch.cat([sums, scale.double().reshape(1)])
+    values = sums.tolist()  # the one readback of the epoch
+    total, images_kept, nonfinite, skipped = values[:4]
+    return EpochLoss(
+        mean=total / images_kept if images_kept else float("nan"),
+        steps=steps,
+        skipped=int(skipped),
+        scale=values[4] if scale is not None else 1.0,
+        scaling=scaling,
+        nonfinite=int(nonfinite),
+    )
 
 
 def augment_on_device(cfg: TrainConfig, device: torch.device) -> bool:
@@ -371,13 +441,19 @@ def augment_on_device(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.augment_on == "device"
 
 
-def _oom_error(cfg: TrainConfig) -> TrainingError:
-    height, width = cfg.image_size
-    return TrainingError(
-        f"out of GPU memory training {cfg.backbone} at batch_size {cfg.batch_size} and image_size "
-        f"{height}x{width}: lower batch_size (e.g. {max(1, cfg.batch_size // 2)}) or image_size, or "
-        "give each trial a larger share of a GPU (resources.gpu)"
-    )
+@contextlib.contextmanager
+def out_of_memory_advice(cfg: TrainConfig, doing: str):
+    """CUDA running out of memory ``doing`` something (building the folds, training, the out-of-fold and
+    TTA pass) becomes one ``TrainingError`` line naming what to lower; what was written before stays."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        height, width = cfg.image_size
+        raise TrainingError(
+            f"out of GPU memory {doing} ({cfg.backbone}, batch_size {cfg.batch_size}, image_size "
+            f"{height}x{width}): lower batch_size (e.g. {max(1, cfg.batch_size // 2)}) or image_size, or "
+            "give each trial a larger share of a GPU (resources.gpu)"
+        ) from None
 
 
 # --- after each epoch -------------------------------------------------------------------------------------

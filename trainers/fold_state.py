@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from trainers.config import TrainConfig
+from trainers.device import amp_dtype
 from trainers.heads import build_loss
 from trainers.labels import NUM_CLASSES
 from trainers.losses import class_balanced_alpha
 from trainers.models import build_model, freeze_stages
-from trainers.predict import amp_dtype, predict_proba
+from trainers.predict import predict_proba
 
 
 @dataclass
@@ -42,6 +43,12 @@ class FoldState:
     best_f1: float = -1.0
     best_epoch: int = 0
     best_probs: np.ndarray | None = None
+    train_model: torch.nn.Module | None = None  # what the training step calls: ``torch.compile(model)``
+
+    def forward_for_training(self) -> torch.nn.Module:
+        """The module the training step runs: the compiled model with ``compile: true``, else the model (both
+        share the weights; checkpoints and predictions always use the plain ``model``)."""
+        return self.model if self.train_model is None else self.train_model
 
 
 def seed_everything(seed: int) -> None:
@@ -107,7 +114,7 @@ def build_fold(
     model.to(device)
     if cfg.channels_last and use_cuda:
         model.to(memory_format=torch.channels_last)
-    alpha = class_balanced_alpha(train_labels, NUM_CLASSES).to(device) if cfg.class_alpha else None
+    alpha = class_balanced_alpha(train_labels, NUM_CLASSES) if cfg.class_alpha else None
     criterion = build_loss(
         cfg.loss,
         gamma=cfg.focal_gamma,
@@ -115,8 +122,8 @@ def build_fold(
         label_smoothing=cfg.label_smoothing,
         head=cfg.head,
         task_weights=tuple(cfg.task_weights),
-    )
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    ).to(device)  # its class weights and lookup tables live where the batches are: no copy per step
+    optimizer = make_optimizer(model, cfg, device)
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -129,7 +136,7 @@ def build_fold(
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=torch.amp.GradScaler("cuda", enabled=fp16),
+        scaler=torch.amp.GradScaler(device.type, enabled=fp16),
         freeze=freeze,
         train_rows=train_rows,
         train_labels=train_labels,
@@ -137,7 +144,16 @@ def build_fold(
         val_labels=empty if val_labels is None else val_labels,
         val_positions=empty if val_positions is None else val_positions,
         criterion=criterion,
+        train_model=torch.compile(model) if cfg.compile else None,
     )
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; on CUDA the fused kernel when ``fused_adamw`` (one kernel for
+    every parameter, and with fp16 loss scaling ``GradScaler.step`` hands it the overflow flag on the GPU
+    instead of reading it back to the host every step)."""
+    fused = {"fused": True} if cfg.fused_adamw and device.type == "cuda" else {}
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, **fused)
 
 
 def predict_validation(

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from trainers import cache as image_cache
 from trainers.config import TrainConfig
+from trainers.device import check_shared_memory, loader_workers, shared_memory_need
 from trainers.losses import balanced_sample_weights
 from trainers.transforms import augment_batch, train_pipeline
 
@@ -150,7 +151,9 @@ class FoldLoader:
     """The one loader a fold trains with for the whole run: ``epoch(n)`` gives epoch n's batches.
 
     Workers persist across epochs; each epoch is seeded by ``epoch_seed``. ``augment_on_loader`` False
-    leaves augmentation to the device (the batches are the cached uint8 images, pinned on CUDA).
+    leaves augmentation to the device (the batches are the cached uint8 images, pinned on CUDA). The
+    number of workers is ``cfg.num_workers`` (``auto``: ``trainers.device.loader_workers``), refused with
+    one line when ``/dev/shm`` cannot hold the batches they prepare.
     """
 
     def __init__(
@@ -168,6 +171,12 @@ class FoldLoader:
         if cfg.weighted_sampler:
             weights = torch.as_tensor(balanced_sample_weights(labels), dtype=torch.double)
         self.sampler = EpochSampler(len(rows), weights)
+        self.workers = loader_workers(cfg.num_workers, not augment_on_loader, device, torch.get_num_threads())
+        height, width = cfg.image_size
+        check_shared_memory(
+            shared_memory_need(self.workers, cfg.batch_size, (height, width)),
+            f"{self.workers} loader worker(s) per fold at batch_size {cfg.batch_size} and {height}x{width}",
+        )
         self.loader = train_loader(
             cache_path,
             rows,
@@ -175,7 +184,7 @@ class FoldLoader:
             cfg.augment if augment_on_loader else None,
             cfg.batch_size,
             seed=0,
-            num_workers=cfg.num_workers,
+            num_workers=self.workers,
             pin_memory=device.type == "cuda",
             sampler=self.sampler,
             persistent_workers=True,

@@ -69,8 +69,8 @@ def focal_terms(
         # 1 - p via expm1 keeps precision for confident predictions; the clamp keeps the gradient finite
         one_minus_p = (-torch.expm1(log_probs)).clamp(min=1e-12)
         per_class = per_class * one_minus_p.pow(gamma)
-    if class_weight is not None:
-        per_class = per_class * class_weight.to(per_class.device)
+    if class_weight is not None:  # on the logits' device already (a loss module's buffer)
+        per_class = per_class * class_weight
     return per_class.sum(dim=1)
 
 
@@ -125,7 +125,7 @@ class FocalLoss(nn.Module):
                 f"alpha has {weight.shape[0]} class weights but the logits have {logits.shape[1]} classes"
             )
         per_sample = focal_terms(logits, target, self.gamma, weight, self.label_smoothing)
-        normaliser = None if weight is None else weight.to(logits.device)[target.long()]
+        normaliser = None if weight is None else weight[target.long()]
         return _reduce(per_sample, self.reduction, normaliser)
 
     def extra_repr(self) -> str:
@@ -174,8 +174,9 @@ class MultiTaskLoss(nn.Module):
         if not isinstance(outputs, Mapping) or set(outputs) != set(TASKS):
             raise ValueError(f"MultiTaskLoss expects a dict with keys {TASKS}, got {type(outputs).__name__}")
         target = target.long()
-        task_targets = self.task_of_class.to(target.device)[:, target]
-        sample_weight = None if self.alpha is None else self.alpha.to(target.device)[target]
+        # the buffers are on the targets' device: the trainer moves the loss module there once
+        task_targets = self.task_of_class[:, target]
+        sample_weight = None if self.alpha is None else self.alpha[target]
         total = None
         self.last_task_losses = {}
         for index, (task, task_weight) in enumerate(zip(TASKS, self.task_weights, strict=True)):

@@ -6,46 +6,13 @@ so a fold model scores its validation images exactly the way it will score the t
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import numpy as np
 import torch
 
-from trainers.errors import FoldtuneError
+from trainers.device import autocast_for
 from trainers.heads import class_log_probs
 from trainers.labels import NUM_CLASSES
 from trainers.transforms import normalize_batch, tta_views
-
-
-class DeviceError(FoldtuneError, RuntimeError):
-    """The configured device is not there (CUDA asked for on a machine without a visible GPU)."""
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' takes CUDA when present; asking for CUDA without one is a clear error, never a hang."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device 'cuda' was asked for but no CUDA GPU is visible; use device: auto or cpu")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device, amp: bool = True) -> torch.dtype | None:
-    """The autocast dtype: bf16 where the GPU computes it natively (Ampere and later), else fp16 (which
-    needs loss scaling: see ``fold_state.build_fold``); None on the CPU or without AMP (plain fp32).
-
-    ``including_emulation=False``: plain ``is_bf16_supported()`` is True on V100/T4 too, where bf16 is
-    emulated and slower than fp32.
-    """
-    if device.type != "cuda" or not amp:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-
-
-def autocast_for(device: torch.device, amp: bool):
-    """Autocast in ``amp_dtype``; nothing on the CPU (plain fp32 there)."""
-    dtype = amp_dtype(device, amp)
-    return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
 @torch.no_grad()
@@ -62,23 +29,33 @@ def predict_proba(
     amp: bool = True,
     channels_last: bool = False,
 ) -> np.ndarray:
-    """Class probabilities (N, 18) for ``images[rows]``; with TTA, the mean of the views' probabilities."""
+    """Class probabilities (N, 18) for ``images[rows]``; with TTA, the mean of the views' probabilities.
+
+    The probabilities stay on the device until the last batch and come back in one copy: a copy to the
+    host per batch would make the CPU wait for the GPU to drain before it queues the next batch.
+    """
     model.eval()
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
-    out = np.empty((len(rows), NUM_CLASSES), dtype=np.float32)
+    if len(rows) == 0:
+        return np.empty((0, NUM_CLASSES), dtype=np.float32)
+    pin = device.type == "cuda"
+    probs = torch.zeros(len(rows), NUM_CLASSES, device=device)
+    orders = []
     for start in range(0, len(rows), batch_size):
         batch_rows = rows[start : start + batch_size]
-        # sorted reads are sequential on the memory map; the order is restored below
+        # sorted reads are sequential on the memory map; the rows come back in sorted order and are put
+        # back in the caller's order on the host, after the one copy
         order = np.argsort(batch_rows, kind="stable")
+        orders.append(start + order)
         batch = torch.from_numpy(np.ascontiguousarray(images[batch_rows[order]]))
+        batch = batch.pin_memory() if pin else batch  # pinned: the copy below does not wait for the GPU
         x = normalize_batch(batch.to(device, non_blocking=True), mean, std, channels_last)
-        probs = torch.zeros(len(batch_rows), NUM_CLASSES, device=device)
         views = tta_views(x, tuple(tta))
+        block = probs[start : start + len(batch_rows)]
         with autocast_for(device, amp):
             for view in views:
-                probs += class_log_probs(model(view), head).float().exp()
-        probs /= len(views)
-        result = np.empty_like(probs.cpu().numpy())
-        result[order] = probs.cpu().numpy()
-        out[start : start + len(batch_rows)] = result
+                block += class_log_probs(model(view), head).float().exp()
+        block /= len(views)
+    out = np.empty((len(rows), NUM_CLASSES), dtype=np.float32)
+    out[np.concatenate(orders)] = probs.cpu().numpy()
     return out

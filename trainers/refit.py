@@ -36,15 +36,22 @@ import torch
 from trainers import cache as image_cache
 from trainers.checkpoint import read_checkpoint, save_fold_checkpoint
 from trainers.config import TrainConfig
+from trainers.device import pick_device
 from trainers.device_augment import DeviceAugment
-from trainers.fit import TrainingError, augment_on_device, input_stats, train_one_epoch
+from trainers.fit import (
+    TrainingError,
+    augment_on_device,
+    input_stats,
+    out_of_memory_advice,
+    train_one_epoch,
+)
 from trainers.fold_state import build_fold, seed_everything
 from trainers.folds import HOLDOUT_FOLD
 from trainers.io import atomic_savez
 from trainers.labels import NUM_CLASSES
 from trainers.loader import FoldLoader, epoch_seed
 from trainers.metrics import compute_metrics
-from trainers.predict import pick_device, predict_proba
+from trainers.predict import predict_proba
 
 REFIT_FOLD = HOLDOUT_FOLD  # the "fold" of a refit checkpoint: no k-fold model, like the holdout rows
 SEED_STRIDE = 1000  # refit model s trains with cfg.seed + SEED_STRIDE * (s + 1)
@@ -170,21 +177,22 @@ def refit(
     models = []
     for index in range(seeds):
         seed_cfg = dataclasses.replace(cfg, epochs=int(epochs), seed=refit_seed(cfg.seed, index))
-        model = _train_one_seed(
-            seed_cfg,
-            index,
-            seeds,
-            cache_path,
-            all_rows[train],
-            labels[train],
-            device,
-            (mean, std),
-            pretrained_kwargs,
-            log,
-        )
-        probs, probs_tta = _predict_holdout(
-            model, seed_cfg, cache.images, all_rows[holdout], device, mean, std
-        )
+        with out_of_memory_advice(cfg, "refitting"):
+            model = _train_one_seed(
+                seed_cfg,
+                index,
+                seeds,
+                cache_path,
+                all_rows[train],
+                labels[train],
+                device,
+                (mean, std),
+                pretrained_kwargs,
+                log,
+            )
+            probs, probs_tta = _predict_holdout(
+                model, seed_cfg, cache.images, all_rows[holdout], device, mean, std
+            )
         path = seed_checkpoint_path(out_dir, index)
         f1 = _macro_f1(labels[holdout], probs)
         save_fold_checkpoint(
@@ -251,21 +259,15 @@ def _train_one_seed(
         epoch_started = time.perf_counter()
         if augment is not None:
             augment.reseed(epoch_seed(cfg, 0, epoch))
-        try:
-            loss = train_one_epoch(fold, cfg, loader.epoch(epoch), device, *stats, channels_last, augment)
-        except torch.OutOfMemoryError:
+        loss = train_one_epoch(fold, cfg, loader.epoch(epoch), device, *stats, channels_last, augment)
+        if loss.diverged:
             raise TrainingError(
-                f"out of GPU memory refitting {cfg.backbone} at batch_size {cfg.batch_size}: free the GPU "
-                "or refit on another device (--device)"
-            ) from None
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"refit model {index}: training loss became {loss} at epoch {epoch} (lr {cfg.lr:g}); refit "
-                "another trial (--trial) or with fewer --epochs; no refit record was written"
+                f"refit model {index}: {loss.why()} at epoch {epoch} (lr {cfg.lr:g}); refit another trial "
+                "(--trial) or with fewer --epochs; no refit record was written"
             )
-        losses.append(loss)
+        losses.append(loss.mean)
         log(
-            f"seed {index + 1}/{seeds} epoch {epoch}/{cfg.epochs}  train_loss {loss:.4f}  "
+            f"seed {index + 1}/{seeds} epoch {epoch}/{cfg.epochs}  train_loss {loss.mean:.4f}  "
             f"{time.perf_counter() - epoch_started:.1f}s"
         )
     del loader  # its persistent workers end with it

@@ -67,13 +67,20 @@ def load_resume_state(
         load_trainable_state(fold_state.model, saved["model"], path)
         fold_state.optimizer.load_state_dict(saved["optimizer"])
         fold_state.scheduler.load_state_dict(saved["scheduler"])
-        fold_state.scaler.load_state_dict(saved["scaler"])
+        load_scaler_state(fold_state.scaler, saved["scaler"])
         fold_state.best_f1, fold_state.best_epoch = saved["best_f1"], saved["best_epoch"]
         fold_state.best_probs = saved["best_probs"].numpy() if saved["best_probs"] is not None else None
         _best_from_checkpoint(fold_state, run_dir, cfg)
     restore_rng_states(state.get("rng"))
     log(f"resuming {run_dir.name} after epoch {state['epoch']}")
     return Progress(state["history"], state["best_mean_f1"], state["best_mean_epoch"], state["epoch"])
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """The fp16 loss scaler's state, when both sides scale: a run resumed on another kind of GPU switches
+    between bf16 (no scaler: an empty state) and fp16 (a scaler), and then starts a fresh scale."""
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
 
 
 def _best_from_checkpoint(fold: FoldState, run_dir: Path, cfg: TrainConfig) -> None:

@@ -68,16 +68,27 @@ def _stats_on(device: torch.device, mean: tuple[float, ...], std: tuple[float, .
 
 def _zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Centre zoom by ``factor`` (>1 zooms in), same output size."""
-    theta = torch.tensor([[1 / factor, 0, 0], [0, 1 / factor, 0]], device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _warp_border(x, ((1 / factor, 0.0, 0.0), (0.0, 1 / factor, 0.0)))
 
 
 def _shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     """Translate by fractions of the image size, border pixels repeated."""
-    theta = torch.tensor([[1, 0, -2 * dx], [0, 1, -2 * dy]], device=x.device, dtype=x.dtype)
+    return _warp_border(x, ((1.0, 0.0, -2 * dx), (0.0, 1.0, -2 * dy)))
+
+
+def _warp_border(x: torch.Tensor, matrix: tuple[tuple[float, ...], ...]) -> torch.Tensor:
+    """Bilinear warp of an NCHW batch by one ``affine_grid`` matrix, border pixels repeated."""
+    theta = _theta_on(x.device, x.dtype, matrix)
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _theta_on(
+    device: torch.device, dtype: torch.dtype, matrix: tuple[tuple[float, ...], ...]
+) -> torch.Tensor:
+    """A TTA view's matrix on ``device``, made once (not a host-to-device copy every batch)."""
+    return torch.tensor(matrix, device=device, dtype=dtype)
 
 
 # The TTA view registry: name -> the view of a normalised NCHW batch. Views are averaged in probability

@@ -42,7 +42,7 @@ def check_search_dir(search: str, storage: Path | None) -> Path:
 
 
 def check_device(device: str):
-    from trainers.predict import pick_device
+    from trainers.device import pick_device
 
     try:
         return pick_device(device)

@@ -114,7 +114,7 @@ class EnsemblePredictor:
         import torch
 
         from trainers.checkpoint import CheckpointError, load_checkpoint
-        from trainers.predict import pick_device
+        from trainers.device import pick_device
 
         folder = Path(folder)
         spec = read_spec(folder)

@@ -133,7 +133,7 @@ def run_explain(
     """Explain ``n`` confident errors and ``n`` class samples of one trial with its fold models."""
     import matplotlib.pyplot as plt
 
-    from trainers.predict import pick_device
+    from trainers.device import pick_device
 
     log = log or (lambda message: None)
     if n < 1:

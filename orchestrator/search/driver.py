@@ -11,6 +11,7 @@ does lives in the room named for it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from ray.tune import Callback
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.search.budget import BUDGET_FILE, BudgetStopper, settle_budget
+from orchestrator.search.capacity import AUTO, auto_space_file, capacity, cluster_nodes
 from orchestrator.search.closing import (
     SearchInterrupted,
     SettleLeftovers,
@@ -108,20 +110,24 @@ def run_search(
     message is that line. Either way nothing is left RUNNING in Optuna or MLflow.
     """
     storage_dir = Path(storage or "runs").expanduser().absolute()
-    space, search_dir, restoring = settle_space(
-        space_path, storage_dir, trials, name, resume, cpus_per_trial, gpus_per_trial, holdout
-    )
-    tracking = settle_tracking(search_dir, tracking_uri, space.name)
-    started_before = resume and (search_dir / "space.yaml").exists()
-    relabel_copy = settle_relabel(search_dir, relabel, started_before)
-    budget = settle_budget(search_dir, space.name, time_budget_minutes, started_before)
-    write_text_atomic(space.to_yaml(), search_dir / "space.yaml")
-    data_root = Path(data_root).expanduser().absolute()
-
-    started_ray = _connect_ray(address, progress)
+    started_ray, chosen = False, None
     try:
+        if str(space_path) == AUTO:  # the machine decides: Ray first, then the usual checks
+            started_ray = _connect_ray(address, progress)
+            space_path, why = auto_space_file(sum(node.gpus for node in cluster_nodes()))
+            chosen = f"{why}: {space_path.name}"
+        space, search_dir, restoring = settle_space(
+            space_path, storage_dir, trials, name, resume, cpus_per_trial, gpus_per_trial, holdout
+        )
+        tracking = settle_tracking(search_dir, tracking_uri, space.name)
+        started_before = resume and (search_dir / "space.yaml").exists()
+        relabel_copy = settle_relabel(search_dir, relabel, started_before)
+        budget = settle_budget(search_dir, space.name, time_budget_minutes, started_before)
+        write_text_atomic(space.to_yaml(), search_dir / "space.yaml")
+        data_root = Path(data_root).expanduser().absolute()
+        started_ray = _connect_ray(address, progress) or started_ray
         with _sigterm_as_interrupt():
-            space = _fit_resources(space)
+            space = _fit_resources(space, progress, chosen)
             context = prepare(
                 data_root,
                 space,
@@ -252,24 +258,45 @@ def _connect_ray(address: str | None, progress: bool) -> bool:
     return True
 
 
-def _fit_resources(space: SearchSpace) -> SearchSpace:
-    """Trials must fit the cluster: no GPU means CPU trials; more CPUs than any node has is an error."""
-    import ray
-
-    resources = ray.cluster_resources()
-    if space.gpus_per_trial > 0 and resources.get("GPU", 0) == 0:
-        if space.fixed.get("device") == "cuda":
+def _fit_resources(space: SearchSpace, progress: bool = True, chosen: str | None = None) -> SearchSpace:
+    """Trials must fit the cluster: no GPU means CPU trials; more CPUs than any node has is an error; a
+    device that contradicts the GPU share is an error; ``max_concurrent: auto`` becomes what the cluster
+    holds (``capacity``). ``chosen`` says which space ``--space auto`` took and why; the first line printed
+    says that and how many trials run at once ("8 GPUs: default.yaml, 16 trials at once at 0.5 GPU ...")."""
+    nodes = cluster_nodes()
+    device = space.fixed.get("device", "auto")
+    if space.gpus_per_trial > 0 and sum(node.gpus for node in nodes) == 0:
+        if device == "cuda":
             raise OrchestratorError(
                 f"the space asks for device 'cuda' but the Ray cluster has no GPU ({space.source})"
             )
         print(f"no GPU in the Ray cluster: trials run on CPU (resources.gpu {space.gpus_per_trial} -> 0)")
         space = space.with_overrides(gpus_per_trial=0)
-    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    if device == "cpu" and space.gpus_per_trial > 0:
+        raise OrchestratorError(
+            f"the space trains on device 'cpu' but reserves {space.gpus_per_trial:g} GPU per trial, which "
+            f"would idle ({space.source}): set resources.gpu: 0, or device: auto to train on the GPUs"
+        )
+    if device == "cuda" and space.gpus_per_trial == 0:
+        raise OrchestratorError(
+            f"the space asks for device 'cuda' but gives trials no GPU (resources.gpu 0, {space.source}): "
+            "set resources.gpu (e.g. 0.5), or --gpus-per-trial"
+        )
+    largest = max((node.cpus for node in nodes), default=0)
     if space.cpus_per_trial > largest:
         raise OrchestratorError(
             f"each trial asks for {space.cpus_per_trial} CPUs but the largest Ray node has {largest:g}: "
             "lower resources.cpu or --cpus-per-trial"
         )
+    held = capacity(nodes, space.cpus_per_trial, space.gpus_per_trial)
+    if space.max_concurrent == AUTO:
+        space = dataclasses.replace(space, max_concurrent=max(1, held.trials))
+        running = held.describe(space.cpus_per_trial, space.gpus_per_trial) + " (max_concurrent auto)"
+    else:
+        running = f"{min(space.max_concurrent, max(1, held.trials))} trials at once (max_concurrent "
+        running += f"{space.max_concurrent}; the cluster holds {held.trials})"
+    if progress:
+        print(f"{chosen or f'space {space.name}'}: {running}")
     return space
 
 

@@ -8,7 +8,11 @@ node's local disk (``trainers.resume.local_resume_dir``), not in the run folder 
 trial whose fit already finished (its driver was killed before recording it) reports the final epoch
 again instead of retraining.
 
-Trials packed onto one GPU (``resources.gpu`` below 1, e.g. 0.5 for two per GPU) each cap PyTorch's
+Where a trial trains is what Ray gave it: a trial with GPU ids trains on CUDA or fails at once with one
+line naming the torch build, the driver and the fix (``trainers.device.pick_device``); a trial with none
+gets an empty ``CUDA_VISIBLE_DEVICES`` before torch can start CUDA (Ray 2.60 leaves a 0-GPU task the
+node's, so it would otherwise land on GPU 0 with no memory cap). ``device.json`` in the run folder records
+it. Trials packed onto one GPU (``resources.gpu`` below 1, e.g. 0.5 for two per GPU) each cap PyTorch's
 allocator at their share of that GPU's memory (``limit_gpu_memory``), so one trial cannot starve the other.
 """
 
@@ -16,16 +20,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
 from ray import tune
 
 from orchestrator.search.constants import CHECKPOINT_MARKER
 from orchestrator.space import SearchSpace
+from trainers.io import write_text_atomic
 
 
 class TrialFailed(RuntimeError):
@@ -59,6 +66,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     run_dir = Path(context.trials_dir) / trial_id
     cfg = context.space.config_for(params)
     log = print if context.log_epochs else None
+    holds_gpu = claim_devices(ray.get_gpu_ids())
 
     finished = _finished_fit(run_dir, cfg.to_dict())
     if finished is not None:  # the fit ended but a killed driver never recorded it: report, don't retrain
@@ -68,7 +76,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     def report_epoch(report) -> None:
         _report({**report.flat(), "epochs_planned": cfg.epochs}, run_dir)
 
-    if cfg.device != "cpu":  # a CPU trial gets no CUDA context (the cap would create one)
+    record_device(run_dir, cfg.device, holds_gpu)
+    if holds_gpu and cfg.device != "cpu":  # a CPU trial gets no CUDA context (the cap would create one)
         limit_gpu_memory(context.space.gpus_per_trial)
     result = fit(
         cfg,
@@ -80,9 +89,42 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         callback=report_epoch,
         log=log,
         resume_dir=local_resume_dir(run_dir),
+        holds_gpu=holds_gpu,
     )
     if result.status == "diverged":
         raise TrialFailed(result.message)
+
+
+def claim_devices(gpu_ids: list) -> bool:
+    """Whether this trial holds a GPU (Ray gave it ids); one that holds none is kept off every GPU.
+
+    Ray 2.60 leaves a 0-GPU task the node's ``CUDA_VISIBLE_DEVICES`` (ray-project/ray#54868): such a trial
+    would see every GPU, pick device 0 and allocate there without a cap. An empty value hides them all; it
+    must be set before torch starts CUDA, which is why this runs first in the trial."""
+    if gpu_ids:
+        return True
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return False
+
+
+def record_device(run_dir: Path, device: str, holds_gpu: bool) -> None:
+    """``device.json``: where the trial trains (the device, the GPU ids and visible devices Ray gave it, the
+    torch build), so a user can see per trial that GPUs were used."""
+    import torch
+
+    from trainers.device import pick_device
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    chosen = pick_device(device, holds_gpu)  # a GPU it cannot use fails here, before any data is read
+    record = {
+        "device": chosen.type,
+        "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "gpu_name": torch.cuda.get_device_name(chosen) if chosen.type == "cuda" else None,
+    }
+    write_text_atomic(json.dumps(record, indent=2), run_dir / "device.json")
 
 
 def limit_gpu_memory(gpus_per_trial: float, cuda=None) -> bool:

@@ -124,6 +124,41 @@ def _fail_fast_http() -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+def probe_store(tracking_uri: str | os.PathLike | None) -> tuple[str, str | None]:
+    """The resolved store URI, and why it cannot be used (None when it can), without creating or changing
+    anything (``foldtune doctor``): a SQLite store is an existing database or a folder where one can be
+    made; a server answers ``/health`` within a few seconds."""
+    import sqlite3
+    import urllib.request
+
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+    except OrchestratorError as error:
+        return str(tracking_uri), str(error)
+    path = sqlite_path(uri)
+    if path is not None:
+        if path.exists():
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                    db.execute("select count(*) from sqlite_master").fetchone()
+            except sqlite3.Error as error:
+                return uri, f"MLflow store {uri} cannot be read ({error})"
+            return uri, None
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not os.access(folder, os.W_OK):
+            return uri, f"MLflow store {uri} cannot be created: {folder} is not writable"
+        return uri, None
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as answer:
+                answer.read(64)
+        except OSError as error:
+            return uri, f"MLflow tracking server {uri} does not answer ({error})"
+    return uri, None
+
+
 def _param_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return json.dumps(list(value))
