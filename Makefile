@@ -35,6 +35,7 @@ BENCH_DATA ?=                  # benchmark data root (default: realistic AAF dat
 opt = $(if $(strip $(2)),$(1) $(strip $(2)),)
 
 .PHONY: .venv all demo demo-data search ensemble refit label-issues explain predict ui doctor test test-slow \
+	test-floors \
 	bench bench-gpu lint format clean
 
 # the space file: SPACE, or for auto the one `foldtune search --space auto` picks on this machine
@@ -108,6 +109,14 @@ test: .venv
 test-slow: .venv
 	$(BIN)/python -m pytest -q -m slow
 
+# the suite on the oldest versions pyproject.toml allows (.ci/floors.py pins each dependency at its floor)
+test-floors:
+	$(PYTHON) -m venv .venv-floors
+	$(PYTHON) .ci/floors.py > .venv-floors/floors.txt
+	.venv-floors/bin/pip install --quiet --disable-pip-version-check -r .venv-floors/floors.txt
+	.venv-floors/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	.venv-floors/bin/python -m pytest -q
+
 bench: .venv
 	$(BIN)/python -m benchmarks $(call opt,--data,$(BENCH_DATA))
 
@@ -124,4 +133,4 @@ format: .venv
 	$(BIN)/ruff check --fix orchestrator trainers benchmarks tests
 
 clean:
-	rm -rf $(VENV) runs demo .pytest_cache
+	rm -rf $(VENV) .venv-floors runs demo .pytest_cache

@@ -4,8 +4,12 @@ A dependency without a floor is printed as it is (pip takes the newest that fits
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 project = tomllib.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "pyproject.toml").read_text())["project"]
 requirements = list(project["dependencies"])

@@ -260,3 +260,13 @@ def fake_nvidia_smi(tmp_path: Path, monkeypatch) -> Callable[..., Path]:
         return folder
 
     return install
+
+
+@pytest.fixture
+def cuda13_torch(monkeypatch):
+    """This process's torch reports itself as 2.14.1, a CUDA 13.0 build (what PyPI serves and this project's
+    .venv has), whatever build the tests run on: the first-GPU-run trap is that build on an older driver."""
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", "2.14.1+cu130")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")

@@ -43,7 +43,7 @@ def test_layout_round_trips_through_the_data_reader(tmp_path: Path) -> None:
     assert data.problems == [] and data.ignored_files == 0
     table = data.table
     assert table["person_id"].nunique() == 12 and len(table) == 12 * 7
-    assert (table.groupby("person_id")["stem"].apply(list) == [list(MASK_STEMS)] * 12).all()
+    assert table.groupby("person_id")["stem"].apply(list).tolist() == [list(MASK_STEMS)] * 12
     by_id = train_csv.set_index("id")
     bands = AgeBands()
     for row in table.itertuples():

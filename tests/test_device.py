@@ -92,7 +92,9 @@ def test_nvidia_smi_is_read_for_the_driver_and_gpus(fake_nvidia_smi, monkeypatch
     assert nvidia_smi() == (None, ())
 
 
-def test_a_trial_holding_a_gpu_that_torch_cannot_use_fails_at_once(fake_nvidia_smi, monkeypatch):
+def test_a_trial_holding_a_gpu_that_torch_cannot_use_fails_at_once(
+    fake_nvidia_smi, cuda13_torch, monkeypatch
+):
     fake_nvidia_smi(driver="550.54.15")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError) as refused:
@@ -119,7 +121,7 @@ def test_auto_follows_the_gpu_the_run_holds_not_what_torch_says(fake_nvidia_smi,
 
 
 def test_foldtune_train_on_a_gpu_node_with_the_wrong_torch_is_one_error_line(
-    data, tmp_path, fake_nvidia_smi, capsys
+    data, tmp_path, fake_nvidia_smi, cuda13_torch, capsys
 ):
     _, _, root = data
     fake_nvidia_smi(driver="550.54.15", gpus=1)

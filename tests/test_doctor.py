@@ -62,7 +62,7 @@ def eight_gpu_ray():
 
 
 def test_doctor_on_a_gpu_node_with_a_cuda_13_torch_and_driver_550_names_the_fix(
-    tmp_path, fake_nvidia_smi, eight_gpu_ray
+    tmp_path, fake_nvidia_smi, cuda13_torch, eight_gpu_ray
 ):
     fake_nvidia_smi(driver="550.54.15", gpus=8)
     code, lines = doctor(tmp_path, space=tiny_gpu_space(tmp_path / "gpu.yaml"))

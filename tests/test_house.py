@@ -22,13 +22,13 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module named by an import in the file, function-local ones included, except those under
-    ``if TYPE_CHECKING:`` (never executed)."""
+def _imports(path: Path, type_checking: bool = False) -> set[str]:
+    """Every module named by an import in the file, function-local ones included; those under
+    ``if TYPE_CHECKING:`` (never executed) only with ``type_checking``."""
     names: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) and not type_checking:
             for child in node.orelse:
                 visit(child)
             return
@@ -46,10 +46,14 @@ def _imports(path: Path) -> set[str]:
 
 MODULES = _modules()
 IMPORTS = {name: _imports(path) for name, path in MODULES.items()}
+TYPED_IMPORTS = {name: _imports(path, type_checking=True) for name, path in MODULES.items()}
 
 
-def test_no_import_circle():
-    graph = {name: {m for m in IMPORTS[name] if m in MODULES and m != name} for name in MODULES}
+@pytest.mark.parametrize("imports", [IMPORTS, TYPED_IMPORTS], ids=["runtime", "with-type-hints"])
+def test_no_import_circle_between_files(imports):
+    """No two files import each other, directly or around a loop, also not for a type hint only: a type two
+    files share lives one level below both."""
+    graph = {name: {_owner(m) for m in imports[name]} - {None, name} for name in MODULES}
     # a package's __init__ re-exporting its own rooms is not a circle through the code
     for name in graph:
         graph[name] = {m for m in graph[name] if not m.startswith(name + ".")}
@@ -99,6 +103,13 @@ def test_no_product_file_over_the_limit():
     assert not long, f"files over {MAX_LINES} lines: {long}"
 
 
+def _owner(imported: str) -> str | None:
+    """The project module an imported name belongs to (``a.b.C`` -> ``a.b``), or None outside it."""
+    while imported and imported not in MODULES:
+        imported = imported.rpartition(".")[0]
+    return imported or None
+
+
 def test_benchmarks_are_not_installed_with_the_product():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'include = ["orchestrator*", "trainers*"]' in pyproject
@@ -116,3 +127,45 @@ def test_no_product_file_is_git_ignored():
     if done.returncode == 128:
         pytest.skip(f"not a git checkout: {done.stderr.strip()}")
     assert done.stdout.split() == [], f"git-ignored product files: {done.stdout.split()}"
+
+
+def test_the_tested_environment_is_inside_the_declared_ranges():
+    """constraints.txt (what `make` installs and the suite runs on) satisfies every range in pyproject.toml,
+    and the floors `make test-floors` installs are exactly the ranges' lower bounds."""
+    import subprocess
+    import sys
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    extras = project["optional-dependencies"]
+    declared += [Requirement(r) for extra in ("dev", "weights") for r in extras[extra]]
+    pinned = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[name.lower().replace("_", "-")] = version
+    for requirement in declared:
+        version = pinned[requirement.name.lower().replace("_", "-")]
+        assert requirement.specifier.contains(version), f"{requirement} excludes the tested {version}"
+    floors = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "floors.py"), str(ROOT / "pyproject.toml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(floors) == len(declared)
+    for requirement, floor in zip(declared, floors, strict=True):
+        version = floor.partition("==")[2]
+        assert version and requirement.specifier.contains(version), (requirement, floor)
+        assert not any(requirement.specifier.contains(v) for v in _just_below(version)), (requirement, floor)
+
+
+def _just_below(version: str) -> list[str]:
+    """Versions right below ``version`` (its last number minus one), which a floor must exclude."""
+    parts = [int(p) for p in version.split(".")]
+    if parts[-1] == 0:
+        return []
+    return [".".join(map(str, [*parts[:-1], parts[-1] - 1]))]

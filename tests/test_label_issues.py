@@ -251,8 +251,8 @@ def test_relabel_draft_round_trips_through_read_train(world):
     # every injected error the draft fixes carries its clean label again (ages: their clean band)
     clean = world["truth"]
     issues = world["result"].issues
-    flagged = issues[issues["flagged"] & issues["kind"].isin(["gender", "age", "mask_swap"])]
-    found = set(world["injected"]["id"]) & set(flagged["id"])
+    drafted = issues[issues["drafted"] & issues["kind"].isin(["gender", "age", "mask_swap"])]
+    found = set(world["injected"]["id"]) & set(drafted["id"])
     assert found and found <= set(draft["id"])
     changed = after.index[after["person_id"].isin(found)]
     assert (after.loc[changed, "label"] == clean.loc[changed, "label"]).all()
@@ -301,8 +301,9 @@ def test_review_page_and_contact_sheets(world):
     assert "<script" not in page and "http" not in page
     with Image.open(sheets[0]) as sheet:
         assert sheet.width > 7 * review.THUMB[0] and sheet.height >= review.THUMB[1]
-    flagged = int(world["result"].issues["flagged"].sum())
-    assert len(sheets) == -(-flagged // review.ROWS_PER_SHEET)
+    issues = world["result"].issues
+    listed = int((issues["flagged"] | issues["drafted"]).sum())
+    assert len(sheets) == -(-listed // review.ROWS_PER_SHEET)
     assert not list(out.rglob(".*.tmp"))
     assert any("review.html" in line for line in world["lines"])
     assert any("--relabel" in line and "relabel_draft.csv" in line for line in world["lines"])
@@ -533,3 +534,26 @@ def test_holdout_persons_are_judged_by_the_ensembles_vote_on_them(world, tmp_pat
         assert any(line.startswith(f"{len(held_persons)} holdout persons were not judged") for line in lines)
     (search_dir / HOLDOUT_PROBS).write_bytes(b"PK\x03\x04 cut short")  # a damaged file: judged without it
     assert run_label_issues(world["noisy"], "hold", tmp_path / "runs", log=None).counts
+
+
+def test_the_judge_is_measured_printed_and_gates_the_draft(world):
+    result, lines = world["result"], world["lines"]
+    assert any(line.startswith("the judge measured on this search (10 seeded copies") for line in lines)
+    for kind in ("gender", "age", "mask_swap"):
+        line = next(line for line in lines if line.strip().startswith(f"{kind}:"))
+        judged = result.judge.kinds[kind]
+        if judged.cut is None:
+            assert "reaches precision" in line and "none drafted" in line and "listed for review" in line
+        else:
+            assert f"expected precision {judged.precision:.2f}" in line and "drafted" in line
+    curves = pd.read_csv(result.out / "judge.csv")
+    assert list(curves.columns) == ["kind", "threshold", "flags", "hits", "precision", "recall"]
+    assert set(curves["kind"]) == {"gender", "age", "mask_swap"}
+    issues = result.issues
+    for kind, cut in result.judge.cuts.items():  # drafted rows reach their kind's cut; no cut, none
+        rows = issues[issues["drafted"] & (issues["kind"] == kind)]
+        assert (rows["score"] >= cut).all() if cut is not None else rows.empty
+    draft = pd.read_csv(result.draft_path, dtype=str, keep_default_na=False)
+    assert len(draft) and draft["note"].str.contains("expected precision of").all()
+    page = (result.out / "review.html").read_text()
+    assert "the judge measured on this search" in page and "judge.csv" in page

@@ -24,6 +24,7 @@ import pandas as pd
 import psutil
 import pytest
 import ray
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -739,23 +740,40 @@ def test_resume_after_the_driver_is_killed(tmp_path, demo_root, tracking_uri):
 
 @pytest.mark.slow
 def test_search_survives_losing_a_node(tmp_path, demo_root, tracking_uri):
-    """Two-node local Ray cluster; the worker node dies mid-search; its trial is retried and all finish."""
+    """Two-node local Ray cluster, each node with its own node-local FOLDTUNE_CACHE (as two machines have);
+    the worker node dies mid-search; its trial is retried on the head without its resume state (left on
+    the lost node), keeps the best checkpoints of the shared run folder unless it beats them, and all
+    finish."""
     from ray.cluster_utils import Cluster
 
     space_file = write_space(
         tmp_path / "tiny.yaml", epochs=4, scheduler="none", trials=3, max_concurrent=2, max_failures=2
     )
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=1)
+    caches = {"head": tmp_path / "head-cache", "worker": tmp_path / "worker-cache"}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": False,
+            "env_vars": {"FOLDTUNE_CACHE": str(caches["head"])},
+        },
+    )
+    worker = cluster.add_node(num_cpus=1, env_vars={"FOLDTUNE_CACHE": str(caches["worker"])})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     search_dir = tmp_path / "runs" / "tiny"
     killed = threading.Event()
+    best_before: dict[str, float] = {}
+
+    def states_on(node: str) -> list[Path]:
+        return list((caches[node] / "resume").glob("*/last.pt")) if (caches[node] / "resume").is_dir() else []
 
     def kill_worker_when_both_trials_train() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed.is_set():
-            if len(resume_states(search_dir)) >= 2:
+            if states_on("head") and states_on("worker"):
+                for checkpoint in search_dir.glob("trials/*/checkpoints/fold*.pt"):
+                    best_before[str(checkpoint)] = float(torch.load(checkpoint, weights_only=True)["val_f1"])
                 cluster.remove_node(worker)
                 killed.set()
                 return
@@ -784,6 +802,10 @@ def test_search_survives_losing_a_node(tmp_path, demo_root, tracking_uri):
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     retried = [r for r in runs if r.data.tags.get("foldtune.retries")]
     assert retried and all(r.info.status == "FINISHED" for r in runs)
+    assert best_before  # the worker's trial had best checkpoints on the shared folder when it was lost
+    for path, score in best_before.items():  # never replaced by a worse model (pruned trials: gone)
+        if Path(path).exists():
+            assert float(torch.load(path, weights_only=True)["val_f1"]) >= score, path
 
 
 def test_asha_never_kills_a_trial_at_its_last_epoch():

@@ -233,5 +233,25 @@ _FIELD_KINDS: dict[str, Any] = {
 }
 
 
+def same_config(saved: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+    """Whether a run's saved config (a checkpoint's, a resume state's, ``result.json``'s) is ``cfg``: the same
+    value for every field, a field the saved one lacks counting as its default (written by a foldtune
+    without it, e.g. before an upgrade), a key the current one lacks counting as different."""
+    if not isinstance(saved, dict):
+        return False
+    defaults, current = TrainConfig.__new__(TrainConfig), cfg.to_dict()
+    for spec in dataclasses.fields(TrainConfig):
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        setattr(defaults, spec.name, default)
+    if set(saved) - set(current):
+        return False
+    filled = {**TrainConfig.to_dict(defaults), **saved}
+    return all(_plain(filled[key]) == _plain(value) for key, value in current.items())
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]

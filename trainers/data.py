@@ -28,6 +28,7 @@ import pandas as pd
 from trainers.data_checks import (
     MAX_AGE,
     DataError,
+    PersonRecord,
     Problem,
     add_error,
     add_warning,
@@ -82,19 +83,6 @@ class TrainData:
     fixes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RELABEL_FIELDS, 0))
     age_bands: AgeBands = field(default_factory=AgeBands)
     root: Path | None = None
-
-
-@dataclass
-class PersonRecord:
-    """One row of train.csv while it is being checked; fields are None where the row's value is bad."""
-
-    line: int
-    person_id: str
-    gender: int | None
-    age: int | None
-    person_dir: str | None
-    masks: dict[str, int] = field(default_factory=lambda: dict(MASK_STEMS))
-    files: dict[str, str] = field(default_factory=dict)  # stem -> file name
 
 
 def _relative_folder(raw: str) -> tuple[str | None, str]:

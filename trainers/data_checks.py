@@ -12,13 +12,14 @@ import functools
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from PIL import Image
 
 from trainers.errors import FoldtuneError
+from trainers.labels import MASK_STEMS
 
 MAX_AGE = 120
 _MAX_LISTED_PROBLEMS = 100
@@ -162,3 +163,17 @@ def verify_images(paths: list[Path], decode: bool = False) -> list[str]:
         return [check(path) for path in paths]
     with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
         return list(pool.map(check, paths, chunksize=32))
+
+
+@dataclass
+class PersonRecord:
+    """One row of train.csv while it is being checked; fields are None where the row's value is bad.
+    Here, below ``data`` and ``relabel``, because both read and change it."""
+
+    line: int
+    person_id: str
+    gender: int | None
+    age: int | None
+    person_dir: str | None
+    masks: dict[str, int] = field(default_factory=lambda: dict(MASK_STEMS))
+    files: dict[str, str] = field(default_factory=dict)  # stem -> file name

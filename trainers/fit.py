@@ -18,7 +18,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from trainers.loader import FoldLoader, epoch_seed
 from trainers.metrics import compute_metrics, flat_scalars
 from trainers.models import apply_freeze_train_mode
 from trainers.resume import RESUME_STATE, Progress, load_resume_state, resume_state_due, save_resume_state
-from trainers.run_outputs import write_out_of_fold, write_result
+from trainers.run_outputs import FitResult, write_out_of_fold, write_result
 from trainers.transforms import normalize_batch
 
 # GradScaler skips an fp16 step whose gradients overflowed (the first steps, while it finds its scale); the
@@ -84,23 +84,6 @@ class EpochReport:
             epoch_seconds=self.epoch_seconds,
         )
         return out
-
-
-@dataclass
-class FitResult:
-    """How a run ended and where its results are."""
-
-    status: str  # "completed" | "early_stopped" | "diverged"
-    message: str
-    best_f1: float  # best mean-over-folds validation macro F1 of any epoch
-    best_epoch: int
-    epochs_trained: int
-    run_dir: Path
-    oof_f1: float = float("nan")  # macro F1 of all out-of-fold predictions pooled (best checkpoints)
-    oof_f1_tta: float = float("nan")
-    trainable_params: int = 0
-    total_params: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def fit(

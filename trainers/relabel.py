@@ -22,13 +22,17 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from trainers.data_checks import MAX_AGE, Problem, add_error, add_warning, parse_age, read_csv_records
+from trainers.data_checks import (
+    MAX_AGE,
+    PersonRecord,
+    Problem,
+    add_error,
+    add_warning,
+    parse_age,
+    read_csv_records,
+)
 from trainers.labels import GENDER_CODES, GENDER_NAMES, MASK_STEMS
-
-if TYPE_CHECKING:
-    from trainers.data import PersonRecord
 
 RELABEL_COLUMNS = ("id", "field", "value")
 RELABEL_FIELDS = ("gender", "age", "mask_swap")

@@ -8,6 +8,11 @@ and every random stream training draws from. Written atomically every ``resume_e
 A fold's best weights and its out-of-fold probabilities live together in its checkpoint file (one atomic
 write), and on resume the checkpoint file is what counts: a kill between a new best checkpoint and the next
 resume state can then never pair weights and predictions of different epochs.
+
+Without a usable resume state (a trial retried on another node, whose node-local ``last.pt`` stayed behind;
+a ``last.pt`` that is truncated, foreign or unreadable, which is set aside under another name), the run
+trains again from its first epoch but keeps what the run folder on shared storage has: each fold's best
+checkpoint stays the bar a new epoch must beat, so a retry never replaces a better model with a worse one.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from trainers.cache import foldtune_home
 from trainers.checkpoint import fold_checkpoint_path, read_checkpoint
-from trainers.config import TrainConfig
+from trainers.config import TrainConfig, same_config
 from trainers.errors import FoldtuneError
 from trainers.fold_state import FoldState, load_trainable_state, trainable_state
 from trainers.io import atomic_torch_save
@@ -57,12 +62,11 @@ class Progress:
 def load_resume_state(
     path: Path, folds: list[FoldState], cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]
 ) -> Progress:
-    """Continue after the last finished epoch when ``last.pt`` is there; a fresh start otherwise."""
-    if not path.exists():
-        return Progress()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["config"] != cfg.to_dict():
-        raise ResumeError(f"{run_dir} holds a run of another configuration; use a new run folder")
+    """Continue after the last finished epoch when ``last.pt`` is there and usable; else from the run
+    folder's best checkpoints (``continue_from_best_checkpoints``); a fresh start when there are none."""
+    state = _usable_state(path, folds, cfg, run_dir, log) if path.exists() else None
+    if state is None:
+        return continue_from_best_checkpoints(folds, cfg, run_dir, log)
     for fold_state, saved in zip(folds, state["folds"], strict=True):
         load_trainable_state(fold_state.model, saved["model"], path)
         fold_state.optimizer.load_state_dict(saved["optimizer"])
@@ -74,6 +78,76 @@ def load_resume_state(
     restore_rng_states(state.get("rng"))
     log(f"resuming {run_dir.name} after epoch {state['epoch']}")
     return Progress(state["history"], state["best_mean_f1"], state["best_mean_epoch"], state["epoch"])
+
+
+_STATE_KEYS = {"epoch", "config", "history", "best_mean_f1", "best_mean_epoch", "folds"}
+
+
+def _usable_state(
+    path: Path, folds: list[FoldState], cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]
+) -> dict | None:
+    """``last.pt``'s contents, or None after setting aside one that is unreadable, truncated or foreign
+    (every retry would otherwise fail on the same file). One of another configuration in a run folder
+    whose checkpoints are of that other configuration too is a user error (a new config pointed at an old
+    run folder): ``ResumeError``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        usable = isinstance(state, dict) and set(state) >= _STATE_KEYS and len(state["folds"]) == len(folds)
+        why = "" if usable else "not a foldtune resume state of this run"
+    except Exception as error:  # torch raises many kinds for truncated or foreign files
+        state, why = None, f"unreadable: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+    if not why and not same_config(state["config"], cfg):
+        if not _checkpoints_of(cfg, run_dir, len(folds)):
+            raise ResumeError(f"{run_dir} holds a run of another configuration; use a new run folder")
+        why = "written for another configuration of this run"
+    if not why:
+        return state
+    aside = path.with_name(f"{path.name}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.replace(aside)
+    log(f"resume state {path} is {why}: set aside as {aside.name}; continuing from the best checkpoints")
+    return None
+
+
+def _checkpoints_of(cfg: TrainConfig, run_dir: Path, k: int) -> bool:
+    """Whether some fold checkpoint in the run folder is of ``cfg`` (none there: nothing to protect)."""
+    found = [fold_checkpoint_path(run_dir, fold) for fold in range(k)]
+    found = [path for path in found if path.is_file()]
+    if not found:
+        return True
+    for path in found:
+        try:
+            if same_config(read_checkpoint(path, mmap=True).get("config"), cfg):
+                return True
+        except FoldtuneError:
+            continue
+    return False
+
+
+def continue_from_best_checkpoints(
+    folds: list[FoldState], cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]
+) -> Progress:
+    """Without a resume state, a fresh start that keeps what the run folder already has: each fold's best
+    checkpoint (if it is of this config) is the score a new epoch must beat, so a retried run never
+    replaces a better model with a worse one, and its out-of-fold probabilities stay those of the kept
+    model. Training starts again from epoch 1 (exactly as the first attempt did, when run where it ran)."""
+    kept = 0
+    for fold_state in folds:
+        path = fold_checkpoint_path(run_dir, fold_state.index)
+        try:
+            payload = read_checkpoint(path, mmap=True) if path.is_file() else None
+        except FoldtuneError as error:
+            log(f"{error}; that fold starts again")
+            payload = None
+        if payload is not None and same_config(payload.get("config"), cfg) and "val_probs" in payload:
+            fold_state.best_f1, fold_state.best_epoch = float(payload["val_f1"]), int(payload["epoch"])
+            fold_state.best_probs = payload["val_probs"].numpy().copy()
+            kept += 1
+    if kept:
+        log(
+            f"{run_dir.name} has no resume state here: training again from epoch 1; its best checkpoints "
+            f"({kept} of {len(folds)} folds) stay unless an epoch beats them"
+        )
+    return Progress()
 
 
 def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict) -> None:
@@ -90,7 +164,7 @@ def _best_from_checkpoint(fold: FoldState, run_dir: Path, cfg: TrainConfig) -> N
     if not path.is_file():
         return
     payload = read_checkpoint(path)
-    if payload.get("config") == cfg.to_dict() and "val_probs" in payload:
+    if same_config(payload.get("config"), cfg) and "val_probs" in payload:
         fold.best_f1, fold.best_epoch = float(payload["val_f1"]), int(payload["epoch"])
         fold.best_probs = payload["val_probs"].numpy()
 

@@ -8,7 +8,7 @@ fold's best epoch, with and without TTA: the honest material the ensemble select
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,8 +24,24 @@ from trainers.labels import NUM_CLASSES, AgeBands, class_names
 from trainers.metrics import compute_metrics, flat_scalars, plot_confusion, plot_per_class_f1
 
 if TYPE_CHECKING:
-    from trainers.fit import FitResult
     from trainers.fold_state import FoldState
+
+
+@dataclass
+class FitResult:
+    """How a run ended and where its results are."""
+
+    status: str  # "completed" | "early_stopped" | "diverged"
+    message: str
+    best_f1: float  # best mean-over-folds validation macro F1 of any epoch
+    best_epoch: int
+    epochs_trained: int
+    run_dir: Path
+    oof_f1: float = float("nan")  # macro F1 of all out-of-fold predictions pooled (best checkpoints)
+    oof_f1_tta: float = float("nan")
+    trainable_params: int = 0
+    total_params: int = 0
+    extra: dict = field(default_factory=dict)
 
 
 def write_out_of_fold(

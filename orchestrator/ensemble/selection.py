@@ -23,15 +23,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from trainers.labels import NUM_CLASSES
 from trainers.metrics import confusion_matrix, f1_per_class
 
-if TYPE_CHECKING:
-    from orchestrator.ensemble.candidates import Candidate
+
+class Candidate(Protocol):
+    """What selection reads of a candidate trial (``candidates.Candidate`` is one): defined here, below the
+    room that finds them, so the two never import each other."""
+
+    trial_id: str
+    probs: np.ndarray  # OOF probabilities without TTA
+    probs_tta: np.ndarray  # with the trial's own TTA views
+    own_tta: tuple[str, ...]
+    partial: bool
 
 DEFAULT_GREEDY_STEPS = 20  # picks at most; greedy selection usually stops far earlier
 

@@ -22,6 +22,8 @@ def cmd_label_issues(args: argparse.Namespace) -> int:
         trial=args.trial,
         tracking_uri=args.tracking_uri,
         review_rows=args.review_rows,
+        min_precision=args.min_precision,
+        judge_seeds=args.judge_seeds,
     )
     return 0
 
@@ -72,6 +74,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=200,
         help="findings shown on contact sheets and review.html (default 200; all are in label_issues.csv)",
+    )
+    p.add_argument(
+        "--min-precision",
+        type=float,
+        default=0.5,
+        help="draft a kind of fix only above the cut where this search's judge, measured on copies of its "
+        "labels with known errors, reaches this precision (default 0.5)",
+    )
+    p.add_argument(
+        "--judge-seeds", type=int, default=10, help="seeded copies the judge is measured on (default 10)"
     )
     p.set_defaults(func=cmd_label_issues)
 

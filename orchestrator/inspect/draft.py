@@ -1,9 +1,12 @@
-"""The relabel draft: the flagged findings written as the overlay ``--relabel`` reads (trainers.relabel),
-ready to be reviewed, edited and passed to the next search.
+"""The relabel draft: the findings above their kind's cut written as the overlay ``--relabel`` reads
+(trainers.relabel), ready to be reviewed, edited and passed to the next search.
 
 Why a draft and not a fix: a finding is the models' opinion; a person decides. The draft is in exactly the
 overlay format (``id,field,value,note``) so that accepting a finding is leaving its line in, and rejecting
-it is deleting the line. Only what the overlay can express is drafted:
+it is deleting the line. Which findings: per kind, those scoring at or above the cut ``inspect.judge``
+measured for this search's judge (the lowest at which its measured precision reaches ``--min-precision``);
+a kind without a cut drafts nothing. Each line's note carries its kind's expected precision. An image-level
+mask finding is drafted as a swap, at the swap kind's cut. Only what the overlay can express is drafted:
 
 - ``gender``: the suggested gender;
 - ``age``: the age in the suggested band nearest to the given one (the smallest change that moves the
@@ -35,17 +38,32 @@ def _stems(value: str) -> frozenset[str]:
     return frozenset(part.strip() for part in value.split("<->"))
 
 
-def _note(row: pd.Series) -> str:
+MEASURED_AS = {"gender": "gender", "age": "age", "mask_swap": "mask_swap", "mask": "mask_swap"}
+
+
+def _note(row: pd.Series, precision: float) -> str:
     what = f"{row['given']} -> {row['suggested']}"
     where = f" ({row['image']})" if row["image"] else ""
     extra = "; put the true age" if row["kind"] == "age" else ""
-    return f"label-issues {row['kind']}{where}: {what}, confidence {row['confidence']:.2f}{extra}"
+    expected = f"; expected precision of {row['kind']} lines {precision:.2f}"
+    return f"label-issues {row['kind']}{where}: {what}, confidence {row['confidence']:.2f}{extra}{expected}"
 
 
-def new_fixes(issues: pd.DataFrame) -> list[dict[str, str]]:
-    """The flagged findings with an overlay form, best-ranked first, at most one per person and thing."""
-    fixes, taken, swapped = [], set(), set()
-    for _, row in issues[issues["flagged"].astype(bool) & (issues["fix"] != "")].iterrows():
+def drafted_rows(issues: pd.DataFrame, cuts: dict[str, float | None]) -> pd.Series:
+    """Which findings reach their kind's cut and have an overlay form (before one-per-person thinning)."""
+    cut = issues["kind"].map(lambda kind: cuts.get(MEASURED_AS[kind]))
+    reaches = cut.notna() & (issues["score"] >= cut.fillna(float("inf")))
+    return reaches & (issues["fix"] != "")
+
+
+def new_fixes(
+    issues: pd.DataFrame, cuts: dict[str, float | None], precision: dict[str, float]
+) -> tuple[list[dict[str, str]], list[int]]:
+    """The findings at or above their kind's cut with an overlay form, strongest evidence first, at most
+    one per person and thing; and the index of each drafted finding in ``issues``."""
+    fixes, used, taken, swapped = [], [], set(), set()
+    candidates = issues[drafted_rows(issues, cuts)].sort_values("score", ascending=False, kind="mergesort")
+    for index, row in candidates.iterrows():
         person, field = str(row["id"]), OVERLAY_FIELD[row["kind"]]
         if field == "mask_swap":
             stems = _stems(row["fix"])
@@ -55,8 +73,10 @@ def new_fixes(issues: pd.DataFrame) -> list[dict[str, str]]:
         elif (person, field) in taken:
             continue
         taken.add((person, field))
-        fixes.append({"id": person, "field": field, "value": str(row["fix"]), "note": _note(row)})
-    return fixes
+        note = _note(row, precision[MEASURED_AS[row["kind"]]])
+        fixes.append({"id": person, "field": field, "value": str(row["fix"]), "note": note})
+        used.append(index)
+    return fixes, used
 
 
 def read_overlay(path: Path) -> list[dict[str, str]]:
@@ -100,8 +120,14 @@ def merge(previous: list[dict[str, str]], fixes: list[dict[str, str]]) -> tuple[
     return kept + merged_new, conflicts
 
 
-def build_draft(issues: pd.DataFrame, previous: Path | None = None) -> tuple[pd.DataFrame, int]:
-    """The draft overlay as a frame (``DRAFT_COLUMNS``) and how many fixes conflict with ``previous``."""
-    fixes = new_fixes(issues)
+def build_draft(
+    issues: pd.DataFrame,
+    cuts: dict[str, float | None],
+    precision: dict[str, float],
+    previous: Path | None = None,
+) -> tuple[pd.DataFrame, int, list[int]]:
+    """The draft overlay as a frame (``DRAFT_COLUMNS``), how many fixes conflict with ``previous``, and the
+    index in ``issues`` of each finding drafted."""
+    fixes, used = new_fixes(issues, cuts, precision)
     lines, conflicts = merge(read_overlay(previous), fixes) if previous is not None else (fixes, 0)
-    return pd.DataFrame(lines, columns=list(DRAFT_COLUMNS)), conflicts
+    return pd.DataFrame(lines, columns=list(DRAFT_COLUMNS)), conflicts, used

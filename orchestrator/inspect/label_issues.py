@@ -254,6 +254,15 @@ def _mask_rows(table: pd.DataFrame, mask_probs: np.ndarray, explained: set[tuple
     return rows
 
 
+def person_findings(table: pd.DataFrame, probs: np.ndarray, bands: AgeBands) -> pd.DataFrame:
+    """The person-level findings alone (gender, age band, ``incorrect_mask`` <-> ``normal`` swaps), as
+    ``find_issues`` makes them: what ``inspect.judge`` measures the judge on, many times over."""
+    table = table.reset_index(drop=True)
+    marginals = task_marginals(probs)
+    swaps, _ = _swap_rows(table, marginals["mask"])
+    return pd.DataFrame(_person_rows(table, marginals, bands) + swaps, columns=list(ISSUE_COLUMNS))
+
+
 def find_issues(table: pd.DataFrame, probs: np.ndarray, bands: AgeBands) -> pd.DataFrame:
     """Every suspect label, ranked: flagged rows (the default cut) first, then by ``score``, descending.
 

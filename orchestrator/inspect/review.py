@@ -33,7 +33,7 @@ LINE = 12  # pixels per text line (PIL's default font)
 TEXT_CHARS = 46  # characters per line of the text panel
 SUSPECT = (220, 30, 30)
 SHEETS_DIR = "sheets"
-_SHEET_COLUMNS = ("id", "kind", "given", "suggested", "confidence", "score", "image")
+_SHEET_COLUMNS = ("id", "kind", "given", "suggested", "confidence", "score", "drafted", "image")
 
 
 def _font() -> ImageFont.ImageFont:
@@ -70,12 +70,19 @@ def _suspects(row: pd.Series, stems: dict[str, str]) -> dict[str, str]:
 def _text_lines(rank: int, row: pd.Series, room: int) -> list[str]:
     """The finding as at most ``room`` wrapped lines (the confidence line is kept last)."""
     lines = [
-        f"#{rank}  id {row['id']}  [{row['kind']}]" + ("" if row["flagged"] else "  (below the cut)"),
+        f"#{rank}  id {row['id']}  [{row['kind']}]" + _standing(row),
         *textwrap.wrap(f"given: {row['given']}", TEXT_CHARS, subsequent_indent="  "),
         *textwrap.wrap(f"suggested: {row['suggested']}", TEXT_CHARS, subsequent_indent="  "),
         *textwrap.wrap(f"overlay: {row['fix'] or '(none; fix by hand)'}", TEXT_CHARS, subsequent_indent="  "),
     ]
     return [*lines[: room - 1], f"confidence {row['confidence']:.2f}   score {row['score']:.2f}"]
+
+
+def _standing(row: pd.Series) -> str:
+    """Whether the finding is in the draft, only listed for review, or below the default cut."""
+    if row.get("drafted", False):
+        return "  drafted"
+    return "  (review only)" if row["flagged"] else "  (below the cut)"
 
 
 def render_row(rank: int, row: pd.Series, person: pd.DataFrame, data_root: Path) -> Image.Image:
@@ -163,9 +170,10 @@ def review_page(
         "border:1px solid #ccc}.below{color:#777}</style></head><body>",
         "<h1>Label issues</h1>",
         "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in summary_lines) + "</ul>",
-        f"<p>{len(rows)} of {total} findings are shown below, best-ranked first; all of them are in "
-        '<a href="label_issues.csv">label_issues.csv</a>, the drafted fixes in '
-        '<a href="relabel_draft.csv">relabel_draft.csv</a>.</p>',
+        f"<p>{len(rows)} of {total} findings are shown below, drafted ones first, each part by the "
+        'strength of its evidence (score); all of them are in <a href="label_issues.csv">label_issues.csv</a>, '
+        'the drafted fixes in <a href="relabel_draft.csv">relabel_draft.csv</a>, the judge\'s measured '
+        'precision and recall at every cut in <a href="judge.csv">judge.csv</a>.</p>',
     ]
     for index in range(n_sheets):
         chunk = rows.iloc[index * rows_per_sheet : (index + 1) * rows_per_sheet]
@@ -176,8 +184,8 @@ def review_page(
         )
         parts.append("<table><tr><th>rank</th>" + "".join(f"<th>{c}</th>" for c in _SHEET_COLUMNS) + "</tr>")
         for offset, (_, row) in enumerate(chunk.iterrows()):
-            css = "" if row["flagged"] else ' class="below"'
-            cells = "".join(f"<td>{_cell(row[c])}</td>" for c in _SHEET_COLUMNS)
+            css = "" if row["flagged"] or row.get("drafted", False) else ' class="below"'
+            cells = "".join(f"<td>{_cell(row.get(c, ''))}</td>" for c in _SHEET_COLUMNS)
             parts.append(f"<tr{css}><td>{first + offset}</td>{cells}</tr>")
         parts.append("</table>")
         parts.append(f'<a href="{esc(name)}"><img src="{esc(name)}" alt="contact sheet {index + 1}"></a>')

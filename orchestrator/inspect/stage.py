@@ -18,6 +18,7 @@ import pandas as pd
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.inspect.draft import build_draft
+from orchestrator.inspect.judge import DEFAULT_MIN_PRECISION, DEFAULT_SEEDS, JudgeReport, measure_judge
 from orchestrator.inspect.label_issues import KINDS, counts_by_kind, find_issues
 from orchestrator.inspect.oof import check_data_root, load_search_oof, read_matching_train, with_holdout
 from orchestrator.inspect.review import (
@@ -46,6 +47,7 @@ class LabelIssuesResult:
     conflicts: int = 0  # new swaps overlapping one of the search's own overlay swaps in one image
     no_overlay_form: int = 0  # flagged findings the overlay cannot express
     unjudged_holdout: int = 0  # holdout persons without the ensemble's vote on them
+    judge: JudgeReport | None = None  # the judge measured on this search (the draft's cuts)
     mlflow_run_id: str | None = None
 
     @property
@@ -58,13 +60,30 @@ class LabelIssuesResult:
 
 
 def summary_lines(result: LabelIssuesResult, persons: int, images: int) -> list[str]:
-    """The short printed summary (also at the top of review.html)."""
+    """The short printed summary (also at the top of review.html): the judge, what it reaches per kind
+    (measured on this search), what was flagged for review and what was drafted."""
     counts = ", ".join(f"{kind} {result.counts[kind]}" for kind in KINDS)
     lines = [
         f"judged {persons} persons / {images} images with the out-of-fold probabilities of {result.source}",
-        f"flagged at the default cut (cleanlab; swaps from a likelihood ratio of 10): {counts}",
-        f"drafted fixes: {len(result.draft)} line(s) in {result.draft_path}",
+        f"flagged for review at the default cut (cleanlab; swaps from a likelihood ratio of 10): {counts}",
     ]
+    if result.judge is not None:
+        lines.append(
+            f"the judge measured on this search ({result.judge.seeds} seeded copies with known errors; "
+            f"the draft keeps a kind above the cut where its precision reaches {result.judge.min_precision:g}):"
+        )
+        drafted = result.issues[result.issues["drafted"]]
+        for kind, judged in result.judge.kinds.items():
+            line = f"  {judged.line(result.judge.min_precision)}"
+            if judged.cut is None:
+                line += (
+                    f"; {result.counts[kind]} listed for review - a longer search or `foldtune refit` "
+                    "makes a stronger judge"
+                )
+            else:
+                line += f"; {int((drafted['kind'] == kind).sum())} drafted"
+            lines.append(line)
+    lines.append(f"drafted fixes: {len(result.draft)} line(s) in {result.draft_path}")
     if result.unjudged_holdout:
         lines.append(
             f"{result.unjudged_holdout} holdout persons were not judged (they have no out-of-fold "
@@ -92,18 +111,27 @@ def run_label_issues(
     trial: str | None = None,
     tracking_uri: str | None = None,
     review_rows: int = DEFAULT_REVIEW_ROWS,
+    min_precision: float = DEFAULT_MIN_PRECISION,
+    judge_seeds: int = DEFAULT_SEEDS,
     log: Callable[[str], None] | None = print,
 ) -> LabelIssuesResult:
     """Find the likely label errors of search ``search``'s training data and write them for review."""
     log = log or (lambda message: None)
     if review_rows < 0:
         raise OrchestratorError(f"--review-rows must be 0 or more, got {review_rows}")
+    if not 0 < min_precision <= 1:
+        raise OrchestratorError(f"--min-precision must be in (0, 1], got {min_precision:g}")
+    if judge_seeds < 1:
+        raise OrchestratorError(f"--judge-seeds must be at least 1, got {judge_seeds}")
     data_root = check_data_root(Path(data_root))
     oof, unjudged = with_holdout(load_search_oof(search, storage, trial))
     out = Path(out) if out else oof.search_dir / "label_issues"
     table = read_matching_train(data_root, oof)
     issues = find_issues(table, oof.probs, oof.age_bands)
-    draft, conflicts = build_draft(issues, oof.relabel)
+    judge = measure_judge(table, oof.probs, oof.age_bands, judge_seeds, min_precision)
+    precision = {kind: judged.precision for kind, judged in judge.kinds.items()}
+    draft, conflicts, used = build_draft(issues, judge.cuts, precision, oof.relabel)
+    issues["drafted"] = issues.index.isin(used)
     flagged = issues[issues["flagged"].astype(bool)]
     result = LabelIssuesResult(
         out=out,
@@ -114,10 +142,14 @@ def run_label_issues(
         conflicts=conflicts,
         no_overlay_form=int((flagged["fix"] == "").sum()),
         unjudged_holdout=unjudged,
+        judge=judge,
     )
 
-    # render everything before writing anything
-    shown = flagged.head(review_rows) if len(flagged) else issues.head(min(review_rows, ROWS_PER_SHEET))
+    # render everything before writing anything; the sheets show the strongest evidence first, drafted
+    # findings before the ones only listed for review
+    listed = issues[issues["flagged"].astype(bool) | issues["drafted"]]
+    listed = listed.sort_values(["drafted", "score"], ascending=[False, False], kind="mergesort")
+    shown = listed.head(review_rows) if len(listed) else issues.head(min(review_rows, ROWS_PER_SHEET))
     sheets = render_sheets(shown, table, data_root.resolve())
     lines = summary_lines(result, table["person_id"].nunique(), len(table))
     page = review_page(shown, len(sheets), [*lines, apply_hint(result)], len(issues))
@@ -125,6 +157,7 @@ def run_label_issues(
     # write: sheets, the lists, the page last (it links the rest); then stale sheets go
     written = [atomic_write_bytes(png, out / sheet_name(i)) for i, png in enumerate(sheets)]
     written.append(write_csv_atomic(issues.round(6), out / "label_issues.csv"))
+    written.append(write_csv_atomic(judge.curves().round(6), out / "judge.csv"))
     written.append(write_csv_atomic(draft, result.draft_path))
     written.append(write_text_atomic(page, result.review))
     keep = {path.name for path in written}

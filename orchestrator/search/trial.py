@@ -68,7 +68,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     log = print if context.log_epochs else None
     holds_gpu = claim_devices(ray.get_gpu_ids())
 
-    finished = _finished_fit(run_dir, cfg.to_dict())
+    finished = _finished_fit(run_dir, cfg)
     if finished is not None:  # the fit ended but a killed driver never recorded it: report, don't retrain
         _report(_final_metrics(run_dir, finished, cfg.epochs), run_dir)
         return
@@ -154,12 +154,14 @@ def _report(metrics: dict[str, Any], run_dir: Path) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def _finished_fit(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+def _finished_fit(run_dir: Path, cfg) -> dict[str, Any] | None:
+    from trainers.config import same_config
+
     path = run_dir / "result.json"
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    if result.get("config") == config and result.get("status") in ("completed", "early_stopped"):
+    if same_config(result.get("config"), cfg) and result.get("status") in ("completed", "early_stopped"):
         return result
     return None
 

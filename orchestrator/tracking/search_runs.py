@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import pandas as pd
 import yaml
@@ -19,8 +19,17 @@ import yaml
 from orchestrator.space import SearchSpace
 from orchestrator.tracking.store import TAG, SearchTracking, error_line, quiet_store_errors
 
-if TYPE_CHECKING:
-    from orchestrator.search.summary import SearchSummary
+
+class SearchSummary(Protocol):
+    """What the parent run records of a search's outcome (``search.summary.SearchSummary`` is one):
+    tracking sits below the search rooms and never imports them."""
+
+    search_dir: Path
+    leaderboard: pd.DataFrame
+    disk_bytes: int
+    finished: bool
+    best_trial_id: str | None
+    best_config: dict[str, Any] | None
 
 
 def start_parent_run(
