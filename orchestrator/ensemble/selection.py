@@ -41,6 +41,7 @@ class Candidate(Protocol):
     own_tta: tuple[str, ...]
     partial: bool
 
+
 DEFAULT_GREEDY_STEPS = 20  # picks at most; greedy selection usually stops far earlier
 
 

@@ -124,7 +124,9 @@ def inject(
             table.loc[rows, "age"] = moved
             table.loc[rows, "age_band"] = bands.band(moved.to_numpy())
         else:
-            pairs = table.loc[rows][table.loc[rows, "stem"].isin(SWAP_STEMS)].sort_values(["person_id", "stem"])
+            pairs = table.loc[rows][table.loc[rows, "stem"].isin(SWAP_STEMS)].sort_values(
+                ["person_id", "stem"]
+            )
             first, second = pairs.index[0::2].to_numpy(), pairs.index[1::2].to_numpy()
             probs[np.concatenate([first, second])] = probs[np.concatenate([second, first])]
     return table, probs, injected
@@ -169,7 +171,9 @@ def measure_judge(
         hits = np.concatenate([h for _, h in scored[kind]]) if scored[kind] else np.zeros(0, dtype=bool)
         curve = precision_curve(scores, hits, injected_counts[kind])
         base = given.loc[given["kind"] == kind, "score"].to_numpy(dtype=np.float64)
-        kinds[kind] = _judge_kind(kind, rate, injected_counts[kind] // max(1, seeds), curve, base, min_precision)
+        kinds[kind] = _judge_kind(
+            kind, rate, injected_counts[kind] // max(1, seeds), curve, base, min_precision
+        )
     return JudgeReport(kinds, seeds, min_precision)
 
 

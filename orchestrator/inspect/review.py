@@ -171,9 +171,10 @@ def review_page(
         "<h1>Label issues</h1>",
         "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in summary_lines) + "</ul>",
         f"<p>{len(rows)} of {total} findings are shown below, drafted ones first, each part by the "
-        'strength of its evidence (score); all of them are in <a href="label_issues.csv">label_issues.csv</a>, '
-        'the drafted fixes in <a href="relabel_draft.csv">relabel_draft.csv</a>, the judge\'s measured '
-        'precision and recall at every cut in <a href="judge.csv">judge.csv</a>.</p>',
+        "strength of its evidence (score); all of them are in "
+        '<a href="label_issues.csv">label_issues.csv</a>, the drafted fixes in '
+        '<a href="relabel_draft.csv">relabel_draft.csv</a>, the measured precision and recall of the '
+        'judge at every cut in <a href="judge.csv">judge.csv</a>.</p>',
     ]
     for index in range(n_sheets):
         chunk = rows.iloc[index * rows_per_sheet : (index + 1) * rows_per_sheet]

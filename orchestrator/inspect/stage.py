@@ -68,9 +68,10 @@ def summary_lines(result: LabelIssuesResult, persons: int, images: int) -> list[
         f"flagged for review at the default cut (cleanlab; swaps from a likelihood ratio of 10): {counts}",
     ]
     if result.judge is not None:
+        target = result.judge.min_precision
         lines.append(
             f"the judge measured on this search ({result.judge.seeds} seeded copies with known errors; "
-            f"the draft keeps a kind above the cut where its precision reaches {result.judge.min_precision:g}):"
+            f"the draft keeps a kind above the cut where its precision reaches {target:g}):"
         )
         drafted = result.issues[result.issues["drafted"]]
         for kind, judged in result.judge.kinds.items():
