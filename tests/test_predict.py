@@ -186,19 +186,75 @@ def test_registered_pyfunc_reproduces_the_submission(world, store):
     assert (by_path["error"] == "").all() and by_path["class"].dtype == np.int64
 
 
-def test_each_ensemble_registers_a_new_version(world, store, tmp_path):
+def test_each_submission_ensemble_registers_a_version_with_the_candidate_alias(world, store, tmp_path):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
-    before = {v.version for v in client.search_model_versions(f"name='{MODEL_NAME}'")}
+    versions = lambda: {v.version for v in client.search_model_versions(f"name='{MODEL_NAME}'")}  # noqa: E731
+    before = versions()
+    logged: list[str] = []
+    for exploratory in ({"top": 1}, {"folds": [0]}, {"tta": ()}):  # made to compare: not registered
+        result = run_ensemble(
+            world["data"].root, SEARCH, storage=world["storage"], out=tmp_path / "x.csv",
+            cache_dir=world["cache"], device="cpu", log=logged.append, **exploratory,
+        )  # fmt: skip
+        assert versions() == before and "registered_model" not in json.loads(result.report_path.read_text())
+    assert sum("not registered (an exploratory ensemble)" in line for line in logged) == 3
     result = run_ensemble(
-        world["data"].root, SEARCH, storage=world["storage"], top=1, out=tmp_path / "top1.csv",
+        world["data"].root, SEARCH, storage=world["storage"], out=tmp_path / "greedy.csv",
         cache_dir=world["cache"], device="cpu", log=None,
     )  # fmt: skip
-    after = {v.version for v in client.search_model_versions(f"name='{MODEL_NAME}'")}
-    assert len(after - before) == 1
-    new = client.get_model_version(MODEL_NAME, (after - before).pop())
-    assert new.run_id == result.mlflow_run_id
+    (version,) = versions() - before
+    assert client.get_model_version(MODEL_NAME, version).run_id == result.mlflow_run_id
+    assert client.get_model_version_by_alias(MODEL_NAME, "candidate").version == version
+
+
+def test_the_registered_model_needs_only_its_requirements_and_takes_paths_and_bytes(world, store, tmp_path):
+    """Loaded in a fresh interpreter where foldtune is not installed (no site .pth files: the editable
+    install is invisible), from the registry: foldtune's code comes with the model, and neither Ray nor
+    Optuna is imported. One request mixes a path row and a bytes row."""
+    import site
+
+    version = json.loads(world["result"].report_path.read_text())["registered_model"]
+    image = Path(world["eval"]["image_path"].iloc[0])
+    frame_file = tmp_path / "frame.json"
+    frame_file.write_text(
+        json.dumps({"path": str(image), "bytes": base64.b64encode(image.read_bytes()).decode()})
+    )
+    script = f"""
+import base64, json, sys
+sys.path[:0] = {[p for p in site.getsitepackages()]!r}
+try:
+    import orchestrator
+    sys.exit("foldtune is importable without the model: the check proves nothing")
+except ModuleNotFoundError:
+    pass
+import mlflow, pandas as pd
+mlflow.set_tracking_uri({store!r}); mlflow.set_registry_uri({store!r})
+model = mlflow.pyfunc.load_model({version!r}, model_config={{"device": "cpu"}})
+given = json.loads(open({str(frame_file)!r}).read())
+picture = base64.b64decode(given["bytes"])
+frame = pd.DataFrame({{"image_path": [given["path"], None], "image_bytes": [None, picture]}})
+out = model.predict(frame)
+import orchestrator
+print(json.dumps({{
+    "modules": sorted({{m.split(".")[0] for m in sys.modules}}),
+    "orchestrator": orchestrator.__file__,
+    "probs": out[[c for c in out.columns if c.startswith("prob_")]].to_numpy().tolist(),
+    "errors": out["error"].tolist(),
+}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not {"ray", "optuna"} & set(loaded["modules"])
+    assert "/code/" in loaded["orchestrator"] and not loaded["orchestrator"].startswith(str(Path.cwd()))
+    assert loaded["errors"] == ["", ""]
+    np.testing.assert_allclose(loaded["probs"][0], loaded["probs"][1], atol=TOLERANCE)  # same picture
+    np.testing.assert_allclose(loaded["probs"][0], expected(world, [image.name])[0], atol=TOLERANCE)
 
 
 def test_a_failing_model_log_only_warns_and_keeps_submission_and_run(world, tmp_path, monkeypatch):

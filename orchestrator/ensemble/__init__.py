@@ -30,44 +30,37 @@ One room per responsibility, in the order a run goes through them:
 The MLflow record lives with the rest of MLflow, in ``orchestrator.tracking.ensemble_run``.
 """
 
-from orchestrator.ensemble.arguments import DEFAULT_STORAGE
-from orchestrator.ensemble.candidates import FAILED_STATUSES, Candidate, read_search_summary
-from orchestrator.ensemble.result import EnsembleMember, EnsembleResult, format_report
-from orchestrator.ensemble.selection import (
-    DEFAULT_GREEDY_STEPS,
-    Selection,
-    greedy_selection,
-    macro_f1,
-    select,
-    soft_vote,
-)
-from orchestrator.ensemble.stage import run_ensemble
-from orchestrator.ensemble.submission import (
-    SUBMISSION_COLUMNS,
-    score_arrays,
-    score_submission,
-    score_submission_arrays,
-    validate_submission,
-)
+# Exported names, imported when first used (PEP 562): importing one room of this package, e.g. for a
+# served model, must not import all the others and what they import.
+_EXPORTS = {
+    "Candidate": "orchestrator.ensemble.candidates",
+    "DEFAULT_GREEDY_STEPS": "orchestrator.ensemble.selection",
+    "DEFAULT_STORAGE": "orchestrator.ensemble.arguments",
+    "EnsembleMember": "orchestrator.ensemble.result",
+    "EnsembleResult": "orchestrator.ensemble.result",
+    "FAILED_STATUSES": "orchestrator.ensemble.candidates",
+    "SUBMISSION_COLUMNS": "orchestrator.ensemble.submission",
+    "Selection": "orchestrator.ensemble.selection",
+    "format_report": "orchestrator.ensemble.result",
+    "greedy_selection": "orchestrator.ensemble.selection",
+    "macro_f1": "orchestrator.ensemble.selection",
+    "read_search_summary": "orchestrator.ensemble.candidates",
+    "run_ensemble": "orchestrator.ensemble.stage",
+    "score_arrays": "orchestrator.ensemble.submission",
+    "score_submission": "orchestrator.ensemble.submission",
+    "score_submission_arrays": "orchestrator.ensemble.submission",
+    "select": "orchestrator.ensemble.selection",
+    "soft_vote": "orchestrator.ensemble.selection",
+    "validate_submission": "orchestrator.ensemble.submission",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "DEFAULT_GREEDY_STEPS",
-    "DEFAULT_STORAGE",
-    "FAILED_STATUSES",
-    "SUBMISSION_COLUMNS",
-    "Candidate",
-    "EnsembleMember",
-    "EnsembleResult",
-    "Selection",
-    "format_report",
-    "greedy_selection",
-    "macro_f1",
-    "read_search_summary",
-    "run_ensemble",
-    "score_arrays",
-    "score_submission",
-    "score_submission_arrays",
-    "select",
-    "soft_vote",
-    "validate_submission",
-]
+
+def __getattr__(name: str):
+    import importlib
+
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -26,9 +26,11 @@ def record_in_mlflow(
     log: Callable[[str], None],
     bundle: Path | None = None,
     data_root: Path | None = None,
+    exploratory: bool = False,
 ) -> None:
     """Log the run (its id goes into the result and ensemble.json), then the model folder as an MLflow model
-    registered under the search's name; a failure of either only warns."""
+    registered under the search's name (an ``exploratory`` ensemble, one made with --top 1, --folds or
+    --tta to compare, is logged in its run but not registered); a failure of either only warns."""
     try:
         from orchestrator.tracking.ensemble_run import log_ensemble_run
 
@@ -46,13 +48,18 @@ def record_in_mlflow(
         try:
             from orchestrator.tracking.ensemble_model import log_ensemble_model
 
-            registered = log_ensemble_model(bundle, result.mlflow_run_id, search, tracking_uri, summary)
+            registered = log_ensemble_model(
+                bundle, result.mlflow_run_id, search, tracking_uri, summary, register=not exploratory
+            )
         except Exception as error:
             log(
                 f"warning: the submission and the MLflow run are written but logging the ensemble as an "
                 f"MLflow model failed ({type(error).__name__}: {error})"
             )
         else:
-            report["registered_model"] = registered.model_uri
-            log(f"MLflow model: {registered.model_uri}")
+            if exploratory:
+                log("MLflow model: logged in its run, not registered (an exploratory ensemble)")
+            else:
+                report["registered_model"] = registered.model_uri
+                log(f"MLflow model: {registered.model_uri} (alias @candidate)")
     write_text_atomic(json.dumps(report, indent=2, default=float), result.report_path)

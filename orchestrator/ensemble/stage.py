@@ -174,8 +174,20 @@ def run_ensemble(
 
     # after the submission: the model folder `foldtune predict` reads, then the MLflow run and model
     bundle = _write_bundle(result, pool, search, log, refit)
+    # made to compare (one trial alone, some fold models, other TTA), not to submit: not registered
+    exploratory = top == 1 or folds is not None or tta is not None
     record_in_mlflow(
-        result, report, pool.summary, search, search_dir, tracking_uri, settings, log, bundle, data_root
+        result,
+        report,
+        pool.summary,
+        search,
+        search_dir,
+        tracking_uri,
+        settings,
+        log,
+        bundle,
+        data_root,
+        exploratory=exploratory,
     )
     log(format_report(result))
     return result

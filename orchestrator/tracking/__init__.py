@@ -3,29 +3,30 @@
 Search and ensemble call this package; nothing else in foldtune imports mlflow.
 """
 
-from orchestrator.tracking.store import (
-    CHILD_ROLE,
-    DEFAULT_STORE,
-    PARENT_ROLE,
-    TAG,
-    SearchTracking,
-    artifact_root,
-    resolve_tracking_uri,
-)
-from orchestrator.tracking.trials import RUN_FOLDER_ARTIFACTS, MlflowTrialCallback, trial_error
-from orchestrator.tracking.ui import launch_ui, start_ui
+# Exported names, imported when first used (PEP 562): importing one room of this package, e.g. for a
+# served model, must not import all the others and what they import.
+_EXPORTS = {
+    "CHILD_ROLE": "orchestrator.tracking.store",
+    "DEFAULT_STORE": "orchestrator.tracking.store",
+    "MlflowTrialCallback": "orchestrator.tracking.trials",
+    "PARENT_ROLE": "orchestrator.tracking.store",
+    "RUN_FOLDER_ARTIFACTS": "orchestrator.tracking.trials",
+    "SearchTracking": "orchestrator.tracking.store",
+    "TAG": "orchestrator.tracking.store",
+    "artifact_root": "orchestrator.tracking.store",
+    "launch_ui": "orchestrator.tracking.ui",
+    "resolve_tracking_uri": "orchestrator.tracking.store",
+    "start_ui": "orchestrator.tracking.ui",
+    "trial_error": "orchestrator.tracking.trials",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "CHILD_ROLE",
-    "DEFAULT_STORE",
-    "PARENT_ROLE",
-    "RUN_FOLDER_ARTIFACTS",
-    "TAG",
-    "MlflowTrialCallback",
-    "SearchTracking",
-    "artifact_root",
-    "launch_ui",
-    "resolve_tracking_uri",
-    "start_ui",
-    "trial_error",
-]
+
+def __getattr__(name: str):
+    import importlib
+
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

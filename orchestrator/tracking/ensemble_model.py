@@ -16,9 +16,13 @@ bytes uses them, else its path. Output: one row per input row, ``class`` (int, -
 not be read), ``mask``, ``gender``, ``age`` (names), ``prob_00``..``prob_17`` and ``error`` ('' when the
 image was read).
 
-The model needs foldtune importable where it is loaded (``pip install -e .`` in the serving environment,
-or ``--env-manager local`` in foldtune's own), as the python model is this module's class. The model's
-pip requirements pin the versions of the libraries it runs on, so no requirement inference runs.
+The model is self-contained: foldtune's own code travels with it (``code_paths``: the ``trainers`` and
+``orchestrator`` packages), its python model is ``served_model.EnsemblePyfunc``, whose imports never reach
+Ray, Optuna or a search folder, and its pip requirements pin exactly the libraries that code imports when
+loading and predicting, so a serving environment needs nothing else (no foldtune install) and no
+requirement inference runs. A small input example (one encoded picture) shows a request in the UI.
+Exploratory ensembles (``--top 1``, ``--folds``, ``--tta``) are logged in their run but not registered; the
+submission's ensemble gets a new version with the alias ``candidate``, which the user can move.
 
 MLflow's fluent API (``log_model``, ``load_model``) reads the tracking and registry URIs from process
 globals: they are set for the call only and restored afterwards (``_using_store``).
@@ -26,12 +30,10 @@ globals: they are set for the call only and restored afterwards (``_using_store`
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import re
 import tempfile
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -43,13 +45,17 @@ import pandas as pd
 
 from orchestrator.ensemble.predictor import OUTPUT_COLUMNS, EnsemblePredictor
 from orchestrator.errors import OrchestratorError
+from orchestrator.tracking.served_model import (
+    ARTIFACT_KEY,
+    DEFAULT_MODEL_CONFIG,
+    EnsemblePyfunc,
+)
 from orchestrator.tracking.store import TAG, resolve_tracking_uri
 
 MODEL_NAME = "ensemble_model"  # the logged model's name in the run
-ARTIFACT_KEY = "ensemble"  # the bundle folder among the model's artifacts
-DEFAULT_MODEL_CONFIG = {"device": "auto", "batch_size": 64}
-# what the python model imports when it runs; pinned to the versions installed here
+# what the python model's code imports when it loads and predicts; pinned to the versions installed here
 REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "albumentations", "pyyaml")
+ALIAS = "candidate"  # the registered version the latest submission's ensemble is; move it to promote
 
 
 def registered_model_name(search: str) -> str:
@@ -86,59 +92,13 @@ def _pip_requirements() -> list[str]:
     return pinned
 
 
-def _is_missing(value) -> bool:
-    if value is None:
-        return True
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def images_from_frame(frame: pd.DataFrame) -> list:
-    """Per row, the encoded bytes (``image_bytes``; a base64 string is decoded) or else the path."""
-    if not isinstance(frame, pd.DataFrame):
-        frame = pd.DataFrame(frame)
-    if "image_path" not in frame.columns and "image_bytes" not in frame.columns:
-        raise OrchestratorError(
-            f"the input needs a column image_path (str) or image_bytes (encoded JPEG/PNG); got columns "
-            f"{list(frame.columns)}"
-        )
-    paths = frame["image_path"].tolist() if "image_path" in frame.columns else [None] * len(frame)
-    data = frame["image_bytes"].tolist() if "image_bytes" in frame.columns else [None] * len(frame)
-    images = []
-    for path, encoded in zip(paths, data, strict=True):
-        if not _is_missing(encoded):
-            images.append(base64.b64decode(encoded) if isinstance(encoded, str) else encoded)
-        elif not _is_missing(path):
-            images.append(str(path))
-        else:
-            images.append("")  # no image: reported in the row's error column
-    return images
-
-
-class EnsemblePyfunc(mlflow.pyfunc.PythonModel):
-    """The pyfunc flavour of an ensemble; ``model_config`` may set ``device`` and ``batch_size``."""
-
-    def load_context(self, context) -> None:
-        config = {**DEFAULT_MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}
-        self.batch_size = int(config["batch_size"])
-        self.predictor = EnsemblePredictor.from_folder(
-            context.artifacts[ARTIFACT_KEY], device=config["device"]
-        )
-
-    def predict(self, context, model_input: pd.DataFrame, params=None):  # no schema from the hint
-        images = images_from_frame(model_input)
-        return self.predictor.predict(images, batch_size=self.batch_size).frame()
-
-
 def _model_code(folder: Path) -> Path:
     """The model's code (MLflow's "models from code", nothing pickled): this module's class, by import."""
     path = folder / "foldtune_ensemble_model.py"
     path.write_text(
-        '"""A foldtune ensemble: orchestrator.tracking.ensemble_model.EnsemblePyfunc (needs foldtune)."""\n'
+        '"""A foldtune ensemble: orchestrator.tracking.served_model.EnsemblePyfunc (the model\'s code)."""\n'
         "import mlflow\n\n"
-        "from orchestrator.tracking.ensemble_model import EnsemblePyfunc\n\n"
+        "from orchestrator.tracking.served_model import EnsemblePyfunc\n\n"
         "mlflow.models.set_model(EnsemblePyfunc())\n"
     )
     return path
@@ -175,11 +135,36 @@ class RegisteredEnsemble:
     logged_uri: str  # the logged model's own URI (models:/<model id>)
 
 
+def code_paths() -> list[str]:
+    """foldtune's own packages, copied into the model (what ``served_model`` imports lives there)."""
+    import orchestrator
+    import trainers
+
+    return [str(Path(package.__file__).parent) for package in (trainers, orchestrator)]
+
+
+def input_example() -> pd.DataFrame:
+    """One request the UI shows: a small encoded picture in ``image_bytes``."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 32), (128, 110, 100)).save(buffer, format="JPEG")
+    return pd.DataFrame({"image_bytes": [buffer.getvalue()]})
+
+
 def log_ensemble_model(
-    bundle: Path, run_id: str, search: str, tracking_uri: str | None, summary: dict | None = None
+    bundle: Path,
+    run_id: str,
+    search: str,
+    tracking_uri: str | None,
+    summary: dict | None = None,
+    register: bool = True,
 ) -> RegisteredEnsemble:
-    """Log the bundle folder as a pyfunc model in the ensemble's run ``run_id`` and register a new version
-    of it under the search's name. The run keeps its status (it is the ensemble's record, not this)."""
+    """Log the bundle folder as a pyfunc model in the ensemble's run ``run_id`` and, with ``register``,
+    register a new version of it under the search's name with the alias ``candidate``. The run keeps its
+    status (it is the ensemble's record, not this)."""
     uri = resolve_tracking_uri(tracking_uri or (summary or {}).get("tracking_uri"))
     name = registered_model_name(search)
     with _using_store(uri):
@@ -187,28 +172,29 @@ def log_ensemble_model(
         status = client.get_run(run_id).info.status
         mlflow.start_run(run_id=run_id)
         try:
-            with tempfile.TemporaryDirectory() as staging, warnings.catch_warnings():
-                # images are the input: no input example to log (MLflow would warn every time)
-                warnings.filterwarnings(
-                    "ignore", message=".*input example was not provided", category=UserWarning
-                )
+            with tempfile.TemporaryDirectory() as staging:
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_NAME,
                     python_model=str(_model_code(Path(staging))),
                     artifacts={ARTIFACT_KEY: str(Path(bundle).absolute())},
+                    code_paths=code_paths(),
                     signature=signature(),
+                    input_example=input_example(),
                     pip_requirements=_pip_requirements(),
-                    registered_model_name=name,
+                    registered_model_name=name if register else None,
                     model_config=dict(DEFAULT_MODEL_CONFIG),
                     metadata={"foldtune_search": search, "foldtune_run_id": run_id},
                 )
         finally:
             mlflow.end_run(status=status)
+        if not register:
+            return RegisteredEnsemble(name=name, version="", model_uri="", logged_uri=info.model_uri)
         version = str(info.registered_model_version)
         model_uri = f"models:/{name}/{version}"
         client.set_tag(run_id, f"{TAG}registered_model", model_uri)
         client.set_model_version_tag(name, version, f"{TAG}search", search)
         client.set_model_version_tag(name, version, f"{TAG}run_id", run_id)
+        client.set_registered_model_alias(name, ALIAS, version)
     return RegisteredEnsemble(name=name, version=version, model_uri=model_uri, logged_uri=info.model_uri)
 
 
