@@ -170,8 +170,9 @@ def test_registered_pyfunc_reproduces_the_submission(world, store):
     version = client.get_model_version(MODEL_NAME, report["registered_model"].rsplit("/", 1)[1])
     assert version.run_id == world["result"].mlflow_run_id
     assert client.get_run(version.run_id).info.status == "FINISHED"
+    images = str(world["data"].root / "eval" / "images")
     with _using_store(store):  # the fluent API's global URIs, restored afterwards
-        model = mlflow.pyfunc.load_model(report["registered_model"])
+        model = mlflow.pyfunc.load_model(report["registered_model"], model_config={"image_root": images})
     schema = model.metadata.get_input_schema()
     assert {c.name: c.type.name for c in schema.inputs} == {"image_path": "string", "image_bytes": "binary"}
     outputs = model.metadata.get_output_schema().input_names()
@@ -231,7 +232,8 @@ except ModuleNotFoundError:
     pass
 import mlflow, pandas as pd
 mlflow.set_tracking_uri({store!r}); mlflow.set_registry_uri({store!r})
-model = mlflow.pyfunc.load_model({version!r}, model_config={{"device": "cpu"}})
+config = {{"device": "cpu", "image_root": {str(image.parent)!r}}}
+model = mlflow.pyfunc.load_model({version!r}, model_config=config)
 given = json.loads(open({str(frame_file)!r}).read())
 picture = base64.b64decode(given["bytes"])
 frame = pd.DataFrame({{"image_path": [given["path"], None], "image_bytes": [None, picture]}})
@@ -431,7 +433,10 @@ def test_mlflow_models_serve_answers_with_the_same_probabilities(world, store, t
         )
         served = pd.DataFrame(answer["predictions"])
         with _using_store(store):
-            local = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image_path": paths}))
+            config = {"image_root": str(Path(paths[0]).parent)}
+            local = mlflow.pyfunc.load_model(model_uri, model_config=config).predict(
+                pd.DataFrame({"image_path": paths})
+            )
         np.testing.assert_allclose(
             served[list(PROB_COLUMNS)].to_numpy(float), local[list(PROB_COLUMNS)].to_numpy(), atol=TOLERANCE
         )
@@ -439,6 +444,11 @@ def test_mlflow_models_serve_answers_with_the_same_probabilities(world, store, t
             local[list(PROB_COLUMNS)].to_numpy(), expected(world, paths), atol=TOLERANCE
         )
         assert served["class"].tolist() == local["class"].tolist() and (served["error"] == "").all()
+        refused = post(  # no image root set for the server: a path is not read
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_split": {"columns": ["image_path"], "data": [[paths[0]]]}},
+        )["predictions"][0]
+        assert refused["class"] == -1 and "image_path is not read by this served model" in refused["error"]
     finally:
         server.terminate()
         try:
@@ -446,3 +456,81 @@ def test_mlflow_models_serve_answers_with_the_same_probabilities(world, store, t
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what a served model reads
+
+
+def png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_a_served_model_reads_paths_only_under_its_image_root_and_refuses_bombs(world, store, tmp_path):
+    import mlflow
+
+    from orchestrator.tracking.ensemble_model import _using_store
+
+    version = json.loads(world["result"].report_path.read_text())["registered_model"]
+    images = world["data"].root / "eval" / "images"
+    inside = Path(world["eval"]["image_path"].iloc[0])
+    secret = tmp_path / "secret.jpg"
+    shutil.copy(inside, secret)
+    link = images / "link.jpg"
+    link.symlink_to(secret)  # a link inside the root that points out of it
+    bomb = png(9000, 9000)  # 81 million pixels in a few kilobytes
+    assert len(bomb) < 200_000
+    rows = pd.DataFrame(
+        {
+            "image_path": [
+                str(inside),
+                str(images / ".." / ".." / "train" / "train.csv"),
+                str(link),
+                None,
+                None,
+            ],
+            "image_bytes": [None, None, None, bomb, inside.read_bytes()],
+        }
+    )
+    try:
+        with _using_store(store):
+            closed = mlflow.pyfunc.load_model(version, model_config={"device": "cpu"})
+            rooted = mlflow.pyfunc.load_model(
+                version, model_config={"device": "cpu", "image_root": str(images)}
+            )
+        by_default = closed.predict(rows)
+        assert (
+            by_default["error"]
+            .iloc[0]
+            .startswith("RefusedInput: image_path is not read by this served model")
+        )
+        assert (by_default["class"].iloc[:3] == -1).all()
+        out = rooted.predict(rows)
+    finally:
+        link.unlink()
+    assert out["error"].iloc[0] == "" and out["class"].iloc[0] >= 0
+    assert "outside the served image root" in out["error"].iloc[1]
+    assert "outside the served image root" in out["error"].iloc[2]  # the link is resolved first
+    assert out["error"].iloc[3] == "RefusedInput: image of 9000x9000 pixels; the limit is 40,000,000"
+    assert out["error"].iloc[4] == "" and out["class"].iloc[4] == out["class"].iloc[0]
+
+
+def test_the_image_gate_checks_size_before_anything_is_decoded(monkeypatch):
+    from orchestrator.tracking.served_model import ImageGate, RefusedInput
+
+    gate = ImageGate(root=None, max_bytes=1000, max_pixels=100)
+    assert isinstance(gate.admit(b"x" * 1001), RefusedInput)
+    decoded = []
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(1))
+    assert "11x10 pixels" in str(gate.admit(png(11, 10)))
+    assert decoded == []  # the header was enough
+    assert gate.admit(png(10, 10)) == png(10, 10)
+    assert gate.admit(b"not an image") == b"not an image"  # the decoder reports it in the row

@@ -36,12 +36,15 @@ from trainers.labels import GENDER_NAMES, MASK_NAMES, NUM_CLASSES, AgeBands, dec
 
 PROB_COLUMNS = tuple(f"prob_{i:02d}" for i in range(NUM_CLASSES))
 OUTPUT_COLUMNS = ("class", "mask", "gender", "age", *PROB_COLUMNS, "error")
-ImageInput = str | os.PathLike | bytes | bytearray | memoryview  # a file path or the encoded file's bytes
+# a file path, the encoded file's bytes, or why the caller refused the row (reported in its error column)
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Exception
 
 
 def _decode(image: ImageInput, size: tuple[int, int], crop: tuple[float, ...] | None) -> np.ndarray:
     from trainers.cache import decode_image
 
+    if isinstance(image, Exception):
+        raise image
     if isinstance(image, bytes | bytearray | memoryview):
         return decode_image(io.BytesIO(bytes(image)), size, crop)
     if not os.fspath(image):
