@@ -7,9 +7,13 @@ Every known failure (bad data, bad config, missing weights, a corrupt checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
@@ -420,15 +424,44 @@ def quiet_library_logs() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, like Ctrl-C: its ``finally`` blocks close its MLflow runs,
+    remove its staging folders and keep the previous output (a killed process would run none of them)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` while a command runs (the main thread only can set handlers); the search
+    installs its own handler while Tune runs, and puts this one back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit 0 / 1 as the command says, 2 for a user error (one ``error:`` line), 130 after
+    Ctrl-C and 143 after SIGTERM (both stop the command where it is and let it clean up)."""
     args = build_parser().parse_args(argv)
     if args.command in ("search", "ensemble", "refit", "label-issues", "explain"):
         quiet_library_logs()
     try:
-        return args.func(args)
+        with _sigterm_raises():
+            return args.func(args)
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

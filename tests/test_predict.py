@@ -534,3 +534,66 @@ def test_the_image_gate_checks_size_before_anything_is_decoded(monkeypatch):
     assert decoded == []  # the header was enough
     assert gate.admit(png(10, 10)) == png(10, 10)
     assert gate.admit(b"not an image") == b"not an image"  # the decoder reports it in the row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SIGTERM at the worst moments of the ensemble (the CLI raises it as Terminated where the code is)
+
+
+def ensemble_argv(world, out: Path) -> list[str]:
+    return [
+        "ensemble", "--data", str(world["data"].root), "--search", SEARCH, "--storage", str(world["storage"]),
+        "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_sigterm_during_the_model_upload_leaves_no_run_running_and_the_submission_whole(
+    world, store, tmp_path, monkeypatch, capsys
+):
+    import mlflow
+
+    from orchestrator.cli import Terminated
+
+    def killed(*args, **kwargs):
+        raise Terminated
+
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", killed)
+    out = tmp_path / "submission.csv"
+    code = main(ensemble_argv(world, out))
+    assert code == 143 and capsys.readouterr().err.strip().splitlines()[-1] == "terminated"
+    assert out.is_file() and len(pd.read_csv(out)) == len(world["eval"])  # written before the upload
+    client = mlflow.MlflowClient(tracking_uri=store)
+    runs = client.search_runs(
+        [client.get_experiment_by_name(SEARCH).experiment_id], "tags.`foldtune.role` = 'ensemble'"
+    )
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    assert not list(tmp_path.glob(".ensemble_model.*"))  # no staging or old bundle left
+
+
+def test_a_kill_between_the_bundle_renames_keeps_the_previous_bundle(world, tmp_path, monkeypatch, capsys):
+    from orchestrator.cli import Terminated
+    from orchestrator.ensemble import bundle as bundle_module
+
+    out = tmp_path / "submission.csv"
+    assert main([*ensemble_argv(world, out), "--top", "1"]) == 0
+    bundle = tmp_path / "ensemble_model"
+    before = (bundle / SPEC_NAME).read_text()
+    real_replace, calls = os.replace, []
+
+    def killed_at_the_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the old bundle is aside, the new one not yet in place
+            raise Terminated
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(bundle_module.os, "replace", killed_at_the_second_rename)
+    assert main([*ensemble_argv(world, out), "--top", "2"]) == 143
+    monkeypatch.undo()
+    assert (bundle / SPEC_NAME).read_text() == before  # put back
+    # a SIGKILL there runs no handler: the previous bundle stays aside, and the next reader puts it back
+    aside = tmp_path / ".ensemble_model.old-4242"
+    os.replace(bundle, aside)
+    from orchestrator.ensemble.bundle import recover_bundle
+
+    recover_bundle(bundle)
+    assert (bundle / SPEC_NAME).read_text() == before and not aside.exists()

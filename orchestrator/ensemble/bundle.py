@@ -97,8 +97,20 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def recover_bundle(target: Path) -> None:
+    """Put back a previous bundle a killed swap left aside: a process killed between ``_swap_in``'s two
+    renames (SIGKILL, power) leaves no ``target`` but the previous bundle as ``.<name>.old-<pid>``."""
+    target = Path(target)
+    if target.exists():
+        return
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside and (aside[-1] / SPEC_NAME).is_file():
+        os.replace(aside[-1], target)
+
+
 def _swap_in(staging: Path, target: Path) -> None:
     """Put the finished ``staging`` folder at ``target``, replacing a previous bundle only at the end."""
+    recover_bundle(target)
     if not target.exists():
         os.replace(staging, target)
         return

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.ensemble.arguments import check_tta
-from orchestrator.ensemble.bundle import BUNDLE_DIR, SPEC_NAME, read_spec
+from orchestrator.ensemble.bundle import BUNDLE_DIR, SPEC_NAME, read_spec, recover_bundle
 from orchestrator.errors import OrchestratorError
 from trainers.labels import GENDER_NAMES, MASK_NAMES, NUM_CLASSES, AgeBands, decode
 
@@ -265,6 +265,7 @@ def resolve_bundle(model: str, storage: Path) -> Path:
             f"{storage}, a bundle folder or models:/NAME/VERSION"
         )
     bundle = search_dir / BUNDLE_DIR
+    recover_bundle(bundle)  # a previous bundle a killed `foldtune ensemble` left aside
     if not (bundle / SPEC_NAME).is_file():
         raise OrchestratorError(
             f"search {model} has no ensemble model ({bundle} is missing); run `foldtune ensemble --search "

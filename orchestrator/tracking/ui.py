@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -28,7 +30,40 @@ def start_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127
             f"warning: the MLflow UI has no login; anyone who can reach {host}:{port} can read and edit runs",
             file=sys.stderr,
         )
-    return subprocess.Popen(command)
+    # its own process group (mlflow ui starts a server, workers and job consumers: all stop together) and,
+    # on Linux, SIGTERM to it when foldtune dies without a chance to stop it (SIGKILL)
+    return subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to send SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def stop_ui(process: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Stop the UI's whole process group: SIGTERM, then SIGKILL what is left after ``grace_s``."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        if not _group_alive(process.pid):
+            break
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # MLflow 3's UI has a global "GenAI | Model training" switch that starts on GenAI (traces, evaluation runs).
@@ -45,13 +80,13 @@ def experiment_url(base: str, experiment_id: str | None = None) -> str:
 
 
 def launch_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") -> int:
-    """Run the MLflow UI until Ctrl-C; returns its exit code (0 after Ctrl-C)."""
+    """Run the MLflow UI until it ends; Ctrl-C or SIGTERM (raised here as KeyboardInterrupt by the CLI)
+    stops its whole process group, frees the port, and is raised again for the CLI's exit code."""
     process = start_ui(tracking_uri, port=port, host=host)
     link = experiment_url(f"http://{host}:{port}")
     print(f"MLflow UI over {resolve_tracking_uri(tracking_uri)}: open {link} (Ctrl-C stops it)")
     try:
         return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=30)
-        return 0
+    except BaseException:
+        stop_ui(process)
+        raise
