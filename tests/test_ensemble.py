@@ -421,6 +421,15 @@ def test_mlflow_run_is_nested_under_the_search_with_metrics_and_submission(world
     assert {"submission.csv", "ensemble.json", "ensemble_confusion.png"} <= artifacts
     logged = Path(client.download_artifacts(run.info.run_id, "submission.csv", str(world["base"] / "dl")))
     assert logged.read_text() == greedy.submission.read_text()
+    # what the UI shows: the source, and the ensemble in the run's and the search's descriptions
+    assert run.data.tags["mlflow.source.name"] == "foldtune ensemble"
+    note = run.data.tags["mlflow.note.content"]
+    assert "**Ensemble** (greedy" in note and all(f"`{m.trial_id}`" in note for m in greedy.members)
+    assert "in-sample OOF F1" in note
+    parent_note = client.get_run(world["parent_run_id"]).data.tags["mlflow.note.content"]
+    assert parent_note.count("**Ensemble**") == 1 and parent_note.endswith(note.split("**Ensemble**")[1])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.note.content"] == parent_note
 
 
 def write_answers(path: Path, ids: list[str], labels) -> Path:

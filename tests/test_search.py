@@ -467,6 +467,14 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, demo_table, t
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/optimization_history.png" in plots
     assert parent.data.tags["foldtune.best_trial"] == good and parent.data.metrics["trials_failed"] == 1
+    # what the UI shows: where each run came from, and the leaderboard in the search's description
+    assert parent.data.tags["mlflow.source.name"] == "foldtune search"
+    assert {c.data.tags["mlflow.source.name"] for c in children.values()} == {"foldtune search (trial)"}
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"best trial `{good}`" in note and "| rank | trial | state | epochs | best val F1 |" in note
+    assert all(f"`{trial_id}`" in note for trial_id in children)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.note.content"] == note
 
     # resuming with other label fixes is refused before anything runs
     other = tmp_path / "other.csv"

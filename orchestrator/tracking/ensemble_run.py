@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.tracking.provenance import code_version_tags, file_dataset, log_datasets
-from orchestrator.tracking.store import PARENT_ROLE, TAG, SearchTracking
+from orchestrator.tracking.store import NOTE_TAG, PARENT_ROLE, TAG, SearchTracking
 
 if TYPE_CHECKING:
     from orchestrator.ensemble.result import EnsembleResult
@@ -43,6 +43,36 @@ def find_parent_run(tracking: SearchTracking, search_dir: Path) -> str | None:
     return found[0].info.run_id if found else None
 
 
+ENSEMBLE_SECTION = "\n\n---\n**Ensemble**"
+
+
+def ensemble_note(result: EnsembleResult) -> str:
+    """The ensemble in Markdown for the UI's description: members and weights, the F1 estimates (the
+    trusted one marked), the submission."""
+    lines = [
+        f"{ENSEMBLE_SECTION.strip()} ({result.method}, {len(result.members)} member(s)): "
+        f"`{result.submission}`",
+        "",
+        "| member | weight | OOF F1 |",
+        "|---|---:|---:|",
+        *(f"| `{m.trial_id}` | {m.weight:.3f} | {m.oof_f1:.4f} |" for m in result.members),
+    ]
+    if result.estimates is not None:
+        lines += ["", "Estimates:", ""]
+        lines += [f"- {line.strip()}" for line in result.estimates.lines()]
+    return "\n".join(lines)
+
+
+def _add_to_search_note(tracking: SearchTracking, parent_run_id: str, note: str) -> None:
+    """The search's description (parent run and experiment) with this ensemble's section, replacing an
+    earlier ensemble's."""
+    current = tracking.client.get_run(parent_run_id).data.tags.get(NOTE_TAG, "")
+    search_part = current.split(ENSEMBLE_SECTION)[0]
+    combined = f"{search_part}{ENSEMBLE_SECTION}{note[len(ENSEMBLE_SECTION.strip()) :]}"
+    tracking.client.set_tag(parent_run_id, NOTE_TAG, combined)
+    tracking.client.set_experiment_tag(tracking.experiment_id, NOTE_TAG, combined)
+
+
 def log_ensemble_run(
     result: EnsembleResult,
     summary: dict,
@@ -63,7 +93,7 @@ def log_ensemble_run(
         f"{TAG}role": "ensemble",
         f"{TAG}search": search,
         f"{TAG}submission": str(result.submission.absolute()),
-        **code_version_tags(),
+        **code_version_tags(source="foldtune ensemble"),
     }
     if parent_run_id:
         tags[SEARCH_PARENT_TAG] = str(parent_run_id)
@@ -103,6 +133,10 @@ def log_ensemble_run(
         log_datasets(tracking.client, run_id, inputs)
         for path in (result.submission, result.report_path, result.plot_path, result.probs_path):
             tracking.client.log_artifact(run_id, str(path))
+        note = ensemble_note(result)
+        tracking.client.set_tag(run_id, NOTE_TAG, note)
+        if parent_run_id:
+            _add_to_search_note(tracking, str(parent_run_id), note)
         tracking.finish(run_id, "FINISHED")
     except BaseException:
         tracking.finish(run_id, "FAILED")

@@ -104,10 +104,15 @@ def search_inputs(
 
 
 @functools.lru_cache(maxsize=4)
-def code_version_tags(start: Path | None = None) -> dict[str, str]:
-    """foldtune's version always; the git commit (and whether the checkout had uncommitted changes) when
-    foldtune runs from a git checkout."""
-    tags = {"foldtune.version": _foldtune_version()}
+def code_version_tags(start: Path | None = None, source: str = "foldtune") -> dict[str, str]:
+    """foldtune's version and the command that made the run (``mlflow.source.name``: the UI's Source column)
+    always; the git commit (and whether the checkout had uncommitted changes) when foldtune runs from a git
+    checkout."""
+    tags = {
+        "foldtune.version": _foldtune_version(),
+        "mlflow.source.name": source,
+        "mlflow.source.type": "LOCAL",
+    }
     folder = Path(start or Path(__file__).resolve().parent)
     try:
         commit = _git(folder, "rev-parse", "HEAD")
@@ -117,7 +122,6 @@ def code_version_tags(start: Path | None = None) -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["foldtune.git_dirty"] = str(dirty).lower()
-        tags["mlflow.source.type"] = "LOCAL"
     return tags
 
 

@@ -47,7 +47,7 @@ def log_refit_run(
             f"{TAG}search": search,
             f"{TAG}refit_trial": trial_id,
             f"{TAG}refit_dir": str(refit_dir.absolute()),
-            **code_version_tags(),
+            **code_version_tags(source="foldtune refit"),
         }
         if parent_run_id:
             tags[SEARCH_PARENT_TAG] = str(parent_run_id)

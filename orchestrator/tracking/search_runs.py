@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from orchestrator.space import SearchSpace
-from orchestrator.tracking.store import TAG, SearchTracking, error_line, quiet_store_errors
+from orchestrator.tracking.store import NOTE_TAG, TAG, SearchTracking, error_line, quiet_store_errors
 
 
 class SearchSummary(Protocol):
@@ -116,8 +116,50 @@ def _log_parent_results(tracking, parent_run_id, summary, rows, plots, states) -
         )
     tracking.log_metrics(parent_run_id, metrics)
     tracking.set_tags(parent_run_id, tags)
+    note = search_note(summary, rows)
+    client.set_tag(parent_run_id, NOTE_TAG, note)
+    client.set_experiment_tag(tracking.experiment_id, NOTE_TAG, note)
     tracking.close_children(parent_run_id, known={r["trial_id"] for r in rows})
     tracking.finish(parent_run_id, "FINISHED" if summary.finished else "KILLED")
+
+
+NOTE_ROWS = 10
+_NOT_PARAMS = frozenset(
+    ("trial_id", "state", "epochs", "best_f1", "best_epoch", "last_f1", "run_dir", "error", "config")
+)
+
+
+def search_note(summary: SearchSummary, rows: list[dict]) -> str:
+    """The search in a few lines of Markdown for the UI's description: its state, the best trial and the
+    leaderboard's top rows (the rest is in leaderboard.csv and the child runs)."""
+    params = [key for key in (rows[0] if rows else {}) if key not in _NOT_PARAMS]  # the searched ones
+    lines = [
+        f"**foldtune search** `{summary.search_dir.name}`: "
+        + ("finished" if summary.finished else "not finished")
+        + f", {len(rows)} trial(s); best trial `{summary.best_trial_id}`."
+        if summary.best_trial_id
+        else f"**foldtune search** `{summary.search_dir.name}`: no trial with a result yet.",
+        "",
+        "| rank | trial | state | epochs | best val F1 | " + " | ".join(params) + " |",
+        "|---:|---|---|---:|---:|" + "---|" * len(params),
+    ]
+    for rank, row in enumerate(rows[:NOTE_ROWS], start=1):
+        values = [_cell(row.get(column)) for column in params]
+        lines.append(
+            f"| {rank} | `{row['trial_id']}` | {row['state']} | {_cell(row.get('epochs'))} | "
+            f"{_cell(row.get('best_f1'))} | " + " | ".join(values) + " |"
+        )
+    if len(rows) > NOTE_ROWS:
+        lines.append(f"\n{len(rows) - NOTE_ROWS} more in `leaderboard.csv`.")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def close_search_runs(tracking: SearchTracking, parent_run_id: str, error: BaseException) -> None:

@@ -49,6 +49,7 @@ NOT_METRICS = (
     }
 )
 MAX_TAG_CHARS = 4000
+NOTE_TAG = "mlflow.note.content"  # a run's (or experiment's) description in the UI, Markdown
 
 
 def resolve_tracking_uri(uri: str | os.PathLike | None) -> str:
@@ -260,7 +261,7 @@ class SearchTracking:
             tags={
                 f"{TAG}role": PARENT_ROLE,
                 f"{TAG}search_dir": search_dir,
-                **code_version_tags(),
+                **code_version_tags(source="foldtune search"),
                 **(tags or {}),
             },
         )
@@ -290,7 +291,7 @@ class SearchTracking:
                 "mlflow.parentRunId": parent_run_id,
                 f"{TAG}role": CHILD_ROLE,
                 f"{TAG}trial_id": trial_id,
-                **code_version_tags(),
+                **code_version_tags(source="foldtune search (trial)"),
                 **tags,
             },
         )
