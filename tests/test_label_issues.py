@@ -547,7 +547,7 @@ def test_the_judge_is_measured_printed_and_gates_the_draft(world):
         else:
             assert f"expected precision {judged.precision:.2f}" in line and "drafted" in line
     curves = pd.read_csv(result.out / "judge.csv")
-    assert list(curves.columns) == ["kind", "threshold", "flags", "hits", "precision", "recall"]
+    assert list(curves.columns) == ["kind", "threshold", "flags", "hits", "precision", "recall", "false_rate"]
     assert set(curves["kind"]) == {"gender", "age", "mask_swap"}
     issues = result.issues
     for kind, cut in result.judge.cuts.items():  # drafted rows reach their kind's cut; no cut, none

@@ -51,17 +51,23 @@ class KindJudgement:
     recall: float
     best_precision: float  # the best precision any cut with enough flags reaches
     disputed: int = 0  # persons the given labels already dispute at the cut (or the best cut)
-    curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # threshold, flags, hits, precision, recall
+    curve: pd.DataFrame = field(default_factory=pd.DataFrame)  # see precision_curve
 
     def line(self, min_precision: float) -> str:
+        # the data's own disputes count as false flags: with real errors among them, precision is higher
+        upper = (
+            f"; {self.disputed} persons the given labels already dispute there count as false"
+            if (self.disputed)
+            else ""
+        )
         if self.cut is None:
             return (
                 f"{self.kind}: this judge reaches precision {self.best_precision:.2f} at best (measured: "
-                f"{_injection(self)}); below {min_precision:g}, none drafted"
+                f"{_injection(self)}{upper}); below {min_precision:g}, none drafted"
             )
         return (
             f"{self.kind}: expected precision {self.precision:.2f}, recall {self.recall:.2f} above score "
-            f"{self.cut:.2f} (measured: {_injection(self)})"
+            f"{self.cut:.2f} (measured: {_injection(self)}{upper})"
         )
 
 
@@ -87,7 +93,7 @@ class JudgeReport:
     def curves(self) -> pd.DataFrame:
         """Every kind's precision/recall curve in one table (``judge.csv``)."""
         frames = [judged.curve.assign(kind=kind) for kind, judged in self.kinds.items()]
-        columns = ["kind", "threshold", "flags", "hits", "precision", "recall"]
+        columns = ["kind", "threshold", "flags", "hits", "precision", "recall", "false_rate"]
         return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
@@ -157,6 +163,8 @@ def measure_judge(
     given = person_findings(table, probs, bands)
     scored: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {kind: [] for kind in rates}
     injected_counts = {kind: 0 for kind in rates}
+    persons = table["person_id"].nunique()
+    eligible = {"gender": persons, "age": persons, "mask_swap": len(swap_eligible(table))}
     for seed in range(seeds):
         noisy, noisy_probs, injected = inject(table, probs, bands, seed, rates)
         found = person_findings(noisy, noisy_probs, bands)
@@ -169,7 +177,8 @@ def measure_judge(
     for kind, rate in rates.items():
         scores = np.concatenate([s for s, _ in scored[kind]]) if scored[kind] else np.zeros(0)
         hits = np.concatenate([h for _, h in scored[kind]]) if scored[kind] else np.zeros(0, dtype=bool)
-        curve = precision_curve(scores, hits, injected_counts[kind])
+        others = seeds * eligible[kind] - injected_counts[kind]
+        curve = precision_curve(scores, hits, injected_counts[kind], others)
         base = given.loc[given["kind"] == kind, "score"].to_numpy(dtype=np.float64)
         kinds[kind] = _judge_kind(
             kind, rate, injected_counts[kind] // max(1, seeds), curve, base, min_precision
@@ -177,8 +186,9 @@ def measure_judge(
     return JudgeReport(kinds, seeds, min_precision)
 
 
-def precision_curve(scores: np.ndarray, hits: np.ndarray, injected: int) -> pd.DataFrame:
-    """Per distinct score, highest first: flags and hits at or above it, precision and recall there."""
+def precision_curve(scores: np.ndarray, hits: np.ndarray, injected: int, others: int = 0) -> pd.DataFrame:
+    """Per distinct score, highest first: flags and hits at or above it, precision and recall there, and
+    ``false_rate``: the share of the ``others`` (persons not injected, over all seeds) flagged there."""
     order = np.argsort(-scores, kind="stable")
     scores, hits = scores[order], hits[order].astype(np.int64)
     flags, found = np.arange(1, len(scores) + 1), np.cumsum(hits)
@@ -190,6 +200,7 @@ def precision_curve(scores: np.ndarray, hits: np.ndarray, injected: int) -> pd.D
             "hits": found[last],
             "precision": found[last] / flags[last],
             "recall": found[last] / max(1, injected),
+            "false_rate": (flags[last] - found[last]) / max(1, others),
         }
     )
 
