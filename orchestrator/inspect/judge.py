@@ -36,7 +36,9 @@ from trainers.labels import AgeBands
 RATES = {"gender": 0.05, "age": 0.05, "mask_swap": 0.03}  # benchmarks.label_noise's, the finder's kinds
 DEFAULT_SEEDS = 10
 DEFAULT_MIN_PRECISION = 0.5
-MIN_POOLED_FLAGS = 10  # a cut needs this many flags over all seeds for its precision to count
+# a cut's precision counts only with this many flags per seeded copy behind it (at least 10 in all): a cut at
+# the far end of the curve, with a handful of flags, would draft on a fluke
+MIN_FLAGS_PER_SEED, MIN_POOLED_FLAGS = 3, 10
 
 
 @dataclass
@@ -55,19 +57,19 @@ class KindJudgement:
 
     def line(self, min_precision: float) -> str:
         # the data's own disputes count as false flags: with real errors among them, precision is higher
-        upper = (
-            f"; {self.disputed} persons the given labels already dispute there count as false"
-            if (self.disputed)
+        caveat = (
+            f"; {self.disputed} person(s) the given labels already dispute there count as false"
+            if self.disputed
             else ""
         )
         if self.cut is None:
             return (
                 f"{self.kind}: this judge reaches precision {self.best_precision:.2f} at best (measured: "
-                f"{_injection(self)}{upper}); below {min_precision:g}, none drafted"
+                f"{_injection(self)}{caveat}); below {min_precision:g}, none drafted"
             )
         return (
             f"{self.kind}: expected precision {self.precision:.2f}, recall {self.recall:.2f} above score "
-            f"{self.cut:.2f} (measured: {_injection(self)}{upper})"
+            f"{self.cut:.2f} (measured: {_injection(self)}{caveat})"
         )
 
 
@@ -180,8 +182,9 @@ def measure_judge(
         others = seeds * eligible[kind] - injected_counts[kind]
         curve = precision_curve(scores, hits, injected_counts[kind], others)
         base = given.loc[given["kind"] == kind, "score"].to_numpy(dtype=np.float64)
+        support = max(MIN_POOLED_FLAGS, MIN_FLAGS_PER_SEED * seeds)
         kinds[kind] = _judge_kind(
-            kind, rate, injected_counts[kind] // max(1, seeds), curve, base, min_precision
+            kind, rate, injected_counts[kind] // max(1, seeds), curve, base, min_precision, support
         )
     return JudgeReport(kinds, seeds, min_precision)
 
@@ -206,11 +209,17 @@ def precision_curve(scores: np.ndarray, hits: np.ndarray, injected: int, others:
 
 
 def _judge_kind(
-    kind: str, rate: float, injected: int, curve: pd.DataFrame, base: np.ndarray, min_precision: float
+    kind: str,
+    rate: float,
+    injected: int,
+    curve: pd.DataFrame,
+    base: np.ndarray,
+    min_precision: float,
+    support: int = MIN_POOLED_FLAGS,
 ) -> KindJudgement:
     """The lowest cut (most recall) whose precision reaches ``min_precision`` with enough flags behind it."""
     # a cut keeps rows whose suggested label is likelier than the given one (score > 0), with enough flags
-    enough = curve[(curve["flags"] >= MIN_POOLED_FLAGS) & (curve["threshold"] > 0)]
+    enough = curve[(curve["flags"] >= support) & (curve["threshold"] > 0)]
     if enough.empty:
         return KindJudgement(kind, rate, injected, None, float("nan"), 0.0, float("nan"), 0, curve)
     best = enough.loc[enough["precision"].idxmax()]
