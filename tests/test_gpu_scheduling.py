@@ -497,3 +497,34 @@ def test_a_device_that_contradicts_the_gpu_share_is_refused_before_any_trial(
             progress=False,
         )
     assert not (tmp_path / "runs" / "gpus" / "trials").exists()
+
+
+def test_make_venv_installs_the_torch_build_asked_for(tmp_path):
+    """`make .venv TORCH=cu126` takes torch and torchvision from PyTorch's index for that build, at the
+    versions constraints.txt pins, before everything else; without TORCH the package index's; and a .venv of
+    another build is one line asking for `make clean` first (dry runs: nothing is installed here)."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+        shutil.copy(root / name, tmp_path / name)
+
+    def dry(*variables: str) -> str:
+        done = subprocess.run(
+            ["make", "-n", ".venv", *variables], cwd=tmp_path, capture_output=True, text=True
+        )
+        return done.stdout + done.stderr
+
+    built = dry("TORCH=cu126")
+    assert "--index-url https://download.pytorch.org/whl/cu126 torch torchvision" in built
+    assert built.index("whl/cu126") < built.index("-e '.[dev,weights]'")
+    assert "download.pytorch.org" not in dry()
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / ".installed").touch()
+    (tmp_path / ".venv" / ".torch").write_text("default\n")
+    done = subprocess.run(["make", ".venv", "TORCH=cu128"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "error: .venv holds the torch build 'default', not 'cu128': run make clean" in done.stderr
+    constraints = (root / "constraints.txt").read_text().splitlines()
+    assert not [line for line in constraints if line.startswith(("nvidia-", "cuda-", "triton"))]

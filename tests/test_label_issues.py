@@ -120,7 +120,9 @@ def world(tmp_path_factory, dataset_builder):
     write_trial(storage / SEARCH, "t1", given, probs)
     before = tree_digest(base / "noisy")
     lines: list[str] = []
-    result = run_label_issues(base / "noisy", SEARCH, storage, log=lines.append)
+    # 10 % errors of each kind, twice what the judge is measured with: its measured precision is a lower
+    # bound that cannot pass about 1/3 here (BENCHMARKS.md), so this user lowers --min-precision
+    result = run_label_issues(base / "noisy", SEARCH, storage, log=lines.append, min_precision=0.25)
     return {
         "truth": truth,
         "base": base,

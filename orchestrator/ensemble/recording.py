@@ -35,7 +35,7 @@ def record_in_mlflow(
         from orchestrator.tracking.ensemble_run import log_ensemble_run
 
         result.mlflow_run_id = log_ensemble_run(
-            result, summary, search, search_dir, tracking_uri, settings, data_root=data_root
+            result, summary, search, search_dir, tracking_uri, settings, data_root, exploratory
         )
     except Exception as error:  # tracking is a record of the result, not the result: keep the submission
         log(

@@ -81,11 +81,13 @@ def log_ensemble_run(
     tracking_uri: str | None,
     selection: dict,
     data_root: Path | None = None,
+    exploratory: bool = False,
 ) -> str:
     """One run named "ensemble" in the search's experiment, nested under the search's parent run.
 
     Tracking URI: the argument, else the search's own, else MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db.
-    ``selection`` holds the selection's parameters (None values are not logged). Returns the run id.
+    ``selection`` holds the selection's parameters (None values are not logged). Returns the run id. An
+    ``exploratory`` ensemble (made to compare) does not become the search's description.
     """
     tracking = SearchTracking(tracking_uri or summary.get("tracking_uri"), experiment_name(summary, search))
     parent_run_id = summary.get("parent_run_id") or find_parent_run(tracking, search_dir)
@@ -135,7 +137,7 @@ def log_ensemble_run(
             tracking.client.log_artifact(run_id, str(path))
         note = ensemble_note(result)
         tracking.client.set_tag(run_id, NOTE_TAG, note)
-        if parent_run_id:
+        if parent_run_id and not exploratory:  # the search's description shows its submission's ensemble
             _add_to_search_note(tracking, str(parent_run_id), note)
         tracking.finish(run_id, "FINISHED")
     except BaseException:
