@@ -7,16 +7,13 @@ Every known failure (bad data, bad config, missing weights, a corrupt checkpoint
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.signals import Terminated, on_sigterm, raise_terminated
 from trainers.errors import FoldtuneError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -424,29 +421,6 @@ def quiet_library_logs() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the command is, like Ctrl-C: its ``finally`` blocks close its MLflow runs,
-    remove its staging folders and keep the previous output (a killed process would run none of them)."""
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises ``Terminated`` while a command runs (the main thread only can set handlers); the search
-    installs its own handler while Tune runs, and puts this one back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_terminated(signum, frame) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command; exit 0 / 1 as the command says, 2 for a user error (one ``error:`` line), 130 after
     Ctrl-C and 143 after SIGTERM (both stop the command where it is and let it clean up)."""
@@ -454,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("search", "ensemble", "refit", "label-issues", "explain"):
         quiet_library_logs()
     try:
-        with _sigterm_raises():
+        with on_sigterm(raise_terminated):
             return args.func(args)
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()

@@ -552,7 +552,7 @@ def test_sigterm_during_the_model_upload_leaves_no_run_running_and_the_submissio
 ):
     import mlflow
 
-    from orchestrator.cli import Terminated
+    from orchestrator.signals import Terminated
 
     def killed(*args, **kwargs):
         raise Terminated
@@ -571,8 +571,8 @@ def test_sigterm_during_the_model_upload_leaves_no_run_running_and_the_submissio
 
 
 def test_a_kill_between_the_bundle_renames_keeps_the_previous_bundle(world, tmp_path, monkeypatch, capsys):
-    from orchestrator.cli import Terminated
     from orchestrator.ensemble import bundle as bundle_module
+    from orchestrator.signals import Terminated
 
     out = tmp_path / "submission.csv"
     assert main([*ensemble_argv(world, out), "--top", "1"]) == 0

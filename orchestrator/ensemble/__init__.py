@@ -30,6 +30,8 @@ One room per responsibility, in the order a run goes through them:
 The MLflow record lives with the rest of MLflow, in ``orchestrator.tracking.ensemble_run``.
 """
 
+from orchestrator.lazy import lazy_exports
+
 # Exported names, imported when first used (PEP 562): importing one room of this package, e.g. for a
 # served model, must not import all the others and what they import.
 _EXPORTS = {
@@ -54,13 +56,4 @@ _EXPORTS = {
     "validate_submission": "orchestrator.ensemble.submission",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    import importlib
-
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

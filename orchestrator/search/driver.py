@@ -50,6 +50,7 @@ from orchestrator.search.settle import settle_relabel, settle_space, settle_trac
 from orchestrator.search.stopping import EarlyStops, make_scheduler
 from orchestrator.search.summary import SearchSummary, summarize
 from orchestrator.search.trial import TrialContext, run_trial
+from orchestrator.signals import on_sigterm
 from orchestrator.space import SearchSpace
 from orchestrator.tracking.provenance import search_inputs
 from orchestrator.tracking.search_runs import settle_child_runs, start_parent_run
@@ -205,23 +206,17 @@ def _tune(
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM takes Ctrl+C's path while the driver runs: Tune's graceful stop during ``tuner.fit`` (the
     trials stop, the experiment is saved, the search ends interrupted), KeyboardInterrupt elsewhere. A
-    second one, like a second Ctrl+C, stops at once. Only the main thread can set signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    second one, like a second Ctrl+C, stops at once."""
 
-    def on_sigterm(signum, frame) -> None:
+    def as_ctrl_c(signum, frame) -> None:
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):
             handler(signal.SIGINT, frame)  # Tune's handler, or Python's (raises KeyboardInterrupt)
         else:  # SIGINT ignored or default: stop the driver anyway
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
+    with on_sigterm(as_ctrl_c):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager

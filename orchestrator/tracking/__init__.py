@@ -3,6 +3,8 @@
 Search and ensemble call this package; nothing else in foldtune imports mlflow.
 """
 
+from orchestrator.lazy import lazy_exports
+
 # Exported names, imported when first used (PEP 562): importing one room of this package, e.g. for a
 # served model, must not import all the others and what they import.
 _EXPORTS = {
@@ -20,13 +22,4 @@ _EXPORTS = {
     "trial_error": "orchestrator.tracking.trials",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    import importlib
-
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
