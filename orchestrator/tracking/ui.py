@@ -30,9 +30,27 @@ def start_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127
             f"warning: the MLflow UI has no login; anyone who can reach {host}:{port} can read and edit runs",
             file=sys.stderr,
         )
-    # its own process group (mlflow ui starts a server, workers and job consumers: all stop together) and,
-    # on Linux, SIGTERM to it when foldtune dies without a chance to stop it (SIGKILL)
-    return subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
+    # A small supervisor in its own process group runs mlflow ui (a server, workers and job consumers, all in
+    # that group). On Linux it gets SIGTERM when foldtune dies without a chance to stop it (SIGKILL), and then
+    # stops the whole group itself: mlflow ui does not stop its workers on its own in every version.
+    return subprocess.Popen(
+        [sys.executable, "-c", _SUPERVISOR, *command], start_new_session=True, preexec_fn=_die_with_parent
+    )
+
+
+_SUPERVISOR = """
+import os, signal, subprocess, sys, time
+child = subprocess.Popen(sys.argv[1:])
+def stop(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)  # the whole group: mlflow ui and everything it started
+    deadline = time.monotonic() + 10
+    while child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(0, signal.SIGKILL)
+signal.signal(signal.SIGTERM, stop)
+sys.exit(child.wait())
+"""
 
 
 def _die_with_parent() -> None:
