@@ -217,6 +217,28 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_sync_mlflow(args: argparse.Namespace) -> int:
+    """Exit 0 when nothing of the search waits for MLflow any more; 1 (one line) while the store does not
+    answer."""
+    from orchestrator.ensemble.arguments import check_search_dir
+    from orchestrator.tracking.search_log import OUTBOX_FILE, sync_search
+
+    search_dir = check_search_dir(args.name, Path(args.storage) if args.storage else None).absolute()
+    if not (search_dir / OUTBOX_FILE).is_file():
+        print(f"search '{args.name}': no MLflow record waits (nothing to send)")
+        return 0
+    sent, left, uri = sync_search(search_dir)
+    if left:
+        print(
+            f"MLflow store {uri} does not answer: {left} record(s) of search '{args.name}' still wait in "
+            f"{search_dir / OUTBOX_FILE}; run this again when it does ({sent} sent)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"search '{args.name}': {sent} waiting MLflow record(s) sent to {uri}; nothing waits")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from orchestrator.tracking import launch_ui
 
@@ -387,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_doctor)
 
+    p = sub.add_parser(
+        "sync-mlflow",
+        help="send a search's MLflow records that waited while the tracking store did not answer",
+    )
+    p.add_argument("name", help="the search's name (its folder under --storage)")
+    p.add_argument("--storage", default="runs", help="the search results folder (default ./runs)")
+    p.set_defaults(func=cmd_sync_mlflow)
+
     p = sub.add_parser("ui", help="start the MLflow UI over the tracking store")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
@@ -425,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; exit 0 / 1 as the command says, 2 for a user error (one ``error:`` line), 130 after
     Ctrl-C and 143 after SIGTERM (both stop the command where it is and let it clean up)."""
     args = build_parser().parse_args(argv)
-    if args.command in ("search", "ensemble", "refit", "label-issues", "explain"):
+    if args.command in ("search", "ensemble", "refit", "label-issues", "explain", "sync-mlflow"):
         quiet_library_logs()
     try:
         with on_sigterm(raise_terminated):

@@ -40,6 +40,7 @@ import optuna
 import psutil
 import pytest
 import ray
+from mlflow import MlflowClient
 from ray import cloudpickle
 from ray.tune import Callback
 from test_search import (
@@ -448,9 +449,11 @@ def test_an_unreachable_tracking_store_fails_before_ray_starts(tmp_path, demo_ro
 def test_losing_the_tracking_store_mid_search_loses_no_result(
     tmp_path, demo_root, tracking_uri, local_ray, capsys
 ):
-    """The store's folder disappears after the first trial's first epoch was logged (a lost mount): the
-    trials go on, the search finishes with every result in its folder, and the user gets one warning line
-    when it happens and one at the end saying what was not logged, not one per epoch."""
+    """The store's folder disappears after the first trial's first epoch was logged (a lost mount) and
+    stays away: the trials go on, the search finishes with every result in its folder, the user gets one
+    warning when it happens and one at the end naming `foldtune sync-mlflow`, not one per epoch. The
+    records wait in the search folder; once the store is back, `foldtune sync-mlflow tiny` writes them all:
+    every child run FINISHED with every epoch, the parent FINISHED with the search's results."""
     store_dir = Path(tracking_uri.removeprefix("sqlite:///")).parent
     hold = tmp_path / "store-gone"
     search_dir = tmp_path / "runs" / "tiny"
@@ -483,10 +486,35 @@ def test_losing_the_tracking_store_mid_search_loses_no_result(
         assert (search_dir / "trials" / trial_id / "epochs.log").exists()
     assert (search_dir / "leaderboard.csv").exists() and (search_dir / "summary.json").exists()
     warnings = [line for line in err.splitlines() if line.startswith("warning: MLflow")]
-    assert 2 <= len(warnings) <= 3, err  # when it broke; what the trials did not log; the parent's results
+    assert len(warnings) == 2, err  # when it went away; what waits at the end
     assert "the search goes on" in warnings[0]
-    end = next(line for line in warnings if "failed during the search; not logged:" in line)
-    assert str(search_dir) in end and "trial(s)" in end
+    outbox = search_dir / "mlflow_outbox.jsonl"
+    assert "record(s) wait in" in warnings[1] and str(outbox) in warnings[1]
+    assert "`foldtune sync-mlflow tiny`" in warnings[1]
+    kinds = [json.loads(line)["kind"] for line in outbox.read_text().splitlines()]
+    assert {"trial_result", "trial_completed", "search_results"} <= set(kinds)
+
+    assert main(["sync-mlflow", "tiny", "--storage", str(tmp_path / "runs")]) == 1  # still away: said
+    assert "does not answer" in capsys.readouterr().err and outbox.exists()
+
+    store_dir.unlink()
+    store_dir.with_name("mlruns.gone").rename(store_dir)
+    assert main(["sync-mlflow", "tiny", "--storage", str(tmp_path / "runs")]) == 0
+    assert not (search_dir / "mlflow_outbox.jsonl").exists() or not outbox.read_text().strip()
+    parent, children = child_runs(tracking_uri)
+    assert sorted(children) == sorted(summary.leaderboard["trial_id"])
+    client = MlflowClient(tracking_uri)
+    board = summary.leaderboard.set_index("trial_id")
+    for trial_id, run in children.items():
+        assert run.info.status in ("FINISHED", "KILLED"), (trial_id, run.info.status)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")]
+        assert steps == list(range(1, int(board.loc[trial_id, "epochs"]) + 1)), (trial_id, steps)
+    assert parent.info.status == "FINISHED"
+    assert (
+        parent.data.tags["foldtune.best_trial"] == summary.best_trial_id
+        and "best_val_f1" in parent.data.metrics
+    )
+    assert main(["sync-mlflow", "tiny", "--storage", str(tmp_path / "runs")]) == 0  # nothing left: fine
 
 
 # --- the ensemble ------------------------------------------------------------------------------------------

@@ -294,14 +294,13 @@ def test_keep_top_ranks_by_the_ensembles_criterion_and_keeps_pruned_oof(
     best = max(scores, key=scores.get)
     worst = min(scores, key=scores.get)
 
-    class NoTracking:
-        pass
-
     recorded = []
-    monkeypatch.setattr(
-        summary_module, "mark_checkpoints_deleted", lambda tracking, run_id, ids: recorded.extend(ids)
-    )
-    kept = summary_module._prune_checkpoints(rows, 1, NoTracking(), "parent")
+
+    class RecordingLog:  # what the search records in MLflow: only which checkpoints were deleted
+        def checkpoints_deleted(self, trial_ids) -> None:
+            recorded.extend(trial_ids)
+
+    kept = summary_module._prune_checkpoints(rows, 1, RecordingLog())
     assert kept == {best} and recorded == [worst]
     assert not (trials / worst / "checkpoints").exists() and (trials / worst / "oof.npz").is_file()
     assert selection_f1(trials / worst) == pytest.approx(scores[worst])  # the same figure, kept as a record

@@ -195,6 +195,7 @@ def test_early_stops_do_not_depend_on_ray_passing_one_result_dict_around(tmp_pat
     from ray.tune.schedulers import TrialScheduler
 
     from orchestrator.tracking import MlflowTrialCallback, SearchTracking
+    from orchestrator.tracking.search_log import SearchLog
 
     space = parse_space(space_dict(epochs=3, trials=2, points_to_evaluate=[GOOD, STALLED]))
     scheduler = make_scheduler(space, tmp_path / ASHA_STATE)
@@ -203,7 +204,7 @@ def test_early_stops_do_not_depend_on_ray_passing_one_result_dict_around(tmp_pat
     stops = EarlyStops(tmp_path / ASHA_STATE)
     tracking = SearchTracking(tracking_uri, "tiny")
     parent = tracking.start_parent(tmp_path)
-    callback = MlflowTrialCallback(tracking, parent, tmp_path / "trials", space.config_for, stops)
+    callback = MlflowTrialCallback(SearchLog(tracking, parent, tmp_path), space.config_for, stops)
     good, stalled = StandInTrial("good", GOOD), StandInTrial("stalled", STALLED)
     for trial in (good, stalled):
         assert searcher.suggest(trial.trial_id) == trial.config

@@ -12,7 +12,8 @@ in turn.
 Layout of ``<storage>/<name>/``: ``space.yaml``, ``tracking.json``, ``folds.csv``, ``relabel.csv`` (when
 label fixes were given), ``optuna.db`` (the Optuna study), ``asha_state.json`` (ASHA's rungs and the
 trials it stopped early), ``tune/`` (Ray Tune's experiment, used by ``resume``), ``trials/<trial_id>/``
-(fit's run folders), ``leaderboard.csv``, ``summary.json`` and ``plots/``.
+(fit's run folders), ``leaderboard.csv``, ``summary.json`` and ``plots/``; ``mlflow_outbox.jsonl`` while
+MLflow records wait for a tracking store that did not answer (``orchestrator.tracking.search_log``).
 """
 
 from orchestrator.search.closing import SearchInterrupted, SettleLeftovers

@@ -18,8 +18,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from orchestrator.search.optuna_adapter import INTERRUPTED, fail_running_trials, study_storage
-from orchestrator.tracking.search_runs import close_search_runs, settle_child_runs
-from orchestrator.tracking.store import SearchTracking
+from orchestrator.tracking.search_log import SearchLog
 
 
 def interrupted_line(name: str, finished: int, planned: int) -> str:
@@ -31,12 +30,10 @@ class SearchInterrupted(KeyboardInterrupt):
     """Ctrl+C or SIGTERM ended the search outside Tune's own graceful stop; the message is the one line."""
 
 
-def close_after(
-    error: BaseException, tracking: SearchTracking, parent_run_id: str, search_dir: Path, name: str
-) -> None:
+def close_after(error: BaseException, log: SearchLog, search_dir: Path, name: str) -> None:
     """Close what the driver opened after it ended on ``error`` (see the module docstring)."""
     fail_running_trials_quietly(search_dir, name)
-    close_search_runs(tracking, parent_run_id, error)
+    log.search_closed(error)
 
 
 def fail_running_trials_quietly(search_dir: Path, name: str, keep=()) -> list[int]:
@@ -64,15 +61,19 @@ class SettleLeftovers(Callback):
     Ray trial is not about to continue, are closed (FAIL / KILLED, ``interrupted``). A fresh search has
     none; a resumed one's unfinished trials are PENDING at that point and keep theirs."""
 
-    def __init__(self, search_dir: Path, study_name: str, tracking: SearchTracking, parent_run_id: str):
+    def __init__(self, search_dir: Path, study_name: str, log: SearchLog):
         self.search_dir = Path(search_dir).absolute()
         self.study_name = study_name
-        self.tracking = tracking
-        self.parent_run_id = parent_run_id
+        self.log = log
         self._settled = False
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_settled": False}  # a restored copy settles again, once
+
+    def __setstate__(self, state: dict) -> None:
+        if "log" not in state:  # kept by a search started before records (tracking, parent_run_id)
+            state["log"] = SearchLog(state.pop("tracking"), state.pop("parent_run_id"), state["search_dir"])
+        self.__dict__.update(state)
 
     def on_step_begin(self, iteration, trials, **info):
         if self._settled:
@@ -80,7 +81,7 @@ class SettleLeftovers(Callback):
         self._settled = True
         live = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
         failed = fail_running_trials_quietly(self.search_dir, self.study_name, keep=live)
-        killed = settle_child_runs(self.tracking, self.parent_run_id, keep=live)
+        killed = self.log.runs_closed(keep=live)
         if failed or killed:
             print(
                 f"closed what the last driver left running: {len(failed)} Optuna trial(s) marked FAIL, "

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,8 +54,8 @@ from orchestrator.search.trial import TrialContext, run_trial
 from orchestrator.signals import on_sigterm
 from orchestrator.space import SearchSpace
 from orchestrator.tracking.provenance import search_inputs
-from orchestrator.tracking.search_runs import settle_child_runs, start_parent_run
-from orchestrator.tracking.store import SearchTracking
+from orchestrator.tracking.search_log import SearchLog, send_outbox
+from orchestrator.tracking.search_runs import start_parent_run
 from orchestrator.tracking.trials import MlflowTrialCallback
 from trainers.io import write_text_atomic
 
@@ -140,9 +141,11 @@ def run_search(
                 resuming=started_before,
             )
             tracking.inputs = search_inputs(data_root, context.table["image_path"], search_dir, hash_images)
+            _send_what_waits(search_dir, tracking, progress)
             parent_run_id = start_parent_run(
                 tracking, space, search_dir, data_root, _parent_artifacts(search_dir)
             )
+            log = SearchLog(tracking, parent_run_id, search_dir, space.name)
             budget.start()  # the budget counts the trials, not the preparation before them
             if budget.total_s is not None and progress:
                 print(budget.describe())
@@ -151,8 +154,7 @@ def run_search(
                 context,
                 space,
                 search_dir,
-                tracking,
-                parent_run_id,
+                log,
                 restoring,
                 retry_failed,
                 progress,
@@ -168,19 +170,47 @@ def run_search(
     return summary
 
 
+def _send_what_waits(search_dir: Path, tracking, progress: bool) -> None:
+    """MLflow records a previous driver of this search left waiting for the store (``search_log``): sent
+    before this driver writes anything, so the store gets them in order."""
+    sent, left = send_outbox(search_dir, tracking)
+    if sent and progress:
+        print(f"sent {sent} MLflow record(s) the last driver left waiting", flush=True)
+    if left:  # the store answers but does not take them now: this driver's records queue behind them
+        print(
+            f"warning: {left} MLflow record(s) of the last driver still wait in {search_dir}: the store "
+            f"{tracking.tracking_uri} does not take them now; they are sent in order when it does",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _tune(
-    trial_fn, context, space, search_dir, tracking, parent_run_id, restoring, retry_failed, progress, budget
+    trial_fn, context, space, search_dir, log, restoring, retry_failed, progress, budget
 ) -> SearchSummary:
     """Build (or restore) Tune's experiment, run it, summarise it; every way out closes what the search
     opened in Optuna and MLflow (``closing``), and an interruption outside Tune's own graceful stop ends
-    as ``SearchInterrupted`` with the one line to show."""
+    as ``SearchInterrupted`` with the one line to show. MLflow records still waiting for the store at the
+    end are one line (``SearchLog.finish``)."""
+    try:
+        return _tune_and_summarize(
+            trial_fn, context, space, search_dir, log, restoring, retry_failed, progress, budget
+        )
+    finally:
+        with contextlib.suppress(Exception):  # never hide how the search ended
+            log.finish()
+
+
+def _tune_and_summarize(
+    trial_fn, context, space, search_dir, log, restoring, retry_failed, progress, budget
+) -> SearchSummary:
     try:
         trainable = _trainable(trial_fn, context, space)
         with _tune_environ(), _no_tuner_restore_advice():
             if restoring:
                 tuner = _restored_tuner(trainable, search_dir, space, retry_failed)
             else:
-                tuner = _new_tuner(trainable, space, search_dir, tracking, parent_run_id, progress)
+                tuner = _new_tuner(trainable, space, search_dir, log, progress)
             with warnings.catch_warnings(), _callers_interrupt_handlers_back():
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 results = tuner.fit()
@@ -190,12 +220,12 @@ def _tune(
         # here too (the budget's stop calls no completion callback: their MLflow runs are closed here)
         fail_running_trials_quietly(search_dir, space.name)
         if cut:
-            settle_child_runs(tracking, parent_run_id, keep=())
-        return summarize(results, space, search_dir, tracking, parent_run_id, budget_spent=cut)
+            log.runs_closed()
+        return summarize(results, space, search_dir, log, budget_spent=cut)
     except BaseException as error:
         with contextlib.suppress(OSError):  # never hide the error that ended the search
             budget.record()
-        close_after(error, tracking, parent_run_id, search_dir, space.name)
+        close_after(error, log, search_dir, space.name)
         if isinstance(error, KeyboardInterrupt) and not isinstance(error, SearchInterrupted):
             finished = finished_trials(search_dir, space.name)
             raise SearchInterrupted(interrupted_line(space.name, finished, space.trials)) from None
@@ -371,8 +401,7 @@ def _new_tuner(
     trainable,
     space: SearchSpace,
     search_dir: Path,
-    tracking: SearchTracking,
-    parent_run_id: str,
+    log: SearchLog,
     progress: bool,
 ) -> tune.Tuner:
     """A fresh experiment: Optuna proposes, ASHA stops, results go to ``tune/``, MLflow and the console."""
@@ -393,7 +422,7 @@ def _new_tuner(
         run_config=tune.RunConfig(
             name=EXPERIMENT_DIRNAME,
             storage_path=str(search_dir),
-            callbacks=_callbacks(space, search_dir, tracking, parent_run_id, progress),
+            callbacks=_callbacks(space, search_dir, log, progress),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             stop=BudgetStopper(search_dir / BUDGET_FILE),  # no deadline unless a budget is set
             failure_config=tune.FailureConfig(max_failures=space.max_failures, fail_fast=False),
@@ -402,11 +431,11 @@ def _new_tuner(
     )
 
 
-def _callbacks(space, search_dir, tracking, parent_run_id, progress) -> list[Callback]:
+def _callbacks(space, search_dir, log: SearchLog, progress) -> list[Callback]:
     early_stops = EarlyStops(search_dir / ASHA_STATE)  # the scheduler's record of the trials it stopped
     callbacks: list[Callback] = [
-        SettleLeftovers(search_dir, space.name, tracking, parent_run_id),
-        MlflowTrialCallback(tracking, parent_run_id, search_dir / "trials", space.config_for, early_stops),
+        SettleLeftovers(search_dir, space.name, log),
+        MlflowTrialCallback(log, space.config_for, early_stops),
     ]
     if progress:
         callbacks.append(ProgressTable(list(space.search), early_stops=early_stops))

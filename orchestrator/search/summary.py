@@ -35,8 +35,7 @@ from orchestrator.search.constants import (
 from orchestrator.search.plots import plot_study
 from orchestrator.search.stopping import EarlyStops
 from orchestrator.space import SearchSpace
-from orchestrator.tracking.search_runs import log_parent_results, mark_checkpoints_deleted
-from orchestrator.tracking.store import SearchTracking
+from orchestrator.tracking.search_log import SearchLog
 from trainers.io import write_csv_atomic, write_text_atomic
 
 
@@ -106,8 +105,7 @@ def summarize(
     results,
     space: SearchSpace,
     search_dir: Path,
-    tracking: SearchTracking,
-    parent_run_id: str,
+    log: SearchLog,
     budget_spent: bool = False,
 ) -> SearchSummary:
     """Leaderboard, ``summary.json``, plots and the parent run's results, from Tune's results and run dirs.
@@ -116,7 +114,7 @@ def summarize(
     """
     rows = trial_rows(results, space, search_dir, EarlyStops(search_dir / ASHA_STATE), budget_spent)
     finished = budget_spent or (all(r["state"] != "unfinished" for r in rows) and len(rows) >= space.trials)
-    kept = _prune_checkpoints(rows, space.keep_top, tracking, parent_run_id) if finished else None
+    kept = _prune_checkpoints(rows, space.keep_top, log) if finished else None
     cut = [r for r in rows if r["state"] == "cut"]
     cut_candidates = tuple(r["trial_id"] for r in cut if r["trial_id"] in (kept or ()))
     cut_pruned = tuple(  # a pruned trial's OOF is saved to oof.npz before its checkpoints go
@@ -135,13 +133,13 @@ def summarize(
     summary = SearchSummary(
         name=space.name,
         search_dir=search_dir,
-        experiment_name=tracking.experiment_name,
-        parent_run_id=parent_run_id,
+        experiment_name=log.tracking.experiment_name,
+        parent_run_id=log.parent_run_id,
         leaderboard=leaderboard,
         best_trial_id=best["trial_id"] if best else None,
         best_config=best["config"] if best else None,
         disk_bytes=disk,
-        tracking_uri=tracking.tracking_uri,
+        tracking_uri=log.tracking.tracking_uri,
         finished=finished,
         trials_planned=space.trials,
         budget_spent=budget_spent,
@@ -152,9 +150,9 @@ def summarize(
     payload = {
         "name": space.name,
         "search_dir": str(search_dir),
-        "experiment_name": tracking.experiment_name,
-        "tracking_uri": tracking.tracking_uri,
-        "parent_run_id": parent_run_id,
+        "experiment_name": log.tracking.experiment_name,
+        "tracking_uri": log.tracking.tracking_uri,
+        "parent_run_id": log.parent_run_id,
         "finished": finished,
         "budget_spent": budget_spent,
         "best_trial_id": summary.best_trial_id,
@@ -179,7 +177,7 @@ def summarize(
     }
     write_text_atomic(json.dumps(payload, indent=2, default=str), search_dir / "summary.json")
     plots = plot_study(search_dir, space.name)
-    log_parent_results(tracking, parent_run_id, summary, rows, plots, states=STATE_ORDER)
+    log.search_results(summary, rows, plots, states=STATE_ORDER)
     return summary
 
 
@@ -254,9 +252,7 @@ def _short_error(error: BaseException) -> str:
     return f"{type(cause).__name__}: {text[0] if text else ''}"
 
 
-def _prune_checkpoints(
-    rows: list[dict], keep_top: int, tracking: SearchTracking, parent_run_id: str
-) -> set[str]:
+def _prune_checkpoints(rows: list[dict], keep_top: int, log: SearchLog) -> set[str]:
     """Bounded disk: trials outside the best ``keep_top`` lose their checkpoints; none keeps ``last.pt``.
 
     Ranked as the ensemble ranks its candidates (``selection_f1``), so pruning never deletes what the
@@ -291,7 +287,7 @@ def _prune_checkpoints(
         shutil.rmtree(checkpoints)
         deleted.append(row["trial_id"])
     if deleted:
-        mark_checkpoints_deleted(tracking, parent_run_id, deleted)
+        log.checkpoints_deleted(deleted)
     return kept
 
 

@@ -1,4 +1,6 @@
-"""MLflow, in one room: the store and its runs (``store``), trial child runs (``trials``), the UI (``ui``).
+"""MLflow, in one room: the store and its runs (``store``), a search's records and the outbox they wait
+in while the store is down (``search_log``, ``outbox``), trial child runs (``trial_runs``, recorded by the
+Tune callback in ``trials``), the parent run (``search_runs``), the UI (``ui``).
 
 Search and ensemble call this package; nothing else in foldtune imports mlflow.
 """
@@ -12,12 +14,14 @@ _EXPORTS = {
     "DEFAULT_STORE": "orchestrator.tracking.store",
     "MlflowTrialCallback": "orchestrator.tracking.trials",
     "PARENT_ROLE": "orchestrator.tracking.store",
-    "RUN_FOLDER_ARTIFACTS": "orchestrator.tracking.trials",
+    "RUN_FOLDER_ARTIFACTS": "orchestrator.tracking.trial_runs",
+    "SearchLog": "orchestrator.tracking.search_log",
     "SearchTracking": "orchestrator.tracking.store",
     "TAG": "orchestrator.tracking.store",
     "artifact_root": "orchestrator.tracking.store",
     "launch_ui": "orchestrator.tracking.ui",
     "resolve_tracking_uri": "orchestrator.tracking.store",
+    "send_outbox": "orchestrator.tracking.search_log",
     "start_ui": "orchestrator.tracking.ui",
     "trial_error": "orchestrator.tracking.trials",
 }

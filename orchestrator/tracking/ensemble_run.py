@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.tracking.provenance import code_version_tags, file_dataset, log_datasets
+from orchestrator.tracking.search_log import send_outbox
 from orchestrator.tracking.store import NOTE_TAG, PARENT_ROLE, TAG, SearchTracking
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ def log_ensemble_run(
     ``exploratory`` ensemble (made to compare) does not become the search's description.
     """
     tracking = SearchTracking(tracking_uri or summary.get("tracking_uri"), experiment_name(summary, search))
+    send_outbox(search_dir, tracking)  # what the search left waiting goes first: its description is older
     parent_run_id = summary.get("parent_run_id") or find_parent_run(tracking, search_dir)
     tags = {
         f"{TAG}role": "ensemble",

@@ -1,15 +1,16 @@
 """A search's parent MLflow run: opened with the search's settings, closed with its results.
 
-The search rooms decide what happened; this module is the only place that writes it to MLflow, so the
-whole MLflow side of a search reads in one room (trial child runs are ``trials.py``). Every call is made
-from the driver, and a tracking problem is reported on stderr without stopping the search, except when
-the parent run is opened: a search that cannot be tracked at all should not start.
+The search rooms decide what happened; this module writes it to MLflow (trial child runs are
+``trial_runs``). Every write after the parent run is opened goes through ``search_log`` as a record that
+can wait on disk while the store is down, so the writers here take plain values and write nothing twice
+when sent again. Opening the parent run is direct: a search that cannot be tracked at all should not
+start.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,7 +18,7 @@ import pandas as pd
 import yaml
 
 from orchestrator.space import SearchSpace
-from orchestrator.tracking.store import NOTE_TAG, TAG, SearchTracking, error_line, quiet_store_errors
+from orchestrator.tracking.store import NOTE_TAG, TAG, SearchTracking
 
 
 class SearchSummary(Protocol):
@@ -60,67 +61,83 @@ def start_parent_run(
     return parent_run_id
 
 
-def mark_checkpoints_deleted(tracking: SearchTracking, parent_run_id: str, trial_ids: Iterable[str]) -> None:
-    """Tag the child runs of trials whose checkpoints were deleted to bound the search's disk."""
-    trial_ids = list(trial_ids)
-    try:
-        with quiet_store_errors():
-            for trial_id in trial_ids:
-                run_id = tracking.find_child(parent_run_id, trial_id)
-                if run_id is not None:
-                    tracking.set_tags(run_id, {f"{TAG}checkpoints_deleted": "true"})
-    except Exception as error:
-        print(
-            f"warning: MLflow tag for the deleted checkpoints of {len(trial_ids)} trial(s) failed: "
-            f"{error_line(error)}",
-            file=sys.stderr,
-        )
-
-
-def log_parent_results(
+def close_runs(
     tracking: SearchTracking,
     parent_run_id: str,
-    summary: SearchSummary,
-    rows: list[dict],
-    plots: list[Path],
-    states: Iterable[str],
-) -> None:
-    """The parent run's results; children left RUNNING by an interrupted or killed driver are closed.
-
-    ``states`` are the trial states counted as ``trials_<state>`` metrics (zero when no trial has one).
-    """
-    try:
-        with quiet_store_errors():
-            _log_parent_results(tracking, parent_run_id, summary, rows, plots, states)
-    except Exception as error:
-        print(f"warning: MLflow results of the search not fully logged: {error_line(error)}", file=sys.stderr)
+    keep: Collection[str] = (),
+    known: Collection[str] | None = None,
+) -> int:
+    """Child runs still RUNNING, except those of trials in ``keep``, become KILLED (``interrupted``, or
+    ``orphaned`` when ``known`` is given and their trial is not in it); returns how many."""
+    return tracking.close_children(parent_run_id, keep=set(keep), known=None if known is None else set(known))
 
 
-def _log_parent_results(tracking, parent_run_id, summary, rows, plots, states) -> None:
-    client = tracking.client
-    search_dir = summary.search_dir
-    for name in ("leaderboard.csv", "summary.json"):
-        client.log_artifact(parent_run_id, str(search_dir / name))
-    client.log_table(parent_run_id, summary.leaderboard.drop(columns=["run_dir"]), "leaderboard_table.json")
-    for plot in plots:
-        client.log_artifact(parent_run_id, str(plot), "plots")
-    counts = pd.Series([r["state"] for r in rows]).value_counts().to_dict()
-    metrics = {f"trials_{state}": counts.get(state, 0) for state in states}
+def mark_checkpoints_deleted(tracking: SearchTracking, parent_run_id: str, trial_ids: Iterable[str]) -> None:
+    """Tag the child runs of trials whose checkpoints were deleted to bound the search's disk."""
+    for trial_id in trial_ids:
+        run_id = tracking.find_child(parent_run_id, trial_id)
+        if run_id is not None:
+            tracking.set_tags(run_id, {f"{TAG}checkpoints_deleted": "true"})
+
+
+def results_record(
+    summary: SearchSummary, rows: list[dict], plots: list[Path], states: Iterable[str]
+) -> dict:
+    """What the parent run gets when a search's driver ends with a summary, as plain values (a record may
+    wait on disk for the store, ``search_log``). ``states`` are the trial states counted as
+    ``trials_<state>`` metrics (zero when no trial has one)."""
+    counts = pd.Series([r["state"] for r in rows], dtype=object).value_counts().to_dict()
+    metrics = {f"trials_{state}": int(counts.get(state, 0)) for state in states}
     metrics["disk_bytes"] = summary.disk_bytes
     tags = {f"{TAG}finished": str(summary.finished).lower()}
     if summary.best_trial_id is not None:
         metrics["best_val_f1"] = rows[0]["best_f1"]
         tags[f"{TAG}best_trial"] = summary.best_trial_id
-        client.log_text(
-            parent_run_id, yaml.safe_dump(summary.best_config, sort_keys=False), "best_config.yaml"
-        )
+    search_dir = Path(summary.search_dir)
+    return {
+        "files": [str(search_dir / name) for name in ("leaderboard.csv", "summary.json")],
+        "leaderboard": summary.leaderboard.drop(columns=["run_dir"], errors="ignore").to_dict("records"),
+        "plots": [str(plot) for plot in plots],
+        "metrics": metrics,
+        "tags": tags,
+        "best_config": summary.best_config,
+        "note": search_note(summary, rows),
+        "known": sorted(r["trial_id"] for r in rows),
+        "finished": bool(summary.finished),
+    }
+
+
+def write_results(
+    tracking: SearchTracking,
+    parent_run_id: str,
+    files: list[str],
+    leaderboard: list[dict],
+    plots: list[str],
+    metrics: dict,
+    tags: dict,
+    best_config: dict | None,
+    note: str,
+    known: list[str],
+    finished: bool,
+) -> None:
+    """The parent run's results (``results_record``); children left RUNNING by an interrupted or killed
+    driver are closed, and the parent FINISHED (KILLED when the search did not finish)."""
+    client = tracking.client
+    for path in files:
+        if Path(path).is_file():
+            client.log_artifact(parent_run_id, path)
+    client.log_table(parent_run_id, pd.DataFrame.from_records(leaderboard), "leaderboard_table.json")
+    for plot in plots:
+        if Path(plot).is_file():
+            client.log_artifact(parent_run_id, plot, "plots")
+    if best_config is not None:
+        client.log_text(parent_run_id, yaml.safe_dump(best_config, sort_keys=False), "best_config.yaml")
     tracking.log_metrics(parent_run_id, metrics)
     tracking.set_tags(parent_run_id, tags)
-    note = search_note(summary, rows)
     client.set_tag(parent_run_id, NOTE_TAG, note)
     client.set_experiment_tag(tracking.experiment_id, NOTE_TAG, note)
-    tracking.close_children(parent_run_id, known={r["trial_id"] for r in rows})
-    tracking.finish(parent_run_id, "FINISHED" if summary.finished else "KILLED")
+    tracking.close_children(parent_run_id, known=set(known))
+    tracking.finish(parent_run_id, "FINISHED" if finished else "KILLED")
 
 
 NOTE_ROWS = 10
@@ -162,29 +179,12 @@ def _cell(value) -> str:
     return str(value)
 
 
-def close_search_runs(tracking: SearchTracking, parent_run_id: str, error: BaseException) -> None:
-    """A driver ending on ``error`` (an exception, Ctrl+C, SIGTERM) closes what it opened in MLflow: child
-    runs still RUNNING become KILLED (tag ``interrupted``), the parent KILLED for an interruption, FAILED
-    with the error (tag ``foldtune.error``) for anything else. A tracking failure here is one warning."""
-    interrupted = isinstance(error, KeyboardInterrupt)
-    try:
-        with quiet_store_errors():
-            tracking.close_children(parent_run_id)
-            tags = {f"{TAG}finished": "false"}
-            if not interrupted:
-                tags[f"{TAG}error"] = f"{type(error).__name__}: {error_line(error)}"
-            tracking.set_tags(parent_run_id, tags)
-            tracking.finish(parent_run_id, "KILLED" if interrupted else "FAILED")
-    except Exception as failure:
-        print(f"warning: MLflow runs of the search not closed: {error_line(failure)}", file=sys.stderr)
-
-
-def settle_child_runs(tracking: SearchTracking, parent_run_id: str, keep: Iterable[str]) -> int:
-    """On resume: child runs a killed driver left RUNNING whose trial Ray does not continue become KILLED
-    (tag ``interrupted``); returns how many (0 when the store cannot be reached: one warning)."""
-    try:
-        with quiet_store_errors():
-            return tracking.close_children(parent_run_id, keep=set(keep))
-    except Exception as error:
-        print(f"warning: MLflow runs left RUNNING by a killed driver: {error_line(error)}", file=sys.stderr)
-        return 0
+def write_closed(tracking: SearchTracking, parent_run_id: str, interrupted: bool, error: str | None) -> None:
+    """A driver that ended without a summary: child runs still RUNNING become KILLED (``interrupted``), the
+    parent KILLED for an interruption, FAILED with ``error`` (tag ``foldtune.error``) for anything else."""
+    tracking.close_children(parent_run_id)
+    tags = {f"{TAG}finished": "false"}
+    if error is not None:
+        tags[f"{TAG}error"] = error
+    tracking.set_tags(parent_run_id, tags)
+    tracking.finish(parent_run_id, "KILLED" if interrupted else "FAILED")

@@ -111,10 +111,11 @@ def quiet_store_errors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _fail_fast_http() -> Iterator[None]:
-    """For the one check at start: a tracking server that does not answer fails in seconds, not after
-    MLflow's minutes of retries (settings the user made are kept)."""
-    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+def fail_fast_http(timeout_s: int = 20) -> Iterator[None]:
+    """A tracking server that does not answer fails the calls made inside in seconds, not after MLflow's
+    minutes of retries with backoff (7 by default, each up to 120 s). For the check at start and for every
+    write of a search, which queues what fails (``search_log``); settings the user made are kept."""
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
     added = [key for key in limits if key not in os.environ]
     for key in added:
         os.environ[key] = limits[key]
@@ -160,6 +161,42 @@ def probe_store(tracking_uri: str | os.PathLike | None) -> tuple[str, str | None
     return uri, None
 
 
+def store_answers(tracking_uri: str, timeout_s: int = 5) -> bool:
+    """Whether the store answers now, by a read that creates nothing: a SQLite store's database file is
+    there and readable (a lost mount is not answered by a new empty store), a server's ``/health`` answers
+    within ``timeout_s``, any other store answers a one-experiment search."""
+    import sqlite3
+    import urllib.request
+
+    path = sqlite_path(tracking_uri)
+    if path is not None:
+        if not path.is_file():
+            return False
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s)
+            ) as db:
+                db.execute("select count(*) from sqlite_master").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
+    if tracking_uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s) as answer:
+                answer.read(64)
+        except OSError:
+            return False
+        return True
+    try:
+        from mlflow import MlflowClient
+
+        with fail_fast_http(timeout_s), quiet_store_errors():
+            MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+    except Exception:
+        return False
+    return True
+
+
 def _param_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return json.dumps(list(value))
@@ -168,7 +205,7 @@ def _param_value(value: Any) -> str:
     return str(value)
 
 
-def _finite_metrics(values: Mapping[str, Any]) -> dict[str, float]:
+def finite_metrics(values: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in values.items():
         if key in NOT_METRICS or isinstance(value, bool) or not isinstance(value, int | float):
@@ -210,7 +247,7 @@ class SearchTracking:
         """Open the store once (creating a new SQLite store), so a store that cannot be reached fails the
         search before anything starts, with one message naming it."""
         try:
-            with _fail_fast_http():
+            with fail_fast_http():
                 self.client.search_experiments(max_results=1)
         except Exception as error:
             self._client = None
@@ -309,11 +346,15 @@ class SearchTracking:
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start : start + 100])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int = 0) -> None:
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, Any], step: int = 0, time_ms: int | None = None
+    ) -> None:
+        """Finite numeric ``metrics`` at ``step``, stamped ``time_ms`` (when they were measured; now when
+        not given: a record sent late keeps its own time)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, v, now, step) for k, v in _finite_metrics(metrics).items()]
+        stamp = int(time.time() * 1000) if time_ms is None else int(time_ms)
+        items = [Metric(k, v, stamp, step) for k, v in finite_metrics(metrics).items()]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start : start + 1000])
 

@@ -1,0 +1,148 @@
+"""Each trial of a search as a nested MLflow child run, written from plain records of what the trial did.
+
+Why plain records and not Ray's trial objects: a record can wait on disk while the tracking store is down
+(``search_log``) and be written later, by the same driver or by ``foldtune sync-mlflow``, with the same
+result. So every write here is safe to repeat: a child run is found again by its trial id, an epoch
+already in the store is not logged twice, artifacts and tags are overwritten with the same content.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from orchestrator.tracking.store import TAG, SearchTracking
+
+RUN_FOLDER_ARTIFACTS = ("config.yaml", "folds.csv", "result.json", "metrics/*.csv", "plots/*.png")
+
+
+class TrialRuns:
+    """The child runs of one search's trials: created on a trial's first record, then updated.
+
+    Child runs get all hyperparameters, per-epoch mean and per-fold metrics (step = epoch), final metrics,
+    the run folder's fold file, metric CSVs and plots, and a status: FINISHED, KILLED when the scheduler
+    stopped the trial early (tag ``foldtune.stopped_early=true``), FAILED with the error as tag and
+    artifact. Knows which run belongs to which trial and which epoch each has logged, once it asked.
+    """
+
+    def __init__(self, tracking: SearchTracking, trials_dir: Path):
+        self.tracking = tracking
+        self.trials_dir = Path(trials_dir).absolute()
+        self._runs: dict[tuple[str, str], str] = {}  # (parent run, trial id) -> child run
+        self._logged_epoch: dict[str, int] = {}  # child run -> last epoch in the store
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_runs": {}, "_logged_epoch": {}}
+
+    def run_dir(self, trial_id: str) -> Path:
+        return self.trials_dir / trial_id
+
+    def child(self, parent_run_id: str, trial_id: str) -> str:
+        """The trial's child run, found or (with the run folder's ``config.yaml`` as params) created."""
+        return self._child(parent_run_id, trial_id)[0]
+
+    def _child(
+        self, parent_run_id: str, trial_id: str, params: Mapping[str, Any] | None = None, searched=()
+    ) -> tuple[str, str]:
+        """(run id, how it was had): "known" (asked before), "found" (a resumed trial's, or one a record
+        wrote before), or "created" with the trial's parameters (``params``, else ``config.yaml``)."""
+        run_id = self._runs.get((parent_run_id, trial_id))
+        if run_id is not None:
+            return run_id, "known"
+        run_dir = self.run_dir(trial_id)
+        run_id, created = self.tracking.start_child(
+            parent_run_id,
+            trial_id,
+            {
+                f"{TAG}run_dir": str(run_dir),
+                f"{TAG}checkpoints": str(run_dir / "checkpoints"),
+                f"{TAG}searched": json.dumps(sorted(searched)),
+            },
+        )
+        if created:
+            if params is None and (run_dir / "config.yaml").is_file():
+                params = yaml.safe_load((run_dir / "config.yaml").read_text())
+            if params:
+                self.tracking.log_params(run_id, params)
+            self._logged_epoch[run_id] = 0
+        else:
+            self._logged_epoch[run_id] = self.tracking.last_step(run_id)
+        self._runs[(parent_run_id, trial_id)] = run_id
+        return run_id, "created" if created else "found"
+
+    def started(self, parent_run_id: str, trial_id: str, params: Mapping[str, Any], searched) -> None:
+        """A trial started: its run is created, or (a resumed trial) RUNNING again and no longer tagged
+        interrupted."""
+        run_id, how = self._child(parent_run_id, trial_id, params, searched)
+        if how == "found":
+            self.tracking.reopen(run_id)
+
+    def result(self, parent_run_id: str, trial_id: str, epoch: int, metrics: Mapping[str, float], time_ms):
+        """One epoch's metrics (step = epoch); epochs a killed driver never saw come from the run folder."""
+        run_id = self.child(parent_run_id, trial_id)
+        last = self._logged_epoch.get(run_id, 0)
+        if epoch > last + 1:
+            self._backfill(run_id, trial_id, last, epoch, time_ms)
+        if epoch > last:
+            self.tracking.log_metrics(run_id, metrics, step=epoch, time_ms=time_ms)
+            self._logged_epoch[run_id] = epoch
+
+    def _backfill(self, run_id: str, trial_id: str, after: int, before: int, time_ms) -> None:
+        """Log epochs ``after`` < e < ``before`` from ``epochs.csv``, stamped just before the epoch that
+        reports them (``time_ms``), so a history ordered by time stays ordered by epoch."""
+        stamp = int(time.time() * 1000) if time_ms is None else int(time_ms)
+        path = self.run_dir(trial_id) / "metrics" / "epochs.csv"
+        if not path.exists():
+            return
+        history = pd.read_csv(path, dtype={"fold": str})
+        for epoch in range(after + 1, before):
+            rows = history[history["epoch"] == epoch]
+            metrics: dict[str, float] = {}
+            for row in rows.to_dict("records"):
+                prefix = "" if row["fold"] == "mean" else f"fold{row['fold']}/"
+                metrics.update({f"{prefix}{k}": v for k, v in row.items() if k not in ("epoch", "fold")})
+            if metrics:
+                self.tracking.log_metrics(run_id, metrics, step=epoch, time_ms=stamp - (before - epoch))
+
+    def completed(self, parent_run_id: str, trial_id: str, stopped: bool, last: Mapping[str, Any]) -> None:
+        """The trial ended: final metrics (fit's ``result.json`` when it wrote one), files, status."""
+        run_id = self.child(parent_run_id, trial_id)
+        run_dir = self.run_dir(trial_id)
+        final = {
+            "best_f1": last.get("best_f1"),
+            "best_epoch": last.get("best_epoch"),
+            "epochs": last.get("epoch"),
+        }
+        tags = {
+            f"{TAG}stopped_early": str(stopped).lower(),
+            f"{TAG}status": "stopped_early" if stopped else "completed",
+        }
+        result_file = run_dir / "result.json"
+        if result_file.exists():
+            fit_result = json.loads(result_file.read_text())
+            final.update({k: fit_result.get(k) for k in ("best_f1", "best_epoch", "oof_f1", "oof_f1_tta")})
+            final["epochs"] = fit_result.get("epochs_trained")
+            tags.update(
+                {f"{TAG}fit_status": fit_result.get("status"), f"{TAG}fit_message": fit_result.get("message")}
+            )
+        self.tracking.log_metrics(run_id, {f"final/{k}": v for k, v in final.items() if v is not None})
+        self.tracking.set_tags(run_id, tags)
+        self.tracking.log_files(run_id, run_dir, RUN_FOLDER_ARTIFACTS, "run")
+        self.tracking.finish(run_id, "KILLED" if stopped else "FINISHED")
+
+    def retried(self, parent_run_id: str, trial_id: str, failures: int, error: str) -> None:
+        run_id = self.child(parent_run_id, trial_id)
+        self.tracking.set_tags(run_id, {f"{TAG}retries": failures, f"{TAG}last_error": error})
+
+    def failed(self, parent_run_id: str, trial_id: str, message: str, text: str) -> None:
+        run_id = self.child(parent_run_id, trial_id)
+        self.tracking.set_tags(run_id, {f"{TAG}status": "failed", f"{TAG}error": message})
+        self.tracking.client.log_text(run_id, text, "error.txt")
+        self.tracking.log_files(run_id, self.run_dir(trial_id), RUN_FOLDER_ARTIFACTS, "run")
+        self.tracking.finish(run_id, "FAILED")
