@@ -30,6 +30,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -58,10 +59,12 @@ from test_search import (
 
 import orchestrator.search
 import orchestrator.search.driver as driver
+import orchestrator.tracking.search_log as search_log
 from orchestrator.cli import main
 from orchestrator.search import run_search
 from orchestrator.search.constants import ASHA_STATE, EXPERIMENT_DIRNAME
 from orchestrator.tracking import SearchTracking
+from orchestrator.tracking.store import store_answers
 
 # the tiny demo data has strata smaller than k: the split warns (FoldWarning), which is not what is tested
 pytestmark = pytest.mark.filterwarnings("ignore::trainers.folds.FoldWarning")
@@ -515,6 +518,113 @@ def test_losing_the_tracking_store_mid_search_loses_no_result(
         and "best_val_f1" in parent.data.metrics
     )
     assert main(["sync-mlflow", "tiny", "--storage", str(tmp_path / "runs")]) == 0  # nothing left: fine
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 over a SQLite file and an artifact folder, in its own process
+    group so that stopping it stops its workers too; ``start`` again serves the same store on the same
+    port."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}", "--workers", "1"]
+        command += ["--artifacts-destination", str(self.folder / "artifacts")]
+        log = open(self.folder / "server.log", "a")  # noqa: SIM115 (the server process keeps it)
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        wait_for(
+            lambda: store_answers(self.uri, timeout_s=1),
+            120,
+            "mlflow server",
+            self.process,
+            self.folder / "server.log",
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@pytest.mark.slow
+def test_a_real_mlflow_server_stopped_and_restarted_mid_search_ends_with_every_run_and_epoch(
+    tmp_path, demo_root, local_ray, monkeypatch, capsys
+):
+    """The search's tracking server is killed after the first epoch reached it and comes back a while later,
+    while trials go on. The trials never wait: the records of the outage wait in the search folder and the
+    driver sends them, in order, once the server answers again. At the end nothing is RUNNING and nothing
+    is missing: every child run with every epoch, the parent with the search's results, no outbox left."""
+    monkeypatch.setattr(search_log, "RETRY_AFTER_S", 0.5)
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    back = tmp_path / "server-back"
+    search_dir = tmp_path / "runs" / "tiny"
+    outbox = search_dir / "mlflow_outbox.jsonl"
+
+    def waiting_results() -> int:
+        with contextlib.suppress(OSError):
+            return outbox.read_text().count('"kind": "trial_result"')
+        return 0
+
+    def outage() -> None:
+        def logged() -> bool:
+            with contextlib.suppress(Exception):
+                _, children = child_runs(server.uri)
+                return any("val_f1" in r.data.metrics for r in children.values())
+            return False
+
+        wait_for(logged, 300, "first epoch in MLflow")
+        server.stop()
+        wait_for(lambda: waiting_results() >= 2, 300, "results waiting in the outbox")
+        server.start()
+        back.touch()  # later trials start now, so that some of the search runs with the server back
+
+    server.start()
+    try:
+        breaker = threading.Thread(target=outage, daemon=True)
+        breaker.start()
+        summary = run_search(
+            demo_root,
+            standin_space(tmp_path / "tiny.yaml", epochs=4, trials=4),
+            trial_fn=standin_trial(epoch_s=1.5, hold_file=str(back), hold_from=2),
+            **search_kwargs(tmp_path, server.uri),
+        )
+        breaker.join(timeout=5)
+        out, err = capsys.readouterr()
+        assert summary.finished and summary.problem() is None and len(summary.leaderboard) == 4
+        warnings = [line for line in err.splitlines() if line.startswith("warning: MLflow")]
+        assert len(warnings) == 1 and "does not answer" in warnings[0] and "the search goes on" in warnings[0]
+        assert f"MLflow store {server.uri} answers again:" in out
+        assert not outbox.exists() or not outbox.read_text().strip()
+
+        parent, children = child_runs(server.uri)
+        client = MlflowClient(server.uri)
+        board = summary.leaderboard.set_index("trial_id")
+        assert sorted(children) == sorted(board.index)
+        assert (board["state"] == "completed").any()
+        for trial_id, run in children.items():
+            assert run.info.status in ("FINISHED", "KILLED"), (trial_id, run.info.status)
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_f1")]
+            assert steps == list(range(1, int(board.loc[trial_id, "epochs"]) + 1)), (trial_id, steps)
+            if (search_dir / "trials" / trial_id / "result.json").exists():  # not when ASHA stopped it
+                artifacts = [f.path for f in client.list_artifacts(run.info.run_id, "run")]
+                assert "run/result.json" in artifacts, (trial_id, artifacts)
+        assert (
+            parent.info.status == "FINISHED"
+            and parent.data.tags["foldtune.best_trial"] == summary.best_trial_id
+        )
+        assert_nothing_running(search_dir, server.uri)
+    finally:
+        server.stop()
 
 
 # --- the ensemble ------------------------------------------------------------------------------------------
