@@ -36,7 +36,7 @@ opt = $(if $(strip $(2)),$(1) $(strip $(2)),)
 
 .PHONY: .venv all demo demo-data search ensemble refit label-issues explain predict ui doctor test test-slow \
 	test-floors \
-	bench bench-gpu lint format clean
+	bench bench-outage bench-gpu lint format clean
 
 # the space file: SPACE, or for auto the one `foldtune search --space auto` picks on this machine
 space_file = $(if $(filter auto,$(strip $(SPACE))),$(shell $(FT) doctor --which-space),$(strip $(SPACE)))
@@ -119,6 +119,10 @@ test-floors:
 
 bench: .venv
 	$(BIN)/python -m benchmarks $(call opt,--data,$(BENCH_DATA))
+
+# a search against a real mlflow server that is up, killed or hung mid-search (BENCHMARKS.md)
+bench-outage: .venv
+	$(BIN)/python -m benchmarks.mlflow_outage $(call opt,--out,$(BENCH_OUT))
 
 # no .venv prerequisite: on a GPU machine with its own python (torch + timm) that cannot install one
 bench-gpu:

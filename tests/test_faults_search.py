@@ -564,6 +564,7 @@ def test_a_real_mlflow_server_stopped_and_restarted_mid_search_ends_with_every_r
     driver sends them, in order, once the server answers again. At the end nothing is RUNNING and nothing
     is missing: every child run with every epoch, the parent with the search's results, no outbox left."""
     monkeypatch.setattr(search_log, "RETRY_AFTER_S", 0.5)
+    monkeypatch.setattr(search_log, "RETRY_AFTER_MAX_S", 1.0)
     (tmp_path / "server").mkdir()
     server = MlflowServer(tmp_path / "server")
     back = tmp_path / "server-back"

@@ -233,6 +233,44 @@ def test_a_server_gone_bad_costs_one_attempt_per_retry_period_not_minutes_per_ca
         server.close()
 
 
+def test_a_store_that_stays_away_is_asked_less_and_less_often_and_at_once_when_it_is_back(
+    tmp_path, monkeypatch
+):
+    """A hung server costs the driver up to ``PROBE_TIMEOUT_S`` per ask: asked after 30 s, then 60, 120,
+    240, then every 300 s while it stays away (a clock the test moves; a record every 10 s for an hour);
+    once it answers and what waited is sent, a later outage starts again at 30 s."""
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(search_log.time, "monotonic", lambda: clock["now"])
+    asks: list[float] = []
+    answers = {"now": False}
+
+    def store_answers(uri, timeout_s=5):
+        assert timeout_s == search_log.PROBE_TIMEOUT_S
+        asks.append(clock["now"] - 1000.0)
+        return answers["now"]
+
+    monkeypatch.setattr(search_log, "store_answers", store_answers)
+    server = DroppingServer()
+    try:
+        log = SearchLog(SearchTracking(server.uri, "hung"), "parent-run", tmp_path / "runs" / "s", tell=False)
+        for tick in range(360):
+            clock["now"] = 1000.0 + 10 * tick
+            log.record("trial_result", trial_id="t1", epoch=tick + 1, metrics={"val_f1": 0.5})
+        first_write_ask = asks.pop(0)  # the failed first write asks once whether the store answers at all
+        assert first_write_ask == 0
+        assert asks == [30, 90, 210, 450, 750, 1050, 1350, 1650, 1950, 2250, 2550, 2850, 3150, 3450], asks
+        assert log._retry_after == search_log.RETRY_AFTER_MAX_S
+    finally:
+        server.close()
+    sent: list[dict] = []
+    monkeypatch.setitem(search_log.WRITERS, "trial_result", lambda log, record: sent.append(record))
+    answers["now"] = True
+    clock["now"] += 300
+    assert log.send_waiting() and len(sent) == 360
+    assert log._retry_after == search_log.RETRY_AFTER_S
+
+
 def test_a_line_cut_short_by_a_crash_is_skipped_and_the_rest_is_kept(tmp_path):
     outbox = Outbox(tmp_path / OUTBOX_FILE)
     for number in range(3):

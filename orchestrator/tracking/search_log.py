@@ -5,9 +5,11 @@ Why: a tracking server that goes down mid-search used to stall the whole Tune lo
 call for minutes, and the driver makes several calls per trial result) and lose what it could not write.
 Now each write fails fast (no retries, 10 s timeout, unless the user set MLflow's own settings); when the
 store does not work, the record goes to ``mlflow_outbox.jsonl`` in the search folder and so does every
-later one, to keep their order. Every ``RETRY_AFTER_S`` the store is asked (a read that creates nothing);
-when it answers, what waits is sent in order, then writing goes on directly. What still waits when the
-search ends is sent by ``foldtune sync-mlflow NAME`` or the next ``--resume``. A record the store refuses
+later one, to keep their order. The store is asked again (a read that creates nothing, ``PROBE_TIMEOUT_S``
+at most) after ``RETRY_AFTER_S``, then after twice as long each time, up to ``RETRY_AFTER_MAX_S``, so that
+a hung server costs the driver a few seconds an hour, not a fixed share of its time; when it answers,
+what waits is sent in order, then writing goes on directly. What still waits when the search ends is
+sent by ``foldtune sync-mlflow NAME``, the next ``--resume`` or ``ensemble``. A record the store refuses
 (it answered, and said no) is not kept: one warning line, and the search folder has the result anyway.
 
 Records are plain JSON (``kind`` plus fields, the parent run and the time), written by ``trial_runs`` (a
@@ -35,7 +37,9 @@ from orchestrator.tracking.store import (
 )
 from orchestrator.tracking.trial_runs import TrialRuns
 
-RETRY_AFTER_S = 30.0  # how often a store that stopped answering is asked again
+RETRY_AFTER_S = 30.0  # a store that stopped answering is asked again after this, then twice as long each
+RETRY_AFTER_MAX_S = 300.0  # time it still does not answer, up to this
+PROBE_TIMEOUT_S = 2  # asking a server whether it answers: a hung one costs the driver this, no more
 WRITE_TIMEOUT_S = 10  # one HTTP write to a tracking server, at most
 REFUSED_RETRY_S = 0.5  # a write the answering store failed is tried once more after this
 
@@ -79,12 +83,13 @@ class SearchLog:
     def _reset(self) -> None:
         self._down_since: float | None = None  # wall time the store stopped answering, while it does not
         self._next_try = 0.0  # monotonic time to ask the store again
+        self._retry_after = RETRY_AFTER_S  # the wait before that, doubled at each unanswered ask
         self._refused: dict[str, set[str]] = {}  # kind -> trial ids (or "search") whose record was refused
         self._sent_late = 0
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_down_since", "_next_try", "_refused", "_sent_late"):
+        for key in ("_down_since", "_next_try", "_retry_after", "_refused", "_sent_late"):
             state.pop(key, None)
         return state
 
@@ -132,7 +137,7 @@ class SearchLog:
         ``RETRY_AFTER_S`` unless ``now``). True when nothing waits afterwards."""
         if not now and time.monotonic() < self._next_try:
             return False
-        if not store_answers(self.tracking.tracking_uri):
+        if not store_answers(self.tracking.tracking_uri, timeout_s=PROBE_TIMEOUT_S):
             self._went_down(None)
             return False
         sent, left, unreadable = self.outbox.drain(self._send_waiting_record)
@@ -150,6 +155,8 @@ class SearchLog:
                 flush=True,
             )
             self._down_since = None
+        if left == 0:
+            self._retry_after = RETRY_AFTER_S
         return left == 0
 
     def _send_waiting_record(self, record: dict) -> bool:
@@ -164,7 +171,7 @@ class SearchLog:
             return True, self._write(record)
         except Exception as error:
             failure = error
-        if not refused(failure) and store_answers(self.tracking.tracking_uri):
+        if not refused(failure) and store_answers(self.tracking.tracking_uri, timeout_s=PROBE_TIMEOUT_S):
             time.sleep(REFUSED_RETRY_S)  # the store answers: a passing hiccup gets one more try
             try:
                 return True, self._write(record)
@@ -183,7 +190,9 @@ class SearchLog:
             return WRITERS[record["kind"]](self, record)
 
     def _went_down(self, error: BaseException | None) -> None:
-        self._next_try = time.monotonic() + RETRY_AFTER_S
+        if self._down_since is not None:  # asked again, still away
+            self._retry_after = min(self._retry_after * 2, RETRY_AFTER_MAX_S)
+        self._next_try = time.monotonic() + self._retry_after
         if self._down_since is not None:
             return
         self._down_since = time.time()
