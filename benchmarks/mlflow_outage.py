@@ -94,10 +94,10 @@ class Server:
 
 
 def first_epoch_logged(uri: str) -> bool:
-    from mlflow import MlflowClient
+    from orchestrator.tracking import SearchTracking
 
     with contextlib.suppress(Exception):
-        client = MlflowClient(uri)
+        client = SearchTracking(uri, "outage").client
         experiment = client.get_experiment_by_name("outage")
         runs = client.search_runs([experiment.experiment_id]) if experiment else []
         return any("val_f1" in run.data.metrics for run in runs)
@@ -106,10 +106,10 @@ def first_epoch_logged(uri: str) -> bool:
 
 def run_arm(arm: str, work: Path, data_root: Path) -> dict[str, Any]:
     import ray
-    from mlflow import MlflowClient
 
     from orchestrator.cli import main as foldtune
     from orchestrator.search import run_search
+    from orchestrator.tracking import SearchTracking
 
     folder = work / arm
     (folder / "server").mkdir(parents=True)
@@ -168,7 +168,7 @@ def run_arm(arm: str, work: Path, data_root: Path) -> dict[str, Any]:
         server.signal(signal.SIGCONT)
     if waiting:
         row["sync_mlflow_exit"] = foldtune(["sync-mlflow", "outage", "--storage", str(folder / "runs")])
-    client = MlflowClient(server.uri)
+    client = SearchTracking(server.uri, "outage").client  # (MLflow is imported in orchestrator.tracking only)
     runs = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     row["child_runs_finished"] = sum(r.info.status == "FINISHED" for r in children)

@@ -6,8 +6,8 @@ validation macro F1 after every epoch, so ASHA compares trials at equal epochs (
 learns which settings work (``optuna_adapter``). MLflow is written from the driver only
 (``orchestrator.tracking``). The rooms, in the order a search meets them: ``settle`` (which search, its
 folder and stores), ``prepare``, ``trial``, ``optuna_adapter``, ``stopping``, ``console`` (the live
-table), ``closing`` (nothing left RUNNING on any way out), ``summary`` and ``plots``; ``driver`` runs them
-in turn.
+table), ``closing`` (nothing left RUNNING on any way out), ``disk_notices`` and ``disk_full`` (a full disk
+stops the search cleanly), ``summary`` and ``plots``; ``driver`` runs them in turn.
 
 Layout of ``<storage>/<name>/``: ``space.yaml``, ``tracking.json``, ``folds.csv``, ``relabel.csv`` (when
 label fixes were given), ``optuna.db`` (the Optuna study), ``asha_state.json`` (ASHA's rungs and the

@@ -5,8 +5,9 @@ driver that ends without finishing (an exception, Ctrl+C, SIGTERM, which the dri
 closes both: Optuna trials still RUNNING become FAIL with the user attribute ``interrupted``, child runs
 still RUNNING become KILLED (tag ``interrupted``), the parent run KILLED (interrupted) or FAILED (with the
 error). A driver killed outright (SIGKILL, a lost machine) closes nothing, so a resumed driver first
-settles what it left: on its first step ``SettleLeftovers`` marks FAIL the Optuna trials still RUNNING
-whose Ray trial is not about to continue, and KILLED their child runs; the trials Ray continues stay
+settles what it left: on its first step ``SettleLeftovers`` tells Optuna the trials Tune finished but
+Optuna never heard of (its write failed: a full disk), marks FAIL the Optuna trials still RUNNING whose Ray
+trial is not about to continue, and KILLED their child runs; the trials Ray continues stay
 RUNNING until they end (their Optuna trial is re-attached if an interrupted driver had closed it).
 """
 
@@ -17,7 +18,14 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from orchestrator.search.optuna_adapter import INTERRUPTED, fail_running_trials, study_storage
+from orchestrator.search.constants import ASHA_STATE, METRIC, TIME_ATTR
+from orchestrator.search.optuna_adapter import (
+    INTERRUPTED,
+    fail_running_trials,
+    study_storage,
+    tell_ended_trials,
+)
+from orchestrator.search.stopping import EarlyStops
 from orchestrator.tracking.search_log import SearchLog
 
 
@@ -79,6 +87,9 @@ class SettleLeftovers(Callback):
         if self._settled:
             return
         self._settled = True
+        told = self._tell_ended(trials)
+        if told:
+            print(f"told Optuna {len(told)} trial(s) Tune finished but Optuna never heard of", flush=True)
         live = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
         failed = fail_running_trials_quietly(self.search_dir, self.study_name, keep=live)
         killed = self.log.runs_closed(keep=live)
@@ -88,3 +99,33 @@ class SettleLeftovers(Callback):
                 f"{killed} MLflow run(s) KILLED (their trials are not continued)",
                 flush=True,
             )
+
+    def on_experiment_end(self, trials, **info):
+        """Also at the end (a resumed experiment whose trials had all ended runs no step)."""
+        told = self._tell_ended(trials)
+        if told:
+            print(f"told Optuna {len(told)} trial(s) Tune finished but Optuna never heard of", flush=True)
+
+    def _tell_ended(self, trials) -> list[int]:
+        """Trials Tune ended whose Optuna record was never written (``tell_ended_trials``)."""
+        early_stops = EarlyStops(self.search_dir / ASHA_STATE)
+        ended = {
+            t.trial_id: (
+                float(t.last_result.get(METRIC, float("nan"))),
+                int(t.last_result.get(TIME_ATTR, 0) or 0),
+                t.trial_id in early_stops,
+            )
+            for t in trials
+            if t.status == "TERMINATED"
+            and t.last_result
+            and t.last_result.get("done")  # ended, not stopped by an interruption
+            and t.last_result.get(METRIC) is not None
+        }
+        try:
+            return tell_ended_trials(self.search_dir, self.study_name, ended)
+        except Exception as error:  # the study is a record: never stop the search over it
+            print(
+                f"warning: Optuna trials not told in {self.search_dir / 'optuna.db'}: {error}",
+                file=sys.stderr,
+            )
+            return []

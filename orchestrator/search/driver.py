@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune import Callback
 
@@ -45,6 +46,8 @@ from orchestrator.search.constants import (
     MODE,
     RELABEL_COPY,
 )
+from orchestrator.search.disk_full import DiskFull, DiskFullStop, guard_trial, stopped_line
+from orchestrator.search.disk_notices import full_disk_path, open_notices, read_notices
 from orchestrator.search.optuna_adapter import make_searcher
 from orchestrator.search.prepare import prepare
 from orchestrator.search.settle import settle_relabel, settle_space, settle_tracking
@@ -204,8 +207,9 @@ def _tune(
 def _tune_and_summarize(
     trial_fn, context, space, search_dir, log, restoring, retry_failed, progress, budget
 ) -> SearchSummary:
+    board = open_notices(search_dir)  # where trials say their disk is full (``disk_full``)
     try:
-        trainable = _trainable(trial_fn, context, space)
+        trainable = _trainable(guard_trial(trial_fn, search_dir), context, space)
         with _tune_environ(), _no_tuner_restore_advice():
             if restoring:
                 tuner = _restored_tuner(trainable, search_dir, space, retry_failed)
@@ -214,6 +218,9 @@ def _tune_and_summarize(
             with warnings.catch_warnings(), _callers_interrupt_handlers_back():
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 results = tuner.fit()
+        notices = read_notices(board)
+        if notices:  # a trial's disk is full: Tune stopped gracefully, the trials continue on --resume
+            raise DiskFull(_disk_full_line(space, search_dir, notices[0]["path"]))
         budget.record()
         cut = budget.stopped()
         # Tune returns early when Ctrl+C, SIGTERM or the time budget stopped it: the trials it left stop
@@ -225,11 +232,23 @@ def _tune_and_summarize(
     except BaseException as error:
         with contextlib.suppress(OSError):  # never hide the error that ended the search
             budget.record()
+        full = None if isinstance(error, KeyboardInterrupt) else full_disk_path(error)
+        if full is not None:  # the driver's own writes (Tune's snapshot, optuna.db, the search folder)
+            error = DiskFull(_disk_full_line(space, search_dir, full))
         close_after(error, log, search_dir, space.name)
+        if isinstance(error, DiskFull):
+            raise error from None
         if isinstance(error, KeyboardInterrupt) and not isinstance(error, SearchInterrupted):
             finished = finished_trials(search_dir, space.name)
             raise SearchInterrupted(interrupted_line(space.name, finished, space.trials)) from None
         raise
+    finally:
+        with contextlib.suppress(Exception):
+            ray.kill(board)
+
+
+def _disk_full_line(space: SearchSpace, search_dir: Path, path: str) -> str:
+    return stopped_line(space.name, path, search_dir, space.trials, finished_trials(search_dir, space.name))
 
 
 @contextlib.contextmanager
@@ -436,6 +455,7 @@ def _callbacks(space, search_dir, log: SearchLog, progress) -> list[Callback]:
     callbacks: list[Callback] = [
         SettleLeftovers(search_dir, space.name, log),
         MlflowTrialCallback(log, space.config_for, early_stops),
+        DiskFullStop(search_dir),
     ]
     if progress:
         callbacks.append(ProgressTable(list(space.search), early_stops=early_stops))

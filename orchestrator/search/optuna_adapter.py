@@ -25,6 +25,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.search.constants import ASHA_STATE, METRIC, MODE
+from orchestrator.search.disk_notices import full_disk_path, post_notice
 from orchestrator.search.stopping import EarlyStops
 from orchestrator.space import SearchSpace
 
@@ -44,9 +45,12 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     closed by an interrupted driver and that Ray now resumes is re-attached (see the module docstring).
     """
 
-    def __init__(self, *args, early_stops: Collection[str] = (), **kwargs) -> None:
+    def __init__(
+        self, *args, early_stops: Collection[str] = (), search_dir: str | None = None, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._early_stops = early_stops
+        self._search_dir = search_dir  # whose driver hears of a full disk (``disk_notices``)
 
     @property
     def _reported(self) -> dict[str, set[int]]:
@@ -70,25 +74,58 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Told to Optuna; when ``optuna.db``'s disk is full, the driver is told instead (it stops the
+        search) and the trial stays as Tune finished it: the resumed driver tells Optuna
+        (``tell_ended_trials``). Raising here would make Tune fail a trial that trained fine."""
+        try:
+            self._tell_complete(trial_id, result, error)
+        except Exception as exc:
+            path = full_disk_path(exc)
+            search_dir = getattr(self, "_search_dir", None)
+            if path is None or search_dir is None:
+                raise
+            notice = {"trial_id": trial_id, "path": path or str(search_dir), "error": f"optuna.db: {exc}"}
+            if not post_notice(search_dir, notice):
+                raise
+            logger.warning("Optuna: trial %s not recorded, the disk is full: %s", trial_id, exc)
+
+    def _tell_complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         if trial_id in self._completed_trials:
             return
         if self._live_trial(trial_id) is None:
             if trial_id in self._ot_trials:  # told before a killed driver's last snapshot
                 self._completed_trials.add(trial_id)
             return
-        if error or not result or trial_id not in getattr(self, "_early_stops", ()):
-            super().on_trial_complete(trial_id, result, error)
-            return
         import optuna
 
         ot_trial = self._ot_trials[trial_id]
-        value, step = result.get(self.metric), result.get("training_iteration")
-        try:
+        value = (result or {}).get(self.metric)
+        if error or not result or trial_id not in getattr(self, "_early_stops", ()):
+            # Ray's own outcome (COMPLETE with the score; FAIL after an error, PRUNED with no score), but
+            # a full disk is not swallowed into a warning as Ray's OptunaSearch does
+            state = optuna.trial.TrialState.COMPLETE
+            if value is None:
+                state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
+            self._tell_or_warn(trial_id, lambda: self._ot_study.tell(ot_trial, value, state=state))
+            return
+        step = result.get("training_iteration")
+
+        def prune() -> None:
             if isinstance(value, int | float) and math.isfinite(value) and step is not None:
                 ot_trial.report(float(value), int(step))
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-        except Exception as exc:  # e.g. already told before a resume; the study keeps its first record
-            logger.warning("Optuna: could not mark trial %s pruned: %s", trial_id, exc)
+
+        self._tell_or_warn(trial_id, prune)
+
+    def _tell_or_warn(self, trial_id: str, tell) -> None:
+        """``tell()``; a failure other than a full disk is a warning (e.g. NaN reported, or already told
+        before a resume: the study keeps its first record)."""
+        try:
+            tell()
+        except Exception as exc:
+            if full_disk_path(exc) is not None:
+                raise
+            logger.warning("Optuna: could not record trial %s: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
 
     def _live_trial(self, trial_id: str):
@@ -153,6 +190,61 @@ def fail_running_trials(search_dir: Path, study_name: str, keep: Collection[str]
     return closed
 
 
+def tell_ended_trials(
+    search_dir: Path, study_name: str, ended: dict[str, tuple[float, int, bool]]
+) -> list[int]:
+    """Tell Optuna the outcome of trials Tune ended but Optuna never heard of (its write failed, e.g. a full
+    disk, or the driver died between the two): ``ended`` maps a Ray trial id to (its last score, its epoch,
+    whether the scheduler stopped it early). Only trials still RUNNING, or closed FAIL ``interrupted``, are
+    told; returns their numbers."""
+    import optuna
+
+    if not ended or not (Path(search_dir) / "optuna.db").exists():
+        return []
+    storage = study_storage(search_dir)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return []
+    trials = study.get_trials(deepcopy=False)
+    done = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
+    recorded = {t.user_attrs.get(RAY_TRIAL_ID) for t in trials if t.state in done}
+    told = []
+    for trial in trials:
+        ray_id = trial.user_attrs.get(RAY_TRIAL_ID)
+        outcome = ended.get(ray_id)
+        if outcome is None or ray_id in recorded or not math.isfinite(outcome[0]):
+            continue
+        value, step, stopped_early = outcome
+        state = optuna.trial.TrialState.PRUNED if stopped_early else optuna.trial.TrialState.COMPLETE
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            if stopped_early:
+                storage.set_trial_intermediate_value(trial._trial_id, int(step), float(value))
+            storage.set_trial_state_values(trial._trial_id, state, None if stopped_early else [float(value)])
+        elif trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get(INTERRUPTED):
+            # a finished Optuna trial cannot change: its outcome goes to a copy, as a resumed trial's does
+            attrs = {k: v for k, v in trial.user_attrs.items() if k != INTERRUPTED}
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=state,
+                    value=None if stopped_early else float(value),
+                    params=trial.params,
+                    distributions=trial.distributions,
+                    intermediate_values={
+                        **trial.intermediate_values,
+                        **({int(step): float(value)} if stopped_early else {}),
+                    },
+                    user_attrs={**attrs, "resumed_from": trial.number},
+                )
+            )
+        else:
+            continue
+        recorded.add(ray_id)
+        told.append(trial.number)
+    storage.remove_session()
+    return told
+
+
 def optuna_distributions(space: SearchSpace) -> dict[str, Any]:
     import optuna
 
@@ -207,5 +299,6 @@ def make_searcher(space: SearchSpace, search_dir: Path) -> ConcurrencyLimiter:
         study_name=space.name,
         points_to_evaluate=[dict(point) for point in space.points_to_evaluate] or None,
         early_stops=EarlyStops(Path(search_dir).absolute() / ASHA_STATE),
+        search_dir=str(Path(search_dir).absolute()),
     )
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)

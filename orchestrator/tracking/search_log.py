@@ -86,10 +86,11 @@ class SearchLog:
         self._retry_after = RETRY_AFTER_S  # the wait before that, doubled at each unanswered ask
         self._refused: dict[str, set[str]] = {}  # kind -> trial ids (or "search") whose record was refused
         self._sent_late = 0
+        self._unkept = 0  # records neither written nor kept (the outbox could not be written)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_down_since", "_next_try", "_retry_after", "_refused", "_sent_late"):
+        for key in ("_down_since", "_next_try", "_retry_after", "_refused", "_sent_late", "_unkept"):
             state.pop(key, None)
         return state
 
@@ -106,7 +107,7 @@ class SearchLog:
         record = {"kind": kind, "parent_run_id": self.parent_run_id, "time_ms": int(time.time() * 1000)}
         record.update(fields)
         if self.outbox.waiting() and not self.send_waiting():
-            self.outbox.append(record)  # after what waits: records keep their order
+            self._keep(record)  # after what waits: records keep their order
             return None
         return self._send(record, keep=True)[1]
 
@@ -182,8 +183,24 @@ class SearchLog:
             return True, None
         self._went_down(failure)
         if keep:
-            self.outbox.append(record)
+            self._keep(record)
         return False, None
+
+    def _keep(self, record: dict) -> None:
+        """Into the outbox; when even that cannot be written (a full disk), the record is dropped with one
+        warning and the search goes on: its folder keeps every result, and a full disk stops the search
+        cleanly where the trials and Tune write (``search.disk_full``)."""
+        try:
+            self.outbox.append(record)
+        except OSError as error:
+            if not self._unkept:
+                print(
+                    f"warning: MLflow record(s) of the search cannot be kept for later in {self.outbox.path} "
+                    f"({error}); the search folder keeps every result",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self._unkept += 1
 
     def _write(self, record: dict) -> Any:
         with fail_fast_http(WRITE_TIMEOUT_S), quiet_store_errors():
