@@ -324,3 +324,17 @@ def test_a_real_trial_whose_resume_state_fills_the_disk_continues_from_the_last_
     assert result["status"] == "completed" and result["epochs_trained"] == 3
     progress = pd.read_csv(next((search_dir / "tune").glob(f"*{trial_id}*/progress.csv")))
     assert list(progress["epoch"]) == [1, 2, 3]  # epoch 1 kept, epoch 2 (whose resume state failed) again
+
+
+def test_foldtune_search_prints_the_line_alone_and_exits_1(tmp_path, monkeypatch, capsys):
+    import orchestrator.search
+    from orchestrator.cli import main
+
+    line = "search 's' stopped: no space left on the disk of /x (1.0 KiB free there; ...); free space there ..."
+
+    def run_search(**kwargs):
+        raise DiskFull(line)
+
+    monkeypatch.setattr(orchestrator.search, "run_search", run_search)
+    assert main(["search", "--data", str(tmp_path), "--space", "auto"]) == 1
+    assert capsys.readouterr().err == line + "\n"
