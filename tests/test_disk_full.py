@@ -330,7 +330,7 @@ def test_foldtune_search_prints_the_line_alone_and_exits_1(tmp_path, monkeypatch
     import orchestrator.search
     from orchestrator.cli import main
 
-    line = "search 's' stopped: no space left on the disk of /x (1.0 KiB free there; ...); free space there ..."
+    line = "search 's' stopped: no space left on the disk of /x (1.0 KiB free there; ...); free space ..."
 
     def run_search(**kwargs):
         raise DiskFull(line)

@@ -19,6 +19,7 @@ import yaml
 
 from orchestrator.space import SearchSpace
 from orchestrator.tracking.store import NOTE_TAG, TAG, SearchTracking
+from orchestrator.tracking.ui_view import write_search_view
 
 
 class SearchSummary(Protocol):
@@ -58,6 +59,10 @@ def start_parent_run(
         print(f"warning: MLflow parent params not logged: {error}", file=sys.stderr)
     for path in artifacts:
         tracking.client.log_artifact(parent_run_id, str(path))
+    try:
+        write_search_view(tracking, list(space.search))
+    except Exception as error:  # a convenience for the UI; never a reason to stop a search
+        print(f"warning: the search's MLflow UI view was not written: {error}", file=sys.stderr)
     return parent_run_id
 
 

@@ -9,6 +9,7 @@ import sys
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.tracking.store import artifact_root, resolve_tracking_uri, sqlite_path
+from orchestrator.tracking.ui_view import MODEL_TRAINING_QUERY, search_links
 
 
 def start_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") -> subprocess.Popen:
@@ -88,7 +89,6 @@ def _group_alive(group: int) -> bool:
 # The experiment's mlflow.experimentKind tag (set by foldtune, see tracking.provenance) classifies the
 # experiment, but in MLflow 3.17 it does not flip that switch; the workflowType query parameter does
 # (checked in headless Chromium, tests/test_ui.py). So every link foldtune prints carries it.
-MODEL_TRAINING_QUERY = "?workflowType=machine_learning"
 
 
 def experiment_url(base: str, experiment_id: str | None = None) -> str:
@@ -101,8 +101,15 @@ def launch_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "12
     """Run the MLflow UI until it ends; Ctrl-C or SIGTERM (raised here as KeyboardInterrupt by the CLI)
     stops its whole process group, frees the port, and is raised again for the CLI's exit code."""
     process = start_ui(tracking_uri, port=port, host=host)
-    link = experiment_url(f"http://{host}:{port}")
-    print(f"MLflow UI over {resolve_tracking_uri(tracking_uri)}: open {link} (Ctrl-C stops it)")
+    base = f"http://{host}:{port}"
+    print(
+        f"MLflow UI over {resolve_tracking_uri(tracking_uri)}: open {experiment_url(base)} (Ctrl-C stops it)"
+    )
+    try:
+        for name, link in search_links(resolve_tracking_uri(tracking_uri), base):
+            print(f"  search '{name}', its trials by F1 with their parameters and F1 per epoch: {link}")
+    except Exception as error:  # the links are a convenience: the UI runs without them
+        print(f"warning: no links to the searches' views ({type(error).__name__}: {error})", file=sys.stderr)
     try:
         return process.wait()
     except BaseException:
