@@ -314,3 +314,27 @@ def test_ui_serves_the_store_on_localhost(tmp_path, tracking_uri):
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_a_search_writes_its_ui_view_and_the_ui_links_to_it(tmp_path, tracking_uri):
+    """The view MLflow's UI reads from the experiment tag (tests/test_ui.py renders it): the searched
+    parameters and both F1 metrics as columns, sorted by best F1, the F1-per-epoch charts first."""
+    import json
+
+    from orchestrator.tracking.ui_view import VIEW_TAG, search_links, view_url, write_search_view
+
+    tracking = SearchTracking(tracking_uri, "viewed")
+    write_search_view(tracking, ["backbone", "lr"])
+    assert SearchTracking(tracking_uri, "not-a-search").experiment_id  # an experiment without the view
+    state = json.loads(tracking.client.get_experiment(tracking.experiment_id).tags[VIEW_TAG])
+    columns = ["metrics.`best_f1`", "metrics.`val_f1`", "params.`backbone`", "params.`lr`"]
+    assert state["selectedColumns"] == columns
+    assert state["orderByKey"] == "metrics.`best_f1`" and state["orderByAsc"] is False
+    assert [c["metricKey"] for c in state["compareRunCharts"]] == ["val_f1", "best_f1"]
+    assert state["isAccordionReordered"] is True
+    link = view_url("http://h:1", tracking.experiment_id)
+    assert link == (
+        f"http://h:1/#/experiments/{tracking.experiment_id}/runs?workflowType=machine_learning"
+        "&viewStateShareKey=foldtune"
+    )
+    assert search_links(tracking_uri, "http://h:1") == [("viewed", link)]
