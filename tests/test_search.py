@@ -474,6 +474,8 @@ def test_smoke_search_asha_failure_and_mlflow(tmp_path, demo_root, demo_table, t
     note = parent.data.tags["mlflow.note.content"]
     assert f"best trial `{good}`" in note and "| rank | trial | state | epochs | best val F1 |" in note
     assert all(f"`{trial_id}`" in note for trial_id in children)
+    assert "Plan: 3 trials, 1 at a time (1 CPU each); scheduler asha" in note  # what it set out to do
+    assert "searched: backbone, lr, focal_gamma, freeze_depth." in note
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.note.content"] == note
 

@@ -57,6 +57,11 @@ def start_parent_run(
         tracking.log_params(parent_run_id, params)
     except Exception as error:  # params cannot change; a resumed search with equal params logs nothing new
         print(f"warning: MLflow parent params not logged: {error}", file=sys.stderr)
+    plan = plan_line(params)
+    tracking.set_tags(parent_run_id, {PLAN_TAG: plan})
+    running = f"**foldtune search** `{space.name}`: running.\n\n{plan}"
+    tracking.client.set_tag(parent_run_id, NOTE_TAG, running)
+    tracking.client.set_experiment_tag(tracking.experiment_id, NOTE_TAG, running)
     for path in artifacts:
         tracking.client.log_artifact(parent_run_id, str(path))
     try:
@@ -139,6 +144,8 @@ def write_results(
         client.log_text(parent_run_id, yaml.safe_dump(best_config, sort_keys=False), "best_config.yaml")
     tracking.log_metrics(parent_run_id, metrics)
     tracking.set_tags(parent_run_id, tags)
+    plan = client.get_run(parent_run_id).data.tags.get(PLAN_TAG)
+    note = note.replace("\n\n", f"\n\n{plan}\n\n", 1) if plan else note
     client.set_tag(parent_run_id, NOTE_TAG, note)
     client.set_experiment_tag(tracking.experiment_id, NOTE_TAG, note)
     tracking.close_children(parent_run_id, known=set(known))
@@ -146,6 +153,21 @@ def write_results(
 
 
 NOTE_ROWS = 10
+PLAN_TAG = f"{TAG}plan"
+
+
+def plan_line(params: dict) -> str:
+    """What the search set out to do, from its parent run's params: trials, how many at once with what
+    resources, the scheduler and the sampler."""
+    gpus = float(params.get("gpus_per_trial") or 0)
+    each = f"{params.get('cpus_per_trial')} CPU" + (f" + {gpus:g} GPU" if gpus else "") + " each"
+    return (
+        f"Plan: {params.get('trials')} trials, {params.get('max_concurrent')} at a time ({each}); "
+        f"scheduler {params.get('scheduler')}; sampler {params.get('sampler')}; "
+        f"searched: {', '.join(k.removeprefix('search.') for k in params if k.startswith('search.'))}."
+    )
+
+
 _NOT_PARAMS = frozenset(
     ("trial_id", "state", "epochs", "best_f1", "best_epoch", "last_f1", "run_dir", "error", "config")
 )
