@@ -28,7 +28,10 @@ def _free_port() -> int:
 
 
 def _port_free(port: int) -> bool:
+    """Whether a new server can listen on ``port``, as a restarted UI would: with SO_REUSEADDR, as servers
+    set it, so connections the stopped server closed (TIME_WAIT) do not count; a listening socket does."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
