@@ -444,3 +444,20 @@ def test_a_resume_with_a_larger_budget_continues_the_cut_trial(tmp_path, demo_ro
     assert [p.stem for p in record.glob("*.started")] == [cut]  # no new trial: the cut one went on
     assert (record / f"{cut}.started").read_text().count("start") == 2
     assert second.leaderboard.set_index("trial_id").loc[cut, "state"] == "cut"
+
+
+def test_the_in_sample_figure_is_never_the_trusted_one():
+    """One fold and no holdout (``--folds 0``): the only figure was selected and scored on the same rows;
+    the report trusts none and says what is missing (issue 24)."""
+    from orchestrator.ensemble.estimates import Estimates
+
+    alone = Estimates(in_sample_f1=0.61, nested_f1=None)
+    assert alone.trusted is None and alone.trusted_f1 is None
+    (line, holdout_line) = alone.lines()
+    assert "trust this one" not in line and "biased, not an estimate" in line and "more than one fold" in line
+    assert "no holdout persons" in holdout_line
+    assert "estimate/trusted_f1" not in alone.metrics() and alone.as_dict()["trusted"] is None
+
+    nested = Estimates(in_sample_f1=0.61, nested_f1=0.55, nested_fold_f1=[0.5, 0.6])
+    assert nested.trusted == "nested" and nested.trusted_f1 == 0.55
+    assert "trust this one" in nested.lines()[1] and "biased" not in nested.lines()[0]

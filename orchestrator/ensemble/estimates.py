@@ -12,7 +12,8 @@ Three figures, each answering a different question:
   submission itself (every member's k fold models, their TTA, refit models if used, the same weights)
   scored on persons no model trained on and no selection looked at. This one describes the submission.
 
-The report labels the holdout figure as the one to trust when there is one, else the nested figure.
+The report labels the holdout figure as the one to trust when there is one, else the nested figure; with
+neither (a single fold and no holdout) it trusts none and says what is missing.
 """
 
 from __future__ import annotations
@@ -44,19 +45,26 @@ class Estimates:
     pruned_would_pick: list[str] = field(default_factory=list)  # pruned trials selection would have picked
 
     @property
-    def trusted(self) -> str:
-        """Which figure describes the submission best: "holdout" when there is one, else "nested"."""
+    def trusted(self) -> str | None:
+        """Which figure describes the submission best: "holdout" when there is one, else "nested"; None
+        when neither exists (one fold, no holdout): the in-sample figure was selected and scored on the
+        same rows, so it is never the one to trust."""
         if self.holdout_f1 is not None:
             return "holdout"
-        return "nested" if self.nested_f1 is not None else "in_sample"
+        return "nested" if self.nested_f1 is not None else None
 
     @property
-    def trusted_f1(self) -> float:
-        return {"holdout": self.holdout_f1, "nested": self.nested_f1}.get(self.trusted, self.in_sample_f1)
+    def trusted_f1(self) -> float | None:
+        return {"holdout": self.holdout_f1, "nested": self.nested_f1}.get(self.trusted or "")
 
     def lines(self) -> list[str]:
-        """The report's estimate block, the trusted figure marked."""
+        """The report's estimate block, the trusted figure marked (when there is none: what is missing)."""
         mark = {name: "  <- trust this one" if name == self.trusted else "" for name in self.NAMES}
+        if self.trusted is None:
+            mark["in_sample"] = (
+                "  <- biased, not an estimate: no figure here scores rows the selection did not see (that "
+                "needs more than one fold, or holdout persons)"
+            )
         lines = [
             f"  in-sample OOF F1 {self.in_sample_f1:.4f}  (selected and scored on the same rows; single fold "
             f"models){mark['in_sample']}"
