@@ -329,12 +329,26 @@ def test_a_given_fold_file_becomes_the_search_fold_file(tmp_path, demo_root, dem
 
 
 @pytest.mark.filterwarnings("ignore::trainers.folds.FoldWarning")  # strata of the tiny data < k
-def test_without_a_fold_file_the_search_splits_the_data_or_keeps_its_split(tmp_path, demo_root, demo_table):
+def test_without_a_fold_file_the_search_splits_the_data_or_keeps_its_split(
+    tmp_path, demo_root, demo_table, capsys
+):
     folds_path = tmp_path / "folds.csv"
     made = settle_folds(folds_path, demo_table, 2, 42, demo_root)
     assert made.equals(split(demo_table, 2, 42)) and read_folds(folds_path).equals(made)
-    write_folds(split(demo_table, 2, 9), folds_path)  # saved by an earlier start: kept
-    assert settle_folds(folds_path, demo_table, 2, 42, demo_root).equals(read_folds(folds_path))
+    saved = read_folds(folds_path)
+    assert settle_folds(folds_path, demo_table, 2, 42, demo_root).equals(saved)  # same settings: kept
+    # an abandoned start's split made with another folds_seed or holdout share is not silently kept
+    write_folds(split(demo_table, 2, 9), folds_path)
+    again = settle_folds(folds_path, demo_table, 2, 42, demo_root)
+    assert again.equals(made) and read_folds(folds_path).equals(made)
+    out = capsys.readouterr().out
+    assert "of the abandoned start was made with other settings" in out and "folds_seed 42" in out
+    held = settle_folds(folds_path, demo_table, 2, 42, demo_root, holdout=0.25)
+    assert (held["fold"] == -1).any() and read_folds(folds_path).equals(held)
+    write_folds(split(demo_table, 2, 9), folds_path)  # on resume the saved split stays, whatever it is
+    assert settle_folds(folds_path, demo_table, 2, 42, demo_root, resuming=True).equals(
+        read_folds(folds_path)
+    )
     with pytest.raises(OrchestratorError, match=r"folds.csv does not match the data .* \(or k=3\)"):
         settle_folds(folds_path, demo_table, 3, 42, demo_root, resuming=True)
 

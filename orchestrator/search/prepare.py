@@ -95,7 +95,8 @@ def settle_folds(
     """The search's fold file at ``folds_path``: the saved one, the user's ``folds_file``, or a new split.
 
     A saved fold file is kept when resuming, and when no ``folds_file`` is given (a start abandoned before
-    its first trial reuses its split); it must still fit the data and ``k``. A ``folds_file`` given on
+    its first trial reuses its split, unless its holdout share or seed differ: then it is split again); it
+    must still fit the data and ``k``. A ``folds_file`` given on
     resume must be the split the search started with. Otherwise ``folds_file`` is checked against the data
     and ``k`` and copied, or the data is split into ``k`` folds by person with ``seed``, after holding out
     a ``holdout`` share of persons (fold -1) when asked. A given fold file carries its own holdout rows.
@@ -115,7 +116,20 @@ def settle_folds(
                 "resume without --folds (the saved folds are used), or start a new search with --name "
                 "NEW_NAME"
             )
-        return folds
+        if resuming:
+            return folds
+        # a start abandoned before its first trial: nothing trained on its split, so it is kept only when
+        # it is the split these settings make (a changed holdout share or folds_seed makes it again)
+        wanted = make_folds(table, k=k, seed=seed, holdout=holdout)
+        if _same_split(wanted, folds):
+            return folds
+        print(
+            f"note: {folds_path} of the abandoned start was made with other settings (holdout or "
+            f"folds_seed); split again with holdout {holdout:g}, folds_seed {seed}",
+            flush=True,
+        )
+        write_folds(wanted, folds_path)
+        return wanted
     if folds_file is None:
         folds = make_folds(table, k=k, seed=seed, holdout=holdout)
     elif holdout:
