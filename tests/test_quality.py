@@ -306,6 +306,19 @@ def test_keep_top_ranks_by_the_ensembles_criterion_and_keeps_pruned_oof(
     assert selection_f1(trials / worst) == pytest.approx(scores[worst])  # the same figure, kept as a record
 
 
+def test_a_partial_oof_that_cannot_be_kept_before_pruning_is_said(tmp_path, capsys):
+    """``_keep_partial_oof`` no longer swallows its failure: the trial is named in one warning (issue 24)."""
+    run_dir = tmp_path / "trials" / "t9"
+    run_dir.mkdir(parents=True)  # no config.yaml: the partial OOF cannot be written
+    import orchestrator.search.summary as summary_module
+
+    summary_module._keep_partial_oof(run_dir, {"trial_id": "t9", "config": None})
+    err = capsys.readouterr().err
+    assert err.startswith("warning: trial t9: its partial out-of-fold predictions were not kept") and (
+        "FileNotFoundError" in err
+    )
+
+
 # --- the time budget ---------------------------------------------------------------------------------------
 
 
@@ -461,3 +474,37 @@ def test_the_in_sample_figure_is_never_the_trusted_one():
     nested = Estimates(in_sample_f1=0.61, nested_f1=0.55, nested_fold_f1=[0.5, 0.6])
     assert nested.trusted == "nested" and nested.trusted_f1 == 0.55
     assert "trust this one" in nested.lines()[1] and "biased" not in nested.lines()[0]
+
+
+def test_the_holdout_is_read_from_the_first_candidate_that_has_its_folds_and_a_missing_one_is_said(tmp_path):
+    """The holdout figure no longer disappears when the first candidate's run folder lacks folds.csv; when
+    none has one but the search's split holds holdout persons, the report says so (issue 24)."""
+    from types import SimpleNamespace
+
+    from orchestrator.ensemble.estimates import holdout_of
+
+    rows = pd.DataFrame(
+        {
+            "rel_path": ["p1/a.jpg", "p2/b.jpg", "p3/c.jpg"],
+            "person_id": ["p1", "p2", "p3"],
+            "fold": [0, 1, -1],
+            "label": [0, 4, 7],
+        }
+    )
+    search_dir = tmp_path / "runs" / "s"
+    first, second = search_dir / "trials" / "t1", search_dir / "trials" / "t2"
+    first.mkdir(parents=True)
+    second.mkdir(parents=True)
+    rows.to_csv(search_dir / "folds.csv", index=False)
+    rows.to_csv(second / "folds.csv", index=False)
+    said: list[str] = []
+    candidates = [SimpleNamespace(run_dir=first), SimpleNamespace(run_dir=second)]
+    held = holdout_of(search_dir, candidates, said.append)
+    assert list(held.rel_path) == ["p3/c.jpg"] and list(held.label) == [7] and held.persons == 1 and not said
+
+    (second / "folds.csv").unlink()
+    held = holdout_of(search_dir, candidates, said.append)
+    assert len(held) == 0
+    assert (
+        len(said) == 1 and "holds holdout persons but no candidate's run folder has its folds.csv" in said[0]
+    )

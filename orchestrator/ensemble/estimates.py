@@ -153,6 +153,24 @@ def read_holdout(run_dir: Path) -> Holdout:
     )
 
 
+def holdout_of(search_dir: Path, candidates, log) -> Holdout:
+    """The holdout persons with the labels the trials trained on (a trial's own ``folds.csv``: label fixes
+    applied), from the first candidate that has one. When the search's split has holdout rows but no
+    candidate's run folder has its ``folds.csv``, the report says so instead of dropping the figure."""
+    for candidate in candidates:
+        if (Path(candidate.run_dir) / "folds.csv").is_file():
+            return read_holdout(candidate.run_dir)
+    searched = Path(search_dir) / "folds.csv"
+    if searched.is_file():
+        folds = pd.read_csv(searched, usecols=["fold"])
+        if (folds["fold"] == HOLDOUT_FOLD).any():
+            log(
+                f"note: {searched} holds holdout persons but no candidate's run folder has its folds.csv "
+                "(with the labels it trained on); the holdout figure is not computed"
+            )
+    return read_holdout(Path(candidates[0].run_dir))
+
+
 HOLDOUT_PROBS = "holdout_probs.npz"  # beside ensemble.json: the members' k-fold vote on the holdout persons
 
 

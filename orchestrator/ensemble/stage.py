@@ -41,7 +41,7 @@ from orchestrator.ensemble.estimates import (
     HOLDOUT_PROBS,
     Estimates,
     Holdout,
-    read_holdout,
+    holdout_of,
     write_holdout_probs,
 )
 from orchestrator.ensemble.members import (
@@ -129,7 +129,7 @@ def run_ensemble(
         log(f"--top {top}: only {len(pool.candidates)} usable trials, taking all of them")
     estimates = _selection_estimates(pool, selection, tta, top, greedy_steps)
     refit = _refit_models(search_dir, selection, with_refit)
-    holdout = read_holdout(pool.candidates[0].run_dir)
+    holdout = holdout_of(search_dir, pool.candidates, log)
     holdout_paths = train_paths(data_root, holdout.rel_path) if len(holdout) else []
 
     # fail fast on a bad checkpoint before any prediction

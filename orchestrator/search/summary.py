@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,9 +295,16 @@ def _prune_checkpoints(rows: list[dict], keep_top: int, log: SearchLog) -> set[s
 def _keep_partial_oof(run_dir: Path, row: dict) -> None:
     from trainers.run_outputs import save_partial_out_of_fold
 
-    with contextlib.suppress(Exception):  # a record for the ensemble's note only; never block the pruning
+    try:  # a record for the ensemble's note only; never block the pruning, but say when it is missing
         config = row.get("config") or yaml.safe_load((run_dir / "config.yaml").read_text())
         save_partial_out_of_fold(run_dir, int(config["k"]))
+    except Exception as error:
+        print(
+            f"warning: trial {row.get('trial_id')}: its partial out-of-fold predictions were not kept before "
+            f"its checkpoints were pruned ({type(error).__name__}: {error}); the ensemble's note cannot "
+            "name it",
+            file=sys.stderr,
+        )
 
 
 def folder_bytes(folder: Path) -> int:
