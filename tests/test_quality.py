@@ -322,6 +322,20 @@ def test_a_partial_oof_that_cannot_be_kept_before_pruning_is_said(tmp_path, caps
 # --- the time budget ---------------------------------------------------------------------------------------
 
 
+def test_a_killed_drivers_time_is_billed_on_resume(tmp_path):
+    """The stopper writes the seconds used as the search runs, so a driver killed outright (no record at
+    its end) does not get its whole budget again on resume (issue 24)."""
+    budget = settle_budget(tmp_path, "s", 1.0, resuming=False)
+    budget.start()
+    saved = json.loads((tmp_path / "budget.json").read_text())
+    (tmp_path / "budget.json").write_text(json.dumps({**saved, "deadline": time.time() + 50}))  # 10 s in
+    stopper = BudgetStopper(tmp_path / "budget.json")
+    assert not stopper.stop_all()
+    assert json.loads((tmp_path / "budget.json").read_text())["used_s"] == pytest.approx(10, abs=1)
+    resumed = settle_budget(tmp_path, "s", None, resuming=True)  # SIGKILL: the driver never recorded its end
+    assert resumed.deadline == pytest.approx(time.time() + 50, abs=2)
+
+
 def test_budget_is_kept_across_resumes_and_a_spent_one_is_refused(tmp_path):
     budget = settle_budget(tmp_path, "s", 1.0, resuming=False)
     assert budget.total_s == 60 and budget.deadline == pytest.approx(time.time() + 60, abs=2)

@@ -18,6 +18,7 @@ fold has had an epoch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -33,6 +34,7 @@ from trainers.io import write_text_atomic
 
 BUDGET_FILE = "budget.json"
 INTERRUPT_GRACE_S = 30.0  # Tune ends within a step of being interrupted; after this, stop the trials
+BILL_EVERY_S = 30.0  # how often the stopper writes the seconds used (a killed driver's are billed on resume)
 
 
 @dataclass
@@ -124,9 +126,10 @@ class BudgetStopper(Stopper):
         self.budget_path = str(budget_path)
         self._deadline: float | None = None
         self._interrupted: float | None = None  # when Tune was asked to stop (asked once)
+        self._next_bill = 0.0  # monotonic time of the next write of the seconds used
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_deadline": None, "_interrupted": None}
+        return {**self.__dict__, "_deadline": None, "_interrupted": None, "_next_bill": 0.0}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False
@@ -136,6 +139,7 @@ class BudgetStopper(Stopper):
             deadline = _read(Path(self.budget_path)).get("deadline")
             self._deadline = math.inf if deadline is None else float(deadline)
         if time.time() < self._deadline:
+            self._bill()
             return False
         asked = getattr(self, "_interrupted", None)  # (absent from stoppers pickled by older versions)
         if asked:  # Tune ends after this step; if it still runs, the handler was not Tune's: stop it here
@@ -145,6 +149,23 @@ class BudgetStopper(Stopper):
             write_text_atomic(json.dumps({**record, "stopped": True}, indent=2), Path(self.budget_path))
         self._interrupted = time.time() if interrupt_tune() else None
         return self._interrupted is None
+
+    def _bill(self) -> None:
+        """Every ``BILL_EVERY_S``, write the seconds used so far (the total less what is left before the
+        deadline), so that a driver killed outright (SIGKILL, a reboot) has its time billed on resume
+        instead of the whole budget being given again."""
+        if not math.isfinite(self._deadline) or time.monotonic() < getattr(self, "_next_bill", 0.0):
+            return
+        self._next_bill = time.monotonic() + BILL_EVERY_S
+        record = _read(Path(self.budget_path))
+        total = record.get("total_s")
+        if total is None:
+            return
+        used = max(float(record.get("used_s") or 0.0), float(total) - (self._deadline - time.time()))
+        with contextlib.suppress(OSError):  # a full disk stops the search elsewhere; never here
+            write_text_atomic(
+                json.dumps({**record, "used_s": round(used, 1)}, indent=2), Path(self.budget_path)
+            )
 
 
 def interrupt_tune() -> bool:
