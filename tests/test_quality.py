@@ -324,10 +324,12 @@ def test_a_partial_oof_that_cannot_be_kept_before_pruning_is_said(tmp_path, caps
 
 def test_a_killed_drivers_time_is_billed_on_resume(tmp_path):
     """The stopper writes the seconds used as the search runs, so a driver killed outright (no record at
-    its end) does not get its whole budget again on resume (issue 24)."""
+    its end) does not get its whole budget again on resume; the preparation is recorded beside the budget,
+    not billed (issue 24)."""
     budget = settle_budget(tmp_path, "s", 1.0, resuming=False)
-    budget.start()
+    budget.start(prep_s=12.34)
     saved = json.loads((tmp_path / "budget.json").read_text())
+    assert saved["prep_s"] == 12.3 and "the preparation took 12 s (not counted)" in budget.describe()
     (tmp_path / "budget.json").write_text(json.dumps({**saved, "deadline": time.time() + 50}))  # 10 s in
     stopper = BudgetStopper(tmp_path / "budget.json")
     assert not stopper.stop_all()

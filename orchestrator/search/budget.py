@@ -45,6 +45,7 @@ class TimeBudget:
     total_s: float | None
     used_before_s: float
     started: float  # time.time() when this driver's trials began
+    prep_s: float | None = None  # this driver's preparation before its trials (recorded, not billed)
 
     @property
     def deadline(self) -> float:
@@ -52,9 +53,11 @@ class TimeBudget:
             return math.inf
         return self.started + self.total_s - self.used_before_s
 
-    def start(self) -> None:
-        """The trials begin now: the deadline counts from here (the preparation before is not billed)."""
+    def start(self, prep_s: float | None = None) -> None:
+        """The trials begin now: the deadline counts from here. The preparation before them (data checks,
+        the decoded-image cache, folds, weights: ``prep_s``) is not billed but recorded beside the budget."""
         self.started = time.time()
+        self.prep_s = prep_s
         self.record()
 
     def stopped(self) -> bool:
@@ -63,7 +66,8 @@ class TimeBudget:
 
     def describe(self) -> str:
         left = (self.total_s - self.used_before_s) / 60
-        return f"time budget: {self.total_s / 60:g} min ({left:.1f} min left); no trial starts after it"
+        prep = f"; the preparation took {self.prep_s:.0f} s (not counted)" if self.prep_s is not None else ""
+        return f"time budget: {self.total_s / 60:g} min ({left:.1f} min left); no trial starts after it{prep}"
 
     def record(self) -> None:
         """Write the budget and the seconds used so far (with a deadline the stopper reads)."""
@@ -72,6 +76,8 @@ class TimeBudget:
         if self.total_s is None or not math.isfinite(self.deadline):
             payload["deadline"] = None
         payload["stopped"] = bool(_read(self.path).get("stopped")) and self.total_s is not None
+        if self.prep_s is not None:
+            payload["prep_s"] = round(self.prep_s, 1)  # this driver's data preparation, not billed
         write_text_atomic(json.dumps(payload, indent=2), self.path)
 
 

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,6 +117,7 @@ def run_search(
     """
     storage_dir = Path(storage or "runs").expanduser().absolute()
     started_ray, chosen = False, None
+    began = time.monotonic()  # the preparation before the trials is recorded beside the budget (prep_s)
     try:
         if str(space_path) == AUTO:  # the machine decides: Ray first, then the usual checks
             started_ray = _connect_ray(address, progress)
@@ -149,7 +151,7 @@ def run_search(
                 tracking, space, search_dir, data_root, _parent_artifacts(search_dir)
             )
             log = SearchLog(tracking, parent_run_id, search_dir, space.name)
-            budget.start()  # the budget counts the trials, not the preparation before them
+            budget.start(prep_s=time.monotonic() - began)  # counts the trials, not the preparation
             if budget.total_s is not None and progress:
                 print(budget.describe())
             summary = _tune(
