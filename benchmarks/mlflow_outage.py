@@ -57,7 +57,9 @@ def standin_trial(epoch_s: float):
 
 
 class Server:
-    """A real ``mlflow server`` in its own process group, over a SQLite file in ``folder``."""
+    """A real ``mlflow server`` on 127.0.0.1 in its own process group (stopping it stops its workers too),
+    over a SQLite file and an artifact folder in ``folder``; ``start`` again serves the same store on the
+    same port. Also the slow outage test's server (tests/test_faults_search.py)."""
 
     def __init__(self, folder: Path):
         from orchestrator.tracking.store import store_answers
@@ -78,7 +80,7 @@ class Server:
         deadline = time.monotonic() + 120
         while not self._answers(self.uri, timeout_s=1):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"mlflow server did not start; see {self.folder / 'server.log'}")
+                raise RuntimeError(f"mlflow server did not start; see {self.folder / 'server.log'}")
             time.sleep(0.2)
 
     def signal(self, number: int) -> None:

@@ -221,11 +221,12 @@ def _shm_line(chosen: _Chosen) -> Line:
 
 def _disk_lines(storage: Path, data, space) -> list[Line]:
     from trainers.cache import foldtune_home
+    from trainers.io import existing_parent
 
     cache_need = _cache_bytes(data, space) if data is not None and space is not None else None
     lines = []
     for topic, folder, need in (("disk", storage, None), ("cache", foldtune_home(), cache_need)):
-        existing = _existing_parent(Path(folder).expanduser().absolute())
+        existing = existing_parent(Path(folder).expanduser().absolute())
         free = shutil.disk_usage(existing).free
         text = f"{_gib(free)} free at {Path(folder).expanduser().absolute()}"
         if need is not None:
@@ -242,12 +243,6 @@ def _cache_bytes(data, space) -> int:
     table = read_train(Path(data)).table
     height, width = space.config_for({n: p.values[0] for n, p in space.search.items()}).image_size
     return len(table) * int(height) * int(width) * 3
-
-
-def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def _mlflow_line(tracking_uri: str | None) -> Line:

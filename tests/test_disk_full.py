@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import sqlalchemy.exc
 from test_faults_search import assert_nothing_running, search_kwargs
-from test_search import standin_space
+from test_search import standin_space, standin_trial
 
 import orchestrator.search.summary as summary_module
 from orchestrator.search import run_search
@@ -28,48 +28,10 @@ from orchestrator.search.disk_full import DiskFull, full_disk_path, stopped_line
 from trainers.io import DiskFullError, write_text_atomic
 
 
-def full_disk_trial(full_flag: str | None = None, full_at: int = 2):
+def full_disk_trial(full_flag: str | None = None):
     """The stand-in trial of tests/test_search.py (val_f1 = lr each epoch, a marker checkpoint, continued
-    from it when resumed); with ``full_flag``, the first trial to reach epoch ``full_at`` finds the disk
-    full there (once: the flag file says it happened)."""
-
-    def standin(params, context) -> None:
-        import errno
-        import json
-        import tempfile
-        from pathlib import Path
-
-        from ray import tune
-
-        run_dir = Path(context.trials_dir) / tune.get_context().get_trial_id()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        planned = context.space.config_for(params).epochs
-        lr = float(params["lr"])
-        done = 0
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                done = json.loads((Path(folder) / "foldtune_marker.json").read_text())["epoch"]
-        for epoch in range(done + 1, planned + 1):
-            if full_flag is not None and epoch == full_at and not Path(full_flag).exists():
-                Path(full_flag).touch()
-                raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "last.pt"))
-            with open(run_dir / "epochs.log", "a") as log:
-                log.write(f"{epoch}\n")
-            metrics = {
-                "val_f1": lr,
-                "epoch": epoch,
-                "epochs_planned": planned,
-                "best_f1": lr,
-                "best_epoch": epoch,
-            }
-            with tempfile.TemporaryDirectory() as folder:
-                (Path(folder) / "foldtune_marker.json").write_text(json.dumps({"epoch": epoch}))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        result = {"status": "completed", "best_f1": lr, "best_epoch": planned, "epochs_trained": planned}
-        (run_dir / "result.json").write_text(json.dumps(result))
-
-    return standin
+    from it when resumed); with ``full_flag``, the first trial to reach epoch 2 finds the disk full there."""
+    return standin_trial(full_flag=full_flag)
 
 
 def test_a_full_disk_is_recognised_in_every_form_a_search_meets():

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -60,11 +59,11 @@ from test_search import (
 import orchestrator.search
 import orchestrator.search.driver as driver
 import orchestrator.tracking.search_log as search_log
+from benchmarks.mlflow_outage import Server
 from orchestrator.cli import main
 from orchestrator.search import run_search
 from orchestrator.search.constants import ASHA_STATE, EXPERIMENT_DIRNAME
 from orchestrator.tracking import SearchTracking
-from orchestrator.tracking.store import store_answers
 
 # the tiny demo data has strata smaller than k: the split warns (FoldWarning), which is not what is tested
 pytestmark = pytest.mark.filterwarnings("ignore::trainers.folds.FoldWarning")
@@ -520,41 +519,6 @@ def test_losing_the_tracking_store_mid_search_loses_no_result(
     assert main(["sync-mlflow", "tiny", "--storage", str(tmp_path / "runs")]) == 0  # nothing left: fine
 
 
-class MlflowServer:
-    """A real ``mlflow server`` on 127.0.0.1 over a SQLite file and an artifact folder, in its own process
-    group so that stopping it stops its workers too; ``start`` again serves the same store on the same
-    port."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        command += ["--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}", "--workers", "1"]
-        command += ["--artifacts-destination", str(self.folder / "artifacts")]
-        log = open(self.folder / "server.log", "a")  # noqa: SIM115 (the server process keeps it)
-        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
-        wait_for(
-            lambda: store_answers(self.uri, timeout_s=1),
-            120,
-            "mlflow server",
-            self.process,
-            self.folder / "server.log",
-        )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-        self.process = None
-
-
 @pytest.mark.slow
 def test_a_real_mlflow_server_stopped_and_restarted_mid_search_ends_with_every_run_and_epoch(
     tmp_path, demo_root, local_ray, monkeypatch, capsys
@@ -566,7 +530,7 @@ def test_a_real_mlflow_server_stopped_and_restarted_mid_search_ends_with_every_r
     monkeypatch.setattr(search_log, "RETRY_AFTER_S", 0.5)
     monkeypatch.setattr(search_log, "RETRY_AFTER_MAX_S", 1.0)
     (tmp_path / "server").mkdir()
-    server = MlflowServer(tmp_path / "server")
+    server = Server(tmp_path / "server")
     back = tmp_path / "server-back"
     search_dir = tmp_path / "runs" / "tiny"
     outbox = search_dir / "mlflow_outbox.jsonl"

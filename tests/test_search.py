@@ -557,16 +557,21 @@ def standin_trial(
     raise_all: bool = False,
     hold_file: str | None = None,
     hold_from: int = 1,
+    full_flag: str | None = None,
+    full_at: int = 2,
 ):
     """A stand-in for ``run_trial``: reports val_f1 = lr for each planned epoch with a marker checkpoint,
     continues from that checkpoint when Ray resumes it, and writes fit's ``result.json`` at the end.
 
     ``epoch_s`` seconds per epoch. After its first epoch a trial with ``lr == crash_lr`` kills its own
     process (``os._exit``), one with ``lr == raise_lr`` (every one with ``raise_all``) raises, and with
-    ``hold_file`` the ``hold_from``-th trial to start and later ones wait until that file exists. A
+    ``hold_file`` the ``hold_from``-th trial to start and later ones wait until that file exists. With
+    ``full_flag``, the first trial to reach epoch ``full_at`` finds the disk full there (ENOSPC, as
+    ``trainers.io`` meets it), once: the flag file says it happened. A
     closure, so Ray ships it by value to the trial processes (this module is not importable there)."""
 
     def standin(params, context) -> None:
+        import errno
         import json
         import os
         import tempfile
@@ -588,6 +593,9 @@ def standin_trial(
                 done = json.loads((Path(folder) / "foldtune_marker.json").read_text())["epoch"]
         for epoch in range(done + 1, planned + 1):
             time.sleep(epoch_s)
+            if full_flag is not None and epoch == full_at and not Path(full_flag).exists():
+                Path(full_flag).touch()
+                raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "last.pt"))
             with open(run_dir / "epochs.log", "a") as log:
                 log.write(f"{epoch}\n")
             metrics = {

@@ -65,6 +65,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
         raise
 
 
+def existing_parent(path: Path) -> Path:
+    """``path`` itself or its nearest folder that exists: where a disk's free space can be asked for a
+    file or folder not yet written."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     """Write `data` to `path` atomically; returns the path."""
     with atomic_open(path, "wb") as handle:

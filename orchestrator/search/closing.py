@@ -87,9 +87,7 @@ class SettleLeftovers(Callback):
         if self._settled:
             return
         self._settled = True
-        told = self._tell_ended(trials)
-        if told:
-            print(f"told Optuna {len(told)} trial(s) Tune finished but Optuna never heard of", flush=True)
+        self._tell_ended(trials)
         live = {t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")}
         failed = fail_running_trials_quietly(self.search_dir, self.study_name, keep=live)
         killed = self.log.runs_closed(keep=live)
@@ -102,12 +100,10 @@ class SettleLeftovers(Callback):
 
     def on_experiment_end(self, trials, **info):
         """Also at the end (a resumed experiment whose trials had all ended runs no step)."""
-        told = self._tell_ended(trials)
-        if told:
-            print(f"told Optuna {len(told)} trial(s) Tune finished but Optuna never heard of", flush=True)
+        self._tell_ended(trials)
 
-    def _tell_ended(self, trials) -> list[int]:
-        """Trials Tune ended whose Optuna record was never written (``tell_ended_trials``)."""
+    def _tell_ended(self, trials) -> None:
+        """Trials Tune ended whose Optuna record was never written (``tell_ended_trials``), said in a line."""
         early_stops = EarlyStops(self.search_dir / ASHA_STATE)
         ended = {
             t.trial_id: (
@@ -122,10 +118,12 @@ class SettleLeftovers(Callback):
             and t.last_result.get(METRIC) is not None
         }
         try:
-            return tell_ended_trials(self.search_dir, self.study_name, ended)
+            told = tell_ended_trials(self.search_dir, self.study_name, ended)
         except Exception as error:  # the study is a record: never stop the search over it
             print(
                 f"warning: Optuna trials not told in {self.search_dir / 'optuna.db'}: {error}",
                 file=sys.stderr,
             )
-            return []
+            return
+        if told:
+            print(f"told Optuna {len(told)} trial(s) Tune finished but Optuna never heard of", flush=True)

@@ -29,7 +29,8 @@ from ray.tune import Callback
 from orchestrator.search.budget import interrupt_tune
 from orchestrator.search.closing import SearchInterrupted
 from orchestrator.search.disk_notices import full_disk_path, notices_name, post_notice, read_notices
-from orchestrator.search.summary import human_bytes
+from orchestrator.search.summary import folder_bytes, human_bytes
+from trainers.io import existing_parent
 
 WAIT_FOR_STOP_S = 600.0  # a trial that told the driver waits this long to be stopped, then fails
 POLL_S = 1.0  # how often the driver asks for notices
@@ -100,10 +101,9 @@ def stopped_line(name: str, path: str, search_dir: Path, planned: int, finished:
     where = Path(path or search_dir)
     if where.suffix and not where.is_dir():  # a file's path: its folder is what the user frees
         where = where.parent
-    probe = where if where.exists() else _existing_parent(where)
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(existing_parent(where)).free
     left = max(planned - finished, 1)
-    per_trial = max((_folder_bytes(folder) for folder in (search_dir / "trials").glob("*")), default=0)
+    per_trial = max((folder_bytes(folder) for folder in (search_dir / "trials").glob("*")), default=0)
     need = (
         f"about {human_bytes(per_trial * left)} more for the {left} trial(s) left"
         if per_trial
@@ -113,13 +113,3 @@ def stopped_line(name: str, path: str, search_dir: Path, planned: int, finished:
         f"search '{name}' stopped: no space left on the disk of {where} ({human_bytes(free)} free there; "
         f"{need}); free space there and continue with --resume (nothing finished is lost)"
     )
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
-
-
-def _existing_parent(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
