@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE (YAML) over the fixed settings")
     parser.add_argument("--reuse", action="store_true", help="predict with OUT/seed*.pt, do not train")
+    parser.add_argument(
+        "--val-slice",
+        type=int,
+        default=0,
+        metavar="K",
+        help="hold 1/K of the persons out as a validation slice and submit the best epoch's model (a "
+        "careful user's single model: K=10 is a 10%% slice); 0: every person, the last epoch",
+    )
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -58,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = space.config_for({**params, **{k: v for k, v in overrides.items() if k in space.search}})
     cfg = type(cfg).from_dict({**cfg.to_dict(), **overrides, "epochs": args.epochs})
     cache_dir = default_cache_dir()
+    best_epoch = None
     if args.reuse:  # the training run's record decides the configuration, not this command line
         model_paths = sorted(args.out.glob("seed*.pt"))
         record = args.out / "single_model.json"
@@ -67,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         trained = json.loads(record.read_text())
         cfg, rows_trained = type(cfg).from_dict(trained["config"]), trained["rows_trained"]
+    elif args.val_slice:
+        cfg, model_paths, rows_trained, best_epoch = _train_with_val_slice(cfg, args, cache_dir)
     else:
         table = read_train(args.data, AgeBands(tuple(cfg.age_edges))).table.assign(fold=0)
         result = refit(cfg, table, args.out, cache_dir, epochs=args.epochs, log=print)
@@ -94,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": cfg.to_dict(),
         "epochs": cfg.epochs,
         "rows_trained": rows_trained,
+        "val_slice": args.val_slice,
+        "best_epoch": best_epoch,
         "train_seconds": trained["train_seconds"] if args.reuse else round(trained_s, 1),
         "total_seconds": trained["total_seconds"] if args.reuse else round(total_s, 1),
         "submission": str(submission),
@@ -105,6 +118,25 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "single_model.json").write_text(json.dumps(report, indent=2, default=float))
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2, default=float))
     return 0
+
+
+def _train_with_val_slice(cfg, args, cache_dir):
+    """One model on (K-1)/K of the persons, its epoch chosen on the other 1/K: ``fit`` with k=K and
+    train_folds=1 (person-level, stratified like the search's folds); returns (cfg,
+    [best checkpoint], rows trained, best epoch)."""
+    from trainers.checkpoint import fold_checkpoint_path, read_checkpoint
+    from trainers.data import read_train
+    from trainers.fit import fit
+    from trainers.folds import make_folds
+    from trainers.labels import AgeBands
+
+    cfg = type(cfg).from_dict({**cfg.to_dict(), "k": args.val_slice, "train_folds": 1, "patience": 0})
+    table = read_train(args.data, AgeBands(tuple(cfg.age_edges))).table
+    folds = make_folds(table, k=cfg.k, seed=cfg.folds_seed)
+    fit(cfg, table, folds, args.out / "fit", cache_dir, log=print)
+    best = fold_checkpoint_path(args.out / "fit", 0)
+    trained = int((folds["fold"] != 0).sum())
+    return cfg, [best], trained, int(read_checkpoint(best, mmap=True)["epoch"])
 
 
 if __name__ == "__main__":

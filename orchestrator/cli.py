@@ -354,10 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--folds", help="use only these fold models of each member, e.g. 0 (one fold model, for comparison)"
     )
-    p.add_argument(
+    refit_choice = p.add_mutually_exclusive_group()
+    refit_choice.add_argument(
         "--with-refit",
-        action="store_true",
-        help="add each member's refit models (`foldtune refit`) to its fold models in the vote",
+        action="store_const",
+        const=True,
+        dest="with_refit",
+        help="every member's refit models (`foldtune refit`, a planned search's final model) count once each "
+        "beside its fold models (default: the vote the holdout persons score best, see README)",
+    )
+    refit_choice.add_argument(
+        "--without-refit",
+        action="store_const",
+        const=False,
+        dest="with_refit",
+        help="leave refit models out of the vote",
     )
     p.set_defaults(func=cmd_ensemble)
 

@@ -149,9 +149,9 @@ def _check_trial(search_dir: Path, trial_id: str, search: str):
             f"{config_path} is missing or unreadable ({error}); trial {trial_id} cannot be refit: pick "
             "another with --trial"
         ) from None
-    checkpoints = [run_dir / "checkpoints" / f"fold{i}.pt" for i in range(cfg.k)]
+    checkpoints = [run_dir / "checkpoints" / f"fold{i}.pt" for i in range(cfg.folds_trained)]
     missing = [p.name for p in checkpoints if not p.is_file()]
-    if len(missing) == cfg.k:
+    if len(missing) == len(checkpoints):
         raise OrchestratorError(
             f"trial {trial_id} has no fold checkpoints in {run_dir / 'checkpoints'} (pruned: outside the "
             "search's top K, or it never finished an epoch); pick another trial with --trial"
@@ -204,8 +204,10 @@ def run_refit(
     tracking_uri: str | None = None,
     cache_dir: Path | None = None,
     log: Callable[[str], None] | None = print,
+    chosen_by: str | None = None,
 ) -> dict[str, Any]:
     """Refit one trial of search ``search`` on all its training persons; returns the ``refit.json`` record.
+    ``chosen_by`` says why ``trial`` was chosen (a planned search's final phase), default "--trial".
 
     Every check runs before training; the files are written as described in the module docstring.
     """
@@ -221,7 +223,7 @@ def run_refit(
     if epochs is not None and epochs < 1:
         raise OrchestratorError(f"--epochs must be at least 1, got {epochs}")
     search_dir = _check_search_dir(search, storage)
-    trial_id, why = (str(trial), "--trial") if trial is not None else choose_trial(search_dir)
+    trial_id, why = (str(trial), chosen_by or "--trial") if trial is not None else choose_trial(search_dir)
     run_dir, cfg, checkpoints = _check_trial(search_dir, trial_id, search)
     mean_epoch, fold_epochs = mean_best_epoch(checkpoints)
     folds = read_folds(run_dir / "folds.csv")  # holdout rows (fold -1) included

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.plan import Plan, PlanError, parse_plan
 from trainers.config import ConfigError, TrainConfig, field_names
 
 SEARCH_KINDS = ("choice", "loguniform", "uniform", "int")
@@ -38,6 +39,7 @@ TOP_LEVEL_KEYS = (
     "max_failures",
     "points_to_evaluate",
     "holdout",
+    "plan",
 )
 # Fields every trial must share, because the driver prepares one fold file and one image cache per search.
 SHARED_FIELDS = {
@@ -103,6 +105,7 @@ class SearchSpace:
     description: str = ""
     points_to_evaluate: tuple[dict[str, Any], ...] = ()  # full parameter sets tried first, in order
     holdout: float = 0.0  # share of persons kept out of every fold, to score the submission itself
+    plan: Plan | None = None  # with a time budget: screen on few folds, then the final model (``plan``)
     source: str = "<mapping>"
 
     def backbones(self) -> list[str]:
@@ -125,6 +128,12 @@ class SearchSpace:
         backbone = str(values.get("backbone", TrainConfig().backbone))
         values["pretrained"] = self.pretrained_spec(backbone)
         return TrainConfig.from_dict(values)
+
+    def screening(self) -> SearchSpace:
+        """As a planned search's screen runs it: trials train ``plan.screen_folds`` fold(s) (train_folds)."""
+        if self.plan is None:
+            return self
+        return dataclasses.replace(self, fixed={**self.fixed, "train_folds": self.plan.screen_folds})
 
     def max_epochs(self) -> int:
         if "epochs" in self.search:
@@ -171,6 +180,7 @@ class SearchSpace:
             "max_failures": self.max_failures,
             "points_to_evaluate": [dict(point) for point in self.points_to_evaluate],
             "holdout": self.holdout,
+            "plan": "none" if self.plan is None else self.plan.to_dict(),
         }
 
     def to_yaml(self) -> str:
@@ -262,6 +272,7 @@ def parse_space(raw: Any, source: str = "<mapping>") -> SearchSpace:
         description=str(raw.get("description") or ""),
         points_to_evaluate=_parse_points(raw.get("points_to_evaluate") or [], search, fail),
         holdout=_holdout(raw.get("holdout", 0.0), fail),
+        plan=_plan(raw.get("plan"), fixed, search, fail),
         source=source,
     )
     if len(space.points_to_evaluate) > space.trials:
@@ -472,6 +483,13 @@ def _concurrency(value: Any, fail) -> int | str:
     if isinstance(value, bool) or not isinstance(value, int):
         raise fail("max_concurrent", f"must be auto or a whole number of trials at once, got {value!r}")
     return _whole(value, "max_concurrent", fail, low=1)
+
+
+def _plan(value: Any, fixed: Mapping[str, Any], search: Mapping[str, Param], fail) -> Plan | None:
+    try:
+        return parse_plan(value, int(fixed.get("k", TrainConfig().k)), set(fixed) | set(search))
+    except PlanError as error:
+        raise fail("plan", str(error)) from None
 
 
 def _holdout(value: Any, fail) -> float:

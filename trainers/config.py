@@ -46,6 +46,10 @@ class TrainConfig:
     freeze_depth: int = 0
     drop_rate: float = 0.0
     k: int = 5
+    # folds actually trained: 0 = all k; n = the first n only (a planned search screens configurations on
+    # one fold, a third of the compute at k=3; a single model that stops at its best epoch on a 10% slice
+    # is k=10, train_folds=1)
+    train_folds: int = 0
     folds_seed: int = 42
     seed: int = 42
     patience: int = 5  # early stopping on mean validation macro F1; 0 disables
@@ -110,6 +114,11 @@ class TrainConfig:
                 ) from None
         self.augment = augment
 
+    @property
+    def folds_trained(self) -> int:
+        """How many folds this run trains (the first ones): ``train_folds``, or all k when it is 0."""
+        return int(self.train_folds) or int(self.k)
+
     def validate(self) -> None:
         def need(ok: bool, key: str, message: str) -> None:
             if not ok:
@@ -143,6 +152,11 @@ class TrainConfig:
         need(0 <= float(self.label_smoothing) < 1, "label_smoothing", "must be in [0, 1)")
         need(int(self.freeze_depth) >= 0, "freeze_depth", f"must be >= 0, got {self.freeze_depth!r}")
         need(int(self.k) >= 2, "k", f"must be >= 2 folds, got {self.k!r}")
+        need(
+            0 <= int(self.train_folds) <= int(self.k),
+            "train_folds",
+            f"must be 0 (all k folds) or 1..k={self.k}, got {self.train_folds!r}",
+        )
         need(int(self.patience) >= 0, "patience", f"must be >= 0, got {self.patience!r}")
         need(len(self.task_weights) == 3, "task_weights", "must be three weights [mask, gender, age]")
         bad_views = TTA_VIEWS.unknown(self.tta)
@@ -231,6 +245,12 @@ _FIELD_KINDS: dict[str, Any] = {
     "tuple[int, ...]": _int,
     "tuple[str, ...]": str,
 }
+
+
+def folds_trained_of(config: dict[str, Any]) -> int:
+    """``TrainConfig.folds_trained`` of a saved config (a dict, as read from ``result.json`` or a trial's
+    ``config.yaml``): the first ``train_folds`` folds, or all k (0 or absent: a foldtune without it)."""
+    return int(config.get("train_folds") or 0) or int(config.get("k", 0))
 
 
 def same_config(saved: dict[str, Any] | None, cfg: TrainConfig) -> bool:

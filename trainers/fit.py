@@ -127,7 +127,7 @@ def fit(
     freeze = fold_states[0].freeze
     log(
         f"{cfg.backbone}: {freeze.trainable_params:,} of {freeze.total_params:,} parameters trainable "
-        f"(freeze_depth {cfg.freeze_depth}); {cfg.k} folds on {device.type}"
+        f"(freeze_depth {cfg.freeze_depth}); {_folds_line(cfg)} on {device.type}"
     )
     resume_path = Path(resume_dir or run_dir).absolute() / RESUME_STATE
     progress = load_resume_state(resume_path, fold_states, cfg, run_dir, log)
@@ -254,8 +254,15 @@ def join_folds(table: pd.DataFrame, folds: pd.DataFrame, k: int) -> pd.DataFrame
     return merged.reset_index(drop=True)
 
 
+def _folds_line(cfg: TrainConfig) -> str:
+    if cfg.folds_trained == cfg.k:
+        return f"{cfg.k} folds"
+    return f"{cfg.folds_trained} of {cfg.k} folds (train_folds)"
+
+
 def _build_folds(cfg: TrainConfig, data: pd.DataFrame, cache, device, resolved_weights) -> list[FoldState]:
-    """The k fold states, each seeded alike whatever ran before it (a resumed run builds the same ones)."""
+    """The fold states (the first ``train_folds``, else all k), each seeded alike whatever ran before it
+    (a resumed run builds the same ones)."""
     pretrained_kwargs = {}
     if resolved_weights is not None:
         from trainers.weights import timm_kwargs
@@ -266,7 +273,7 @@ def _build_folds(cfg: TrainConfig, data: pd.DataFrame, cache, device, resolved_w
     trainable = ~data["age"].isin(list(cfg.drop_ages)).to_numpy()
     fold_of = data["fold"].to_numpy()
     states = []
-    for fold in range(cfg.k):
+    for fold in range(cfg.folds_trained):
         seed_everything(cfg.seed + fold)
         train_mask = (fold_of != fold) & (fold_of != HOLDOUT_FOLD) & trainable
         val_mask = fold_of == fold
@@ -451,7 +458,8 @@ def _end_epoch(
         progress.best_mean_f1, progress.best_mean_epoch = mean_metrics["val_f1"], epoch
     for fold, values in enumerate(fold_metrics):
         progress.history.append({"epoch": epoch, "fold": str(fold), **values})
-    progress.history.append({"epoch": epoch, "fold": "mean", **mean_metrics})
+    # the epoch's wall seconds (every fold, with validation): a planned search measures its cost from them
+    progress.history.append({"epoch": epoch, "fold": "mean", **mean_metrics, "epoch_seconds": seconds})
     progress.last_epoch = epoch
     write_csv_atomic(pd.DataFrame(progress.history), run_dir / "metrics" / "epochs.csv")
     return EpochReport(

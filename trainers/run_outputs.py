@@ -57,7 +57,8 @@ def write_out_of_fold(
 ) -> None:
     """Every training image's probabilities from the fold model that never saw it, at its best epoch.
 
-    Held-out persons (fold ``HOLDOUT_FOLD``) are in no fold's validation set: they are left out here."""
+    Held-out persons (fold ``HOLDOUT_FOLD``) are in no fold's validation set: they are left out here, and
+    so are the persons of folds a ``train_folds`` run did not train (no model held them out)."""
     probs = np.zeros((len(data), NUM_CLASSES), dtype=np.float32)
     probs_tta = np.zeros_like(probs)
     names = class_names(AgeBands(tuple(cfg.age_edges)))
@@ -75,7 +76,8 @@ def write_out_of_fold(
             run_dir / "metrics" / f"confusion_fold{fold.index}.csv",
             index=True,
         )
-    in_folds = data["fold"].to_numpy() != HOLDOUT_FOLD
+    fold_of = data["fold"].to_numpy()
+    in_folds = (fold_of != HOLDOUT_FOLD) & (fold_of < cfg.folds_trained)  # the trained folds' persons
     data, probs, probs_tta = data[in_folds], probs[in_folds], probs_tta[in_folds]
     labels = data["label"].to_numpy()
     oof = compute_metrics(labels, probs)
@@ -114,18 +116,33 @@ def write_out_of_fold(
     )
 
 
+def epoch_metrics(history: pd.DataFrame, epoch: int) -> dict[str, float]:
+    """One epoch of ``metrics/epochs.csv`` as the flat metrics a run reports (``val_f1``, ``fold0/val_f1``,
+    ...): the mean row unprefixed, each fold's prefixed; a column a row does not have (the mean row's
+    ``epoch_seconds``) is left out, not reported as NaN."""
+    metrics: dict[str, float] = {}
+    for row in history[history["epoch"] == epoch].to_dict("records"):
+        prefix = "" if row["fold"] == "mean" else f"fold{row['fold']}/"
+        metrics.update(
+            {f"{prefix}{k}": v for k, v in row.items() if k not in ("epoch", "fold") and pd.notna(v)}
+        )
+    return metrics
+
+
 def write_result(result: FitResult, cfg: TrainConfig, run_dir: Path) -> None:
     payload = {**asdict(result), "run_dir": str(result.run_dir), "config": cfg.to_dict()}
     write_text_atomic(json.dumps(payload, indent=2, default=float), run_dir / "result.json")
 
 
-def assemble_out_of_fold(run_dir: Path, k: int) -> dict[str, np.ndarray]:
+def assemble_out_of_fold(run_dir: Path, k: int, trained: int | None = None) -> dict[str, np.ndarray]:
     """The OOF arrays of a run that never reached its end (stopped early by ASHA, cut by a time budget,
     interrupted), rebuilt from its fold checkpoints: each holds its fold's validation probabilities at its
     best epoch (``val_probs``), written in the same atomic step as the weights, so they always match.
 
-    Without TTA (``probs_tta`` is ``probs``) and flagged ``partial``. Raises ValueError or CheckpointError
-    with the reason when the run cannot give them (an older run folder, a checkpoint without them).
+    ``trained``: the folds the run trains (its ``train_folds``; default all k): only their persons have
+    out-of-fold rows. Without TTA (``probs_tta`` is ``probs``) and flagged ``partial``. Raises ValueError
+    or CheckpointError with the reason when the run cannot give them (an older run folder, a checkpoint
+    without them).
     """
     from trainers.checkpoint import read_checkpoint
 
@@ -136,8 +153,9 @@ def assemble_out_of_fold(run_dir: Path, k: int) -> dict[str, np.ndarray]:
     fold_of = folds["fold"].to_numpy(dtype=np.int64)
     if k < 2 or set(fold_of.tolist()) - {HOLDOUT_FOLD} != set(range(k)):
         raise ValueError(f"{folds_path} does not hold folds 0..{k - 1} (k={k})")
+    trained = k if trained is None else int(trained)
     probs = np.zeros((len(folds), NUM_CLASSES), dtype=np.float32)
-    for fold in range(k):
+    for fold in range(trained):
         path = fold_checkpoint_path(run_dir, fold)
         payload = read_checkpoint(path, mmap=True)
         rows = np.flatnonzero(fold_of == fold)
@@ -147,7 +165,7 @@ def assemble_out_of_fold(run_dir: Path, k: int) -> dict[str, np.ndarray]:
                 f"{path} holds no validation probabilities for the {len(rows)} images of fold {fold}"
             )
         probs[rows] = fold_probs.numpy()
-    in_folds = fold_of != HOLDOUT_FOLD
+    in_folds = (fold_of != HOLDOUT_FOLD) & (fold_of < trained)
     return {
         "rel_path": folds["rel_path"].to_numpy(dtype=str)[in_folds],
         "label": folds["label"].to_numpy(dtype=np.int64)[in_folds],
@@ -158,6 +176,6 @@ def assemble_out_of_fold(run_dir: Path, k: int) -> dict[str, np.ndarray]:
     }
 
 
-def save_partial_out_of_fold(run_dir: Path, k: int) -> Path:
+def save_partial_out_of_fold(run_dir: Path, k: int, trained: int | None = None) -> Path:
     """Keep an unfinished run's OOF arrays as ``oof.npz`` (e.g. before its checkpoints are pruned)."""
-    return atomic_savez(Path(run_dir) / "oof.npz", **assemble_out_of_fold(run_dir, k))
+    return atomic_savez(Path(run_dir) / "oof.npz", **assemble_out_of_fold(run_dir, k, trained))

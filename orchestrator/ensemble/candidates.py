@@ -143,11 +143,13 @@ def _read_trial(run_dir: Path, stopped: dict[str, str], with_pruned: bool = Fals
     if isinstance(found, str):
         return found
     config, status = found
-    k = int(config.get("k", 0))
-    checkpoints = [run_dir / "checkpoints" / f"fold{i}.pt" for i in range(k)]
+    from trainers.config import folds_trained_of  # inside: trainers.config brings torch
+
+    k, trained = int(config.get("k", 0)), folds_trained_of(config)
+    checkpoints = [run_dir / "checkpoints" / f"fold{i}.pt" for i in range(trained)]
     missing = [p.name for p in checkpoints if not p.is_file()]
     oof_path = run_dir / "oof.npz"
-    pruned = len(missing) == k
+    pruned = len(missing) == trained
     if pruned and not (with_pruned and oof_path.is_file()):
         return PRUNED if oof_path.is_file() else NO_EPOCH  # keep_top leaves a pruned trial's OOF record
     if missing and not pruned:
@@ -155,7 +157,7 @@ def _read_trial(run_dir: Path, stopped: dict[str, str], with_pruned: bool = Fals
             why = f"stopped before every fold finished an epoch ({', '.join(missing)} missing)"
             return f"{stopped[trial_id]}; {why}" if trial_id in stopped else why
         return f"checkpoints {', '.join(missing)} missing in {run_dir / 'checkpoints'}"
-    arrays = _read_oof(run_dir, k, status, pruned)
+    arrays = _read_oof(run_dir, k, trained, status, pruned)
     if isinstance(arrays, str):
         return arrays
     order = np.argsort(arrays["rel_path"], kind="stable")  # one shared image order for every trial
@@ -198,7 +200,9 @@ def _trial_config(run_dir: Path, stopped: dict[str, str]) -> tuple[dict, str] | 
     return config, "stopped_early" if run_dir.name in stopped else "unfinished"
 
 
-def _read_oof(run_dir: Path, k: int, status: str, pruned: bool = False) -> dict[str, np.ndarray] | str:
+def _read_oof(
+    run_dir: Path, k: int, trained: int, status: str, pruned: bool = False
+) -> dict[str, np.ndarray] | str:
     """``oof.npz``, or for an unfinished trial the OOF arrays rebuilt from its fold checkpoints (also when
     a partial ``oof.npz`` was saved before but the checkpoints are there: they may have moved on since)."""
     path = run_dir / "oof.npz"
@@ -217,7 +221,7 @@ def _read_oof(run_dir: Path, k: int, status: str, pruned: bool = False) -> dict[
     from trainers.run_outputs import assemble_out_of_fold  # torch: only for unfinished trials
 
     try:
-        return assemble_out_of_fold(run_dir, k)
+        return assemble_out_of_fold(run_dir, k, trained)
     except (OSError, ValueError, KeyError, FoldtuneError) as error:
         return f"no out-of-fold predictions: {error}"
 

@@ -156,6 +156,13 @@ class Predicted:
     holdout: list[np.ndarray]  # on the holdout persons' images, as submitted (refit models included)
     holdout_kfold: list[np.ndarray]  # the same with the k fold models only
     with_refit: bool = False  # some member's refit models are in the vote
+    # each member's fold-model and refit-model probabilities (eval images, then holdout images; refit None
+    # without refit models) and its (fold models, refit models): ``refit_mix`` re-weighs them
+    kfold_all: list[np.ndarray] = dataclasses.field(default_factory=list)
+    refit_all: list[np.ndarray | None] = dataclasses.field(default_factory=list)
+    model_counts: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    refit_mix: str | None = None  # the vote refit models are in (``refit_mix.MIXES``), None without any
+    refit_mix_holdout: dict[str, float] | None = None  # each mix's holdout macro F1, when chosen on it
 
 
 def select_again(
@@ -178,5 +185,10 @@ def select_again(
         holdout=[predicted.holdout[i] for i, _ in kept],
         holdout_kfold=[predicted.holdout_kfold[i] for i, _ in kept],
         with_refit=predicted.with_refit,
+        kfold_all=[predicted.kfold_all[i] for i, _ in kept],
+        refit_all=[predicted.refit_all[i] for i, _ in kept],
+        model_counts=[predicted.model_counts[i] for i, _ in kept],
+        refit_mix=predicted.refit_mix,
         **pick,
     )
+

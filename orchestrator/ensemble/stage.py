@@ -52,6 +52,7 @@ from orchestrator.ensemble.members import (
     select_again,
 )
 from orchestrator.ensemble.recording import record_in_mlflow
+from orchestrator.ensemble.refit_mix import FORCED, find_refit, mixed, weigh_refit
 from orchestrator.ensemble.result import (
     EnsembleMember,
     EnsembleResult,
@@ -90,7 +91,7 @@ def run_ensemble(
     greedy_steps: int = DEFAULT_GREEDY_STEPS,
     log: Callable[[str], None] | None = print,
     folds: Sequence[int] | None = None,
-    with_refit: bool = False,
+    with_refit: bool | None = None,
 ) -> EnsembleResult:
     """Select members of search ``search`` on OOF F1, predict eval/images, write the submission last.
 
@@ -98,8 +99,9 @@ def run_ensemble(
     member, for the OOF estimate as well as for the submission. ``top`` takes the N best trials with equal
     weights instead of greedy selection. ``folds`` keeps only those fold models of each member (e.g. one
     fold model, to measure what the k-fold average adds); its OOF figures then cover those folds'
-    validation images only. ``with_refit`` adds each member's refit models (``foldtune refit``) to its
-    fold models in the vote.
+    validation images only. Each member's refit models (``foldtune refit``, a planned search's final
+    model) join the vote the holdout persons score best (``refit_mix``; ``with_refit`` None); True: every
+    model counts once, an error without any; False: left out.
     """
     from trainers.data import read_eval
 
@@ -128,7 +130,7 @@ def run_ensemble(
     if top is not None and top > len(pool.candidates):
         log(f"--top {top}: only {len(pool.candidates)} usable trials, taking all of them")
     estimates = _selection_estimates(pool, selection, tta, top, greedy_steps)
-    refit = _refit_models(search_dir, selection, with_refit)
+    refit = find_refit(search_dir, selection, with_refit)
     holdout = holdout_of(search_dir, pool.candidates, log)
     holdout_paths = train_paths(data_root, holdout.rel_path) if len(holdout) else []
 
@@ -155,6 +157,8 @@ def run_ensemble(
     )
     if selection.method == "greedy" and any(m.recomputed for m in predicted.members):
         predicted = select_again(predicted, pool.labels, greedy_steps, log)
+    if predicted.with_refit:
+        weigh_refit(predicted, with_refit, holdout, len(eval_table), log)
     result, confusion = _combine(pool, selection, predicted, tta, out, eval_table["image_id"].tolist())
     result.estimates = _holdout_estimates(estimates, holdout, predicted, result)
     settings = {
@@ -162,7 +166,9 @@ def run_ensemble(
         "top": top,
         "candidates": len(pool.candidates),
         "folds": ",".join(map(str, pool.folds)) if result.folds is not None else None,
-        "with_refit": {t: len(paths) for t, paths in refit.items()} if with_refit else None,
+        "with_refit": {t: len(paths) for t, paths in refit.items()} if refit else None,
+        "refit_mix": predicted.refit_mix,
+        "refit_mix_holdout_f1": predicted.refit_mix_holdout,
     }
     candidates_oof_f1 = {
         c.trial_id: f for c, f in zip(selection.candidates, selection.single_f1, strict=True)
@@ -173,7 +179,7 @@ def run_ensemble(
     _write_outputs(result, report, predicted, confusion, pool.class_names, holdout)
 
     # after the submission: the model folder `foldtune predict` reads, then the MLflow run and model
-    bundle = _write_bundle(result, pool, search, log, refit)
+    bundle = _write_bundle(result, pool, search, log, refit, predicted.refit_mix)
     # made to compare (one trial alone, some fold models, other TTA), not to submit: not registered
     exploratory = top == 1 or folds is not None or tta is not None
     record_in_mlflow(
@@ -272,17 +278,18 @@ def _predict_members(
             log,
             use_folds,
         )
-        probs = kfold_probs
-        refit_paths = refit.get(candidate.trial_id) or []
+        refit_paths, refit_probs = refit.get(candidate.trial_id) or [], None
         if refit_paths:
             predicted.with_refit = True
             log(f"  + {len(refit_paths)} refit model(s) of trial {candidate.trial_id}")
             refit_probs = predict_models(
                 refit_paths, candidate.config, views, images, cache_dir, device, batch_size, log
             )
-            probs = (len(use_folds) * kfold_probs + len(refit_paths) * refit_probs) / (
-                len(use_folds) + len(refit_paths)
-            )
+        counts = (len(use_folds), len(refit_paths))
+        probs = mixed(kfold_probs, refit_probs, *counts, FORCED)  # until the holdout chooses (refit_mix)
+        predicted.kfold_all.append(kfold_probs)
+        predicted.refit_all.append(refit_probs)
+        predicted.model_counts.append(counts)
         eval_probs = probs[:n_eval]
         predicted.holdout.append(probs[n_eval:])
         predicted.holdout_kfold.append(kfold_probs[n_eval:])
@@ -332,25 +339,6 @@ def _selection_estimates(
         nested_fold_f1=nested.fold_f1 if nested else [],
         pruned_would_pick=would_pick,
     )
-
-
-def _refit_models(search_dir: Path, selection: Selection, with_refit: bool) -> dict[str, list[Path]]:
-    """Each member's refit models (``foldtune refit``) when asked for; an error when no member has any."""
-    if not with_refit:
-        return {}
-    from orchestrator.refit import refit_models
-
-    found = {
-        selection.candidates[i].trial_id: refit_models(search_dir, selection.candidates[i].trial_id)
-        for i in selection.chosen
-    }
-    if not any(found.values()):
-        first = selection.candidates[selection.chosen[0]].trial_id
-        raise OrchestratorError(
-            f"--with-refit: no member has refit models in {search_dir / 'refit'}; run `foldtune refit "
-            f"--search {search_dir.name} --trial {first}` first, or leave --with-refit out"
-        )
-    return found
 
 
 def _holdout_estimates(
@@ -456,22 +444,24 @@ def _write_bundle(
     search: str,
     log: Callable[[str], None],
     refit: dict[str, list[Path]] | None = None,
+    mix: str | None = None,
 ) -> Path | None:
-    """The ensemble's model folder next to the submission (members' used fold checkpoints + spec); after the
-    submission, so a failure only warns (and leaves no stale model: the folder is replaced or removed)."""
+    """The ensemble's model folder next to the submission (members' used fold checkpoints + spec, the refit
+    models as the vote ``mix`` used them); after the submission, so a failure only warns (and leaves no
+    stale model: the folder is replaced or removed)."""
     from orchestrator.ensemble.bundle import BUNDLE_DIR, member_from_config, write_bundle
 
     target = result.submission.parent / BUNDLE_DIR
     try:
         candidates = {c.trial_id: c for c in pool.candidates}
-        refit = refit or {}
+        refit = {} if mix == "folds" else (refit or {})
         members = [
             member_from_config(
                 m.trial_id,
                 m.weight,
                 m.tta,
                 candidates[m.trial_id].config,
-                pool.folds,
+                [] if mix == "refit" and refit.get(m.trial_id) else pool.folds,
                 m.oof_f1,
                 refit=len(refit.get(m.trial_id) or []),
             )

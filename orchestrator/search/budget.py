@@ -30,6 +30,7 @@ from pathlib import Path
 from ray.tune import Stopper
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.plan import Phases, Plan, split_budget
 from trainers.io import write_text_atomic
 
 BUDGET_FILE = "budget.json"
@@ -46,6 +47,12 @@ class TimeBudget:
     used_before_s: float
     started: float  # time.time() when this driver's trials began
     prep_s: float | None = None  # this driver's preparation before its trials (recorded, not billed)
+    screen_until: float | None = None  # a planned search's screen ends here (time.time()), before the final
+
+    @property
+    def left_s(self) -> float:
+        """Seconds of the budget left now (inf without one)."""
+        return self.deadline - time.time()
 
     @property
     def deadline(self) -> float:
@@ -53,16 +60,25 @@ class TimeBudget:
             return math.inf
         return self.started + self.total_s - self.used_before_s
 
-    def start(self, prep_s: float | None = None) -> None:
+    def start(self, prep_s: float | None = None, plan: Plan | None = None) -> Phases | None:
         """The trials begin now: the deadline counts from here. The preparation before them (data checks,
-        the decoded-image cache, folds, weights: ``prep_s``) is not billed but recorded beside the budget."""
+        the decoded-image cache, folds, weights: ``prep_s``) is not billed but recorded beside the budget.
+        With a ``plan`` (and a budget) this driver's time left is split into the screen and the final model;
+        the phases are returned and the screen's end recorded for the stopper."""
         self.started = time.time()
         self.prep_s = prep_s
+        phases = None
+        if plan is not None and self.total_s is not None:
+            phases = split_budget(plan, self.left_s)
+            self.screen_until = self.started + phases.screen_s
         self.record()
+        return phases
 
     def stopped(self) -> bool:
-        """Whether the stopper ended the search at the deadline (it says so in the budget file)."""
-        return bool(_read(self.path).get("stopped"))
+        """Whether the stopper ended the search at the deadline (it says so in the budget file), or a
+        planned search's searcher closed its screen (``close_screen``)."""
+        record = _read(self.path)
+        return bool(record.get("stopped") or record.get("screen_closed"))
 
     def describe(self) -> str:
         left = (self.total_s - self.used_before_s) / 60
@@ -75,7 +91,11 @@ class TimeBudget:
         payload = {"total_s": self.total_s, "used_s": round(used, 1), "deadline": self.deadline}
         if self.total_s is None or not math.isfinite(self.deadline):
             payload["deadline"] = None
-        payload["stopped"] = bool(_read(self.path).get("stopped")) and self.total_s is not None
+        saved = _read(self.path)
+        payload["stopped"] = bool(saved.get("stopped")) and self.total_s is not None
+        if self.screen_until is not None:
+            payload["screen_until"] = self.screen_until  # the stopper ends the trials there
+            payload["screen_closed"] = bool(saved.get("screen_closed"))
         if self.prep_s is not None:
             payload["prep_s"] = round(self.prep_s, 1)  # this driver's data preparation, not billed
         write_text_atomic(json.dumps(payload, indent=2), self.path)
@@ -107,10 +127,26 @@ def settle_budget(search_dir: Path, name: str, minutes: float | None, resuming: 
             f"--time-budget (the total, e.g. {2 * total / 60:g}) to continue it"
         )
     if path.is_file():  # a new driver: the previous one's "stopped" mark is history
-        write_text_atomic(json.dumps({**_read(path), "stopped": False}, indent=2), path)
+        fresh = {**_read(path), "stopped": False, "screen_closed": False}
+        write_text_atomic(json.dumps(fresh, indent=2), path)
     budget = TimeBudget(path, total, used, time.time())
     budget.record()
     return budget
+
+
+def close_screen(budget_path: Path) -> None:
+    """The searcher started no more configurations: the screen is over once the running ones end (the
+    driver then treats the search as ended by its plan, not interrupted)."""
+    record = _read(budget_path)
+    if record and not record.get("screen_closed"):
+        with contextlib.suppress(OSError):
+            write_text_atomic(json.dumps({**record, "screen_closed": True}, indent=2), budget_path)
+
+
+def screen_until(budget_path: Path) -> float | None:
+    """When a planned search's screen ends (``time.time()``), or None: no plan, no budget."""
+    value = _read(budget_path).get("screen_until")
+    return None if value is None else float(value)
 
 
 def _read(path: Path) -> dict:
@@ -122,7 +158,8 @@ def _read(path: Path) -> dict:
 
 
 class BudgetStopper(Stopper):
-    """Stops the whole experiment once the deadline in ``budget.json`` has passed (never when none).
+    """Stops the whole experiment once the deadline in ``budget.json`` has passed (never when none); in a
+    planned search (``orchestrator.plan``) the trials' deadline is the screen's end, ``screen_until``.
 
     The deadline is read on the first check after a start or a restore (a resumed driver writes a new one
     first), so Tune's pickled copy of the stopper always follows the current driver's budget.
@@ -131,20 +168,30 @@ class BudgetStopper(Stopper):
     def __init__(self, budget_path: Path):
         self.budget_path = str(budget_path)
         self._deadline: float | None = None
+        self._trials_end: float | None = None
         self._interrupted: float | None = None  # when Tune was asked to stop (asked once)
         self._next_bill = 0.0  # monotonic time of the next write of the seconds used
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_deadline": None, "_interrupted": None, "_next_bill": 0.0}
+        return {
+            **self.__dict__,
+            "_deadline": None,
+            "_trials_end": None,
+            "_interrupted": None,
+            "_next_bill": 0.0,
+        }
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False
 
     def stop_all(self) -> bool:
         if self._deadline is None:
-            deadline = _read(Path(self.budget_path)).get("deadline")
+            record = _read(Path(self.budget_path))
+            deadline, screen_until = record.get("deadline"), record.get("screen_until")
             self._deadline = math.inf if deadline is None else float(deadline)
-        if time.time() < self._deadline:
+            # the trials end there, or at a planned search's screen end when that is earlier
+            self._trials_end = min(self._deadline, math.inf if screen_until is None else float(screen_until))
+        if time.time() < getattr(self, "_trials_end", self._deadline):
             self._bill()
             return False
         asked = getattr(self, "_interrupted", None)  # (absent from stoppers pickled by older versions)

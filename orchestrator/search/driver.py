@@ -28,6 +28,7 @@ from ray import tune
 from ray.tune import Callback
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.plan import describe_plan
 from orchestrator.search.budget import BUDGET_FILE, BudgetStopper, settle_budget
 from orchestrator.search.capacity import AUTO, auto_space_file, capacity, cluster_nodes
 from orchestrator.search.closing import (
@@ -49,6 +50,7 @@ from orchestrator.search.constants import (
 )
 from orchestrator.search.disk_full import DiskFull, DiskFullStop, guard_trial, stopped_line
 from orchestrator.search.disk_notices import full_disk_path, open_notices, read_notices
+from orchestrator.search.final import train_final
 from orchestrator.search.optuna_adapter import make_searcher
 from orchestrator.search.prepare import prepare
 from orchestrator.search.settle import settle_relabel, settle_space, settle_tracking
@@ -61,6 +63,7 @@ from orchestrator.tracking.provenance import search_inputs
 from orchestrator.tracking.search_log import SearchLog, send_outbox
 from orchestrator.tracking.search_runs import start_parent_run
 from orchestrator.tracking.trials import MlflowTrialCallback
+from trainers.config import TrainConfig
 from trainers.io import write_text_atomic
 
 TUNE_ENVIRON = {  # set for the driver's Tune loop unless the user set them
@@ -116,7 +119,7 @@ def run_search(
     message is that line. Either way nothing is left RUNNING in Optuna or MLflow.
     """
     storage_dir = Path(storage or "runs").expanduser().absolute()
-    started_ray, chosen = False, None
+    started_ray, chosen, phases = False, None, None
     began = time.monotonic()  # the preparation before the trials is recorded beside the budget (prep_s)
     try:
         if str(space_path) == AUTO:  # the machine decides: Ray first, then the usual checks
@@ -151,9 +154,15 @@ def run_search(
                 tracking, space, search_dir, data_root, _parent_artifacts(search_dir)
             )
             log = SearchLog(tracking, parent_run_id, search_dir, space.name)
-            budget.start(prep_s=time.monotonic() - began)  # counts the trials, not the preparation
+            # counts the trials, not the preparation; with a plan, the screen's share of what is left
+            phases = budget.start(prep_s=time.monotonic() - began, plan=space.plan)
             if budget.total_s is not None and progress:
                 print(budget.describe())
+            if phases is not None:  # the trials screen on few folds; the final model follows them
+                context = dataclasses.replace(context, space=space.screening())
+                space = space.screening()
+                if progress:
+                    print(describe_plan(space.plan, phases, int(space.fixed.get("k", TrainConfig().k))))
             summary = _tune(
                 trial_fn or run_trial,
                 context,
@@ -170,6 +179,10 @@ def run_search(
             import ray
 
             ray.shutdown()
+    if phases is not None and summary.finished:  # not after Ctrl+C: --resume continues the screen
+        summary.final = train_final(
+            data_root, space, search_dir, budget, cache_dir, tracking.tracking_uri, progress
+        )
     if progress:
         print(summary.report())
     return summary

@@ -10,6 +10,10 @@ No trial stays RUNNING in the study after a driver ends: ``fail_running_trials``
 interrupted search FAIL with the user attribute ``interrupted`` (Optuna's own convention for trials whose
 process died: TPE ignores them). A trial Ray resumes later is re-attached: its outcome is told to a copy
 of the interrupted trial (same parameters, its intermediate values, user attribute ``resumed_from``).
+
+In a planned search (``orchestrator.plan``) the searcher also closes the screen: it proposes no
+configuration once the cheapest screen measured so far would not finish before the screen's end
+(``screen_until`` in ``budget.json``), so no trial is started only to be cut with nothing to show.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.search.budget import BUDGET_FILE, close_screen, screen_until
 from orchestrator.search.constants import ASHA_STATE, METRIC, MODE
 from orchestrator.search.disk_notices import full_disk_path, post_notice
 from orchestrator.search.stopping import EarlyStops
@@ -60,6 +65,9 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         return self._reported_steps
 
     def suggest(self, trial_id: str):
+        if self._screen_closed():
+            close_screen(Path(self._search_dir) / BUDGET_FILE)
+            return Searcher.FINISHED
         params = super().suggest(trial_id)
         if params is not None and trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
@@ -73,10 +81,28 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             return  # an epoch repeated by a trial resumed from an earlier checkpoint: Optuna keeps the first
         super().on_trial_result(trial_id, result)
 
+    @property
+    def _screen_costs(self) -> list[float]:
+        """Seconds each screened configuration took (or would have, had ASHA not stopped it)."""
+        if "_screen_seconds" not in self.__dict__:  # a searcher saved by an older foldtune
+            self._screen_seconds: list[float] = []
+        return self._screen_seconds
+
+    def _screen_closed(self) -> bool:
+        """Whether not even the cheapest screen measured so far fits before the screen's end."""
+        search_dir = getattr(self, "_search_dir", None)
+        until = screen_until(Path(search_dir) / BUDGET_FILE) if search_dir else None
+        if until is None:
+            return False
+        return time.time() + min(self._screen_costs, default=0.0) >= until
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         """Told to Optuna; when ``optuna.db``'s disk is full, the driver is told instead (it stops the
         search) and the trial stays as Tune finished it: the resumed driver tells Optuna
         (``tell_ended_trials``). Raising here would make Tune fail a trial that trained fine."""
+        cost = full_trial_seconds(result)
+        if cost is not None:
+            self._screen_costs.append(cost)
         try:
             self._tell_complete(trial_id, result, error)
         except Exception as exc:
@@ -285,6 +311,19 @@ def study_storage(search_dir: Path, attempts: int = 3):
         ):
             time.sleep(0.2 * (attempt + 1))  # the other creator commits within milliseconds
     return optuna.storages.RDBStorage(url)  # the last attempt: its error is the one to see
+
+
+def full_trial_seconds(result: dict | None) -> float | None:
+    """A trial's seconds for all its planned epochs: its measured time per epoch (Tune's ``time_total_s``
+    over its epochs) times ``epochs_planned``; None when the result does not say."""
+    if not result:
+        return None
+    seconds, epochs, planned = (
+        result.get(k) for k in ("time_total_s", "training_iteration", "epochs_planned")
+    )
+    if not seconds or not epochs or not planned:
+        return None
+    return float(seconds) / float(epochs) * float(planned)
 
 
 def make_searcher(space: SearchSpace, search_dir: Path) -> ConcurrencyLimiter:

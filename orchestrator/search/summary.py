@@ -58,6 +58,7 @@ class SearchSummary:
     budget_spent: bool = False  # the time budget ended the search
     cut_candidates: tuple[str, ...] = ()  # cut trials whose best fold models were kept (ensemble candidates)
     cut_pruned: tuple[str, ...] = ()  # cut trials outside keep_top (their OOF kept as a record only)
+    final: dict[str, Any] | None = None  # a planned search's final model (``search.final``'s record)
 
     def problem(self) -> str | None:
         """None when the search finished with a usable trial; else the one line that says why not (the
@@ -89,6 +90,8 @@ class SearchSummary:
         how = "finished" if self.finished else "INTERRUPTED (continue with --resume)"
         if self.budget_spent:
             how = "ended by its time budget"
+        if self.final is not None:
+            how = "screened its configurations and trained the best one to the end of its budget"
         lines = [f"search '{self.name}' {how}: {len(self.leaderboard)} trials in {self.search_dir}", table]
         states = self.leaderboard.get("state")
         if states is not None and (states == "cut").any():
@@ -97,9 +100,21 @@ class SearchSummary:
         if self.best_trial_id is not None:
             best = self.leaderboard.iloc[0]
             lines.append(f"best trial {self.best_trial_id}: mean val macro F1 {best['best_f1']:.4f}")
+        if self.final is not None:
+            f = self.final
+            holdout = _figure(f.get("holdout_f1_tta"))
+            lines.append(
+                f"final model: trial {f['trial_id']} refit on {f['train_images']} images for {f['epochs']} "
+                f"epoch(s) in {f['seconds'] / 60:.1f} min (holdout macro F1 {holdout}); `foldtune "
+                "ensemble` votes it with the screened fold models where the holdout says it helps"
+            )
         lines.append(f"disk used by the search: {human_bytes(self.disk_bytes)}")
         lines.append(f"MLflow: experiment '{self.experiment_name}' in {self.tracking_uri} (foldtune ui)")
         return "\n".join(lines)
+
+
+def _figure(value) -> str:
+    return "n/a" if value is None else f"{float(value):.4f}"
 
 
 def summarize(
@@ -293,11 +308,12 @@ def _prune_checkpoints(rows: list[dict], keep_top: int, log: SearchLog) -> set[s
 
 
 def _keep_partial_oof(run_dir: Path, row: dict) -> None:
+    from trainers.config import folds_trained_of
     from trainers.run_outputs import save_partial_out_of_fold
 
     try:  # a record for the ensemble's note only; never block the pruning, but say when it is missing
         config = row.get("config") or yaml.safe_load((run_dir / "config.yaml").read_text())
-        save_partial_out_of_fold(run_dir, int(config["k"]))
+        save_partial_out_of_fold(run_dir, int(config["k"]), folds_trained_of(config))
     except Exception as error:
         print(
             f"warning: trial {row.get('trial_id')}: its partial out-of-fold predictions were not kept before "

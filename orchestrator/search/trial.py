@@ -169,11 +169,10 @@ def _finished_fit(run_dir: Path, cfg) -> dict[str, Any] | None:
 def _final_metrics(run_dir: Path, result: dict[str, Any], epochs_planned: int) -> dict[str, Any]:
     """The last epoch's metrics of a finished run, rebuilt from its ``metrics/epochs.csv``."""
     epoch = int(result["epochs_trained"])
-    metrics: dict[str, Any] = {}
+    from trainers.run_outputs import epoch_metrics
+
     history = pd.read_csv(run_dir / "metrics" / "epochs.csv", dtype={"fold": str})
-    for row in history[history["epoch"] == epoch].to_dict("records"):
-        prefix = "" if row["fold"] == "mean" else f"fold{row['fold']}/"
-        metrics.update({f"{prefix}{k}": v for k, v in row.items() if k not in ("epoch", "fold")})
+    metrics: dict[str, Any] = epoch_metrics(history, epoch)
     return {
         **metrics,
         "epoch": epoch,

@@ -96,17 +96,15 @@ class TrialRuns:
     def _backfill(self, run_id: str, trial_id: str, after: int, before: int, time_ms) -> None:
         """Log epochs ``after`` < e < ``before`` from ``epochs.csv``, stamped just before the epoch that
         reports them (``time_ms``), so a history ordered by time stays ordered by epoch."""
+        from trainers.run_outputs import epoch_metrics  # (trainers.run_outputs brings torch: only here)
+
         stamp = int(time.time() * 1000) if time_ms is None else int(time_ms)
         path = self.run_dir(trial_id) / "metrics" / "epochs.csv"
         if not path.exists():
             return
         history = pd.read_csv(path, dtype={"fold": str})
         for epoch in range(after + 1, before):
-            rows = history[history["epoch"] == epoch]
-            metrics: dict[str, float] = {}
-            for row in rows.to_dict("records"):
-                prefix = "" if row["fold"] == "mean" else f"fold{row['fold']}/"
-                metrics.update({f"{prefix}{k}": v for k, v in row.items() if k not in ("epoch", "fold")})
+            metrics = epoch_metrics(history, epoch)
             if metrics:
                 self.tracking.log_metrics(run_id, metrics, step=epoch, time_ms=stamp - (before - epoch))
 

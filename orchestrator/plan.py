@@ -1,0 +1,123 @@
+"""How a search with a time budget spends it: screen configurations cheaply, then train the chosen one.
+
+A k-fold trial costs k models' compute. Under a budget that is far short of "every configuration trained to
+convergence on k folds" (most nights on a GPU node, every CPU budget) spending it that way leaves every
+model unconverged, and one model trained on all persons with the same compute beats the whole search
+(BENCHMARKS.md, "The 30-minute CPU preset"). A strong practitioner splits the budget instead:
+
+1. **screen**: each configuration trains only its first ``screen_folds`` fold(s) (``train_folds`` in the
+   trial's config: one fold of three is a third of the compute), judged by ASHA and Optuna as usual, until
+   ``1 - final_share`` of the budget is spent; no configuration starts that cannot finish its screen in
+   that time (measured on the configurations already screened);
+2. **final**: the best screened configuration is refit on every training person for as many epochs as the
+   rest of the budget holds, measured from the screen's own seconds per image (not a guess, not the
+   screen's few epochs), so the budget ends with a model trained to the end of its schedule.
+
+``make ensemble`` then votes the screened fold models with the final model where the holdout persons say
+it helps (``ensemble.refit_mix``). Without a time budget the plan is not used: every trial trains all k
+folds. This module is the arithmetic only (no Ray, no torch): the space's ``plan`` section, the cost
+model, and the lines the search prints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# Scoring an image costs about a third of training on it (a forward pass, no backward pass, no
+# optimizer step); the cost model counts a validation image as this share of a training image.
+VALIDATION_COST = 1 / 3
+# What the final phase keeps back for predicting the holdout persons and writing the record, as a share of
+# the time it has (on top of the predicted holdout pass), so the refit ends inside the budget.
+FINAL_MARGIN = 0.05
+PLAN_KEYS = ("screen_folds", "final_share")
+
+
+class PlanError(ValueError):
+    """A ``plan`` section a user must fix (raised as the space's error with the key named)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The space's ``plan`` section: how many folds a screened configuration trains, and the share of the
+    budget kept for the final model."""
+
+    screen_folds: int = 1
+    final_share: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"screen_folds": self.screen_folds, "final_share": self.final_share}
+
+
+def parse_plan(raw: Any, k: int, set_fields: Collection[str] = ()) -> Plan | None:
+    """The ``plan`` mapping of a space file (None when absent or ``none``); PlanError names the bad key.
+    ``set_fields``: the TrainConfig fields the space fixes or searches (the plan sets ``train_folds``)."""
+    if raw is None or raw == "none":
+        return None
+    if "train_folds" in set_fields:
+        raise PlanError("sets train_folds for the screen itself; take train_folds out of fixed and search")
+    if not isinstance(raw, Mapping) or set(map(str, raw)) - set(PLAN_KEYS):
+        raise PlanError(f"must be 'none' or a mapping with keys {list(PLAN_KEYS)}, got {raw!r}")
+    folds = raw.get("screen_folds", 1)
+    share = raw.get("final_share", 0.5)
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 1 <= folds < k:
+        raise PlanError(f"screen_folds must be a whole number from 1 to k-1={k - 1}, got {folds!r}")
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < float(share) < 1:
+        raise PlanError(f"final_share must be a share of the budget above 0 and below 1, got {share!r}")
+    return Plan(screen_folds=folds, final_share=float(share))
+
+
+@dataclass(frozen=True)
+class Phases:
+    """The wall-clock seconds of each phase of one driver's budget (what is left of it when it starts)."""
+
+    screen_s: float
+    final_s: float
+
+
+def split_budget(plan: Plan, left_s: float) -> Phases:
+    """The screen gets ``1 - final_share`` of what is left, the final model the rest."""
+    final = left_s * plan.final_share
+    return Phases(screen_s=left_s - final, final_s=final)
+
+
+def seconds_per_image(epoch_seconds: float, train_images: int, val_images: int) -> float:
+    """A training image's seconds on this hardware, from one measured epoch of a screened fold (its
+    training images plus its validation images at ``VALIDATION_COST`` each)."""
+    work = train_images + VALIDATION_COST * val_images
+    return float(epoch_seconds) / work if work > 0 else math.nan
+
+
+def final_epochs(
+    left_s: float, per_image_s: float, train_images: int, holdout_images: int, views: int
+) -> int:
+    """How many epochs of the final model on ``train_images`` fit in ``left_s``, after its holdout pass
+    (``views`` TTA passes plus the plain one) and ``FINAL_MARGIN``; 0 when not even one does."""
+    if not (per_image_s > 0 and math.isfinite(per_image_s)) or train_images <= 0:
+        return 0
+    holdout_s = per_image_s * VALIDATION_COST * holdout_images * (1 + views)
+    usable = left_s * (1 - FINAL_MARGIN) - holdout_s
+    return max(0, math.floor(usable / (per_image_s * train_images)))
+
+
+def describe_plan(plan: Plan, phases: Phases, k: int) -> str:
+    """The line a planned search prints when it starts."""
+    fold_word = "fold" if plan.screen_folds == 1 else "folds"
+    return (
+        f"plan: screen configurations on {plan.screen_folds} {fold_word} of {k} for "
+        f"{phases.screen_s / 60:.1f} min, then train the best one on every training person for the last "
+        f"{phases.final_s / 60:.1f} min (epochs from the screen's measured seconds per image)"
+    )
+
+
+def describe_final(
+    trial_id: str, backbone: str, epochs: int, per_image_s: float, train_images: int, left_s: float
+) -> str:
+    """The re-plan line printed when the screen ends: the final model's epochs from the measured cost."""
+    epoch_s = per_image_s * train_images
+    return (
+        f"final: trial {trial_id} ({backbone}) on {train_images} training images, {epochs} epoch(s) of "
+        f"~{epoch_s:.0f} s (measured {per_image_s * 1000:.1f} ms per image) in the {left_s / 60:.1f} min left"
+    )

@@ -1,0 +1,146 @@
+"""The final phase of a planned search: the best screened configuration trained on every training person.
+
+The screen (``orchestrator.plan``) ends at ``screen_until``; what is left of the budget then goes to one
+model of the configuration with the best screened out-of-fold macro F1 (with TTA), refit on every non-holdout
+person (``orchestrator.refit.run_refit``, the same refit ``foldtune refit`` runs, with its record, its
+holdout predictions and its MLflow run). Its number of epochs is what the time left holds at the cost the
+screen measured on this hardware: the chosen trial's median seconds per epoch (``metrics/epochs.csv``) over
+the images it trained and scored per epoch (``plan.seconds_per_image``), so a slow backbone gets fewer
+epochs and a fast one more, and the learning-rate schedule is built for exactly that many.
+
+``final.json`` in the search folder says what was decided and why (read by ``foldtune ensemble``, which
+then votes the final model with the screened fold models when the holdout persons say it helps). A
+final phase that cannot run (no trial finished an epoch, not one epoch fits) is one line, not an error:
+the screened models are the search's result then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.plan import describe_final, final_epochs, seconds_per_image
+from orchestrator.search.budget import TimeBudget
+from orchestrator.space import SearchSpace
+from trainers.io import write_text_atomic
+
+FINAL_RECORD = "final.json"
+
+
+def train_final(
+    data_root: Path,
+    space: SearchSpace,
+    search_dir: Path,
+    budget: TimeBudget,
+    cache_dir: Path | None,
+    tracking_uri: str | None,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """Refit the best screened configuration for the epochs the budget has left; ``final.json``'s record,
+    or None (with the line saying why) when there is nothing to refit or no time for one epoch."""
+    from orchestrator.refit import choose_trial, run_refit
+
+    say = print if progress else (lambda line: None)
+    try:
+        trial_id, why = choose_trial(search_dir)
+    except (OrchestratorError, ValueError) as error:
+        say(f"final: no screened configuration to train ({error}); the search's result is its trials")
+        return None
+    run_dir = search_dir / "trials" / trial_id
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cost = measured_cost(run_dir, config)
+    left_s = budget.left_s
+    if cost is None:
+        say(f"final: trial {trial_id} has no measured epoch; the search's result is its trials")
+        return None
+    per_image_s, refit_images, holdout_images = cost
+    epochs = final_epochs(left_s, per_image_s, refit_images, holdout_images, len(config.get("tta") or ()))
+    if epochs < 1:
+        epoch_s = per_image_s * refit_images
+        say(
+            f"final: one epoch of trial {trial_id} on every training person (~{epoch_s:.0f} s) does not fit "
+            f"in the {max(left_s, 0) / 60:.1f} min left; the search's result is its trials"
+        )
+        return None
+    say(describe_final(trial_id, str(config["backbone"]), epochs, per_image_s, refit_images, left_s))
+    _use_the_search_threads(space)
+    started = time.monotonic()
+    refit = run_refit(
+        data_root,
+        search_dir.name,
+        storage=search_dir.parent,
+        trial=trial_id,
+        epochs=epochs,
+        device=str(config.get("device", "auto")),
+        tracking_uri=tracking_uri,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        log=say if progress else None,
+        chosen_by=f"the screen: {why}",
+    )
+    record = {
+        "trial_id": trial_id,
+        "chosen_by": why,
+        "epochs": epochs,
+        "seconds_per_image": per_image_s,
+        "train_images": refit_images,
+        "left_s": round(left_s, 1),
+        "seconds": round(time.monotonic() - started, 1),
+        "holdout_f1": refit.get("holdout_f1"),
+        "holdout_f1_tta": refit.get("holdout_f1_tta"),
+    }
+    write_text_atomic(json.dumps(record, indent=2), search_dir / FINAL_RECORD)
+    budget.record()
+    return record
+
+
+def read_final(search_dir: Path) -> dict[str, Any] | None:
+    """The search's ``final.json`` (its planned final model), or None when it has none."""
+    path = Path(search_dir) / FINAL_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def measured_cost(run_dir: Path, config: dict) -> tuple[float, int, int] | None:
+    """(seconds per training image, images a refit trains on, holdout images) from a screened trial's
+    epochs and fold file; None when it has no timed epoch.
+
+    The images counted per epoch are the trained folds' training images plus their validation images (at
+    ``plan.VALIDATION_COST``); rows of ``drop_ages`` are counted on both sides alike, so they cancel."""
+    from trainers.config import folds_trained_of
+    from trainers.folds import HOLDOUT_FOLD
+
+    epochs_path = run_dir / "metrics" / "epochs.csv"
+    if not epochs_path.is_file():
+        return None
+    history = pd.read_csv(epochs_path, dtype={"fold": str})
+    if "epoch_seconds" not in history.columns:
+        return None
+    seconds = history.loc[history["fold"] == "mean", "epoch_seconds"].dropna()
+    if seconds.empty:
+        return None
+    fold_of = pd.read_csv(run_dir / "folds.csv", usecols=["fold"])["fold"].to_numpy()
+    in_folds = fold_of != HOLDOUT_FOLD
+    trained = folds_trained_of(config)
+    train_images = sum(int((in_folds & (fold_of != f)).sum()) for f in range(trained))
+    val_images = sum(int((fold_of == f).sum()) for f in range(trained))
+    per_image = seconds_per_image(float(seconds.median()), train_images, val_images)
+    return per_image, int(in_folds.sum()), int((~in_folds).sum())
+
+
+def _use_the_search_threads(space: SearchSpace) -> None:
+    """The final model gets the CPU threads the screen's trials had together (never more than here)."""
+    import torch
+
+    at_once = space.max_concurrent if isinstance(space.max_concurrent, int) else 1
+    threads = max(1, int(space.cpus_per_trial * at_once))
+    torch.set_num_threads(min(threads, len(os.sched_getaffinity(0))))
