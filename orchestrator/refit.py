@@ -205,9 +205,11 @@ def run_refit(
     cache_dir: Path | None = None,
     log: Callable[[str], None] | None = print,
     chosen_by: str | None = None,
+    continue_fold: int | None = None,
 ) -> dict[str, Any]:
     """Refit one trial of search ``search`` on all its training persons; returns the ``refit.json`` record.
-    ``chosen_by`` says why ``trial`` was chosen (a planned search's final phase), default "--trial".
+    ``chosen_by`` says why ``trial`` was chosen (a planned search's final phase), default "--trial";
+    ``continue_fold``: the models start from that fold model's weights (``trainers.refit``'s ``init_from``).
 
     Every check runs before training; the files are written as described in the module docstring.
     """
@@ -260,6 +262,7 @@ def run_refit(
         resolved_weights=resolved,
         device=torch_device,
         log=log,
+        init_from=None if continue_fold is None else checkpoints[continue_fold],
     )
     _remove_stale(out_dir, seeds, holdout=result.holdout_path is not None)
     refit_cfg = dataclasses.replace(cfg, epochs=int(chosen)).to_dict()
@@ -269,6 +272,7 @@ def run_refit(
         "chosen_by": why,
         "epochs": int(chosen),
         "epochs_from": epochs_from,
+        "continued_from": None if continue_fold is None else checkpoints[continue_fold].name,
         "fold_epochs": fold_epochs,
         "seeds": seeds,
         "seed_rule": "cfg.seed + 1000 * (s + 1)",

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from trainers import cache as image_cache
-from trainers.checkpoint import read_checkpoint, save_fold_checkpoint
+from trainers.checkpoint import load_best_weights, read_checkpoint, save_fold_checkpoint
 from trainers.config import TrainConfig
 from trainers.device import pick_device
 from trainers.device_augment import DeviceAugment
@@ -142,8 +142,13 @@ def refit(
     resolved_weights=None,
     device: str | torch.device | None = None,
     log: Callable[[str], None] | None = print,
+    init_from: Path | None = None,
 ) -> RefitResult:
     """Train ``seeds`` models of ``cfg`` for ``epochs`` on ``data``'s fold >= 0 rows (see the module).
+
+    ``init_from``: a fold checkpoint of the same configuration whose weights every model starts from
+    instead of the pretrained ones (a planned search continues its screened fold model: the screen's
+    epochs are reused, not repeated); its schedule (warmup, cosine over ``epochs``) starts afresh.
 
     ``data`` is ``join_trial_rows``'s table. Writes ``seed{s}.pt`` per model and, when there are holdout
     rows, ``holdout.npz`` (``rel_path``, ``label``, ``probs``, ``probs_tta``: the seed models' mean;
@@ -189,6 +194,7 @@ def refit(
                 (mean, std),
                 pretrained_kwargs,
                 log,
+                init_from,
             )
             probs, probs_tta = _predict_holdout(
                 model, seed_cfg, cache.images, all_rows[holdout], device, mean, std
@@ -240,11 +246,17 @@ def _train_one_seed(
     stats: tuple[tuple[float, ...], tuple[float, ...]],
     pretrained_kwargs: dict,
     log: Callable[[str], None],
+    init_from: Path | None = None,
 ) -> _Trained:
-    """One refit model, trained as fold 0 of ``fit`` would be with ``cfg`` (its seed already the refit's)."""
+    """One refit model, trained as fold 0 of ``fit`` would be with ``cfg`` (its seed already the refit's),
+    from ``init_from``'s weights when given."""
     started = time.perf_counter()
     seed_everything(cfg.seed)  # fit seeds fold i with cfg.seed + i before building it
     fold = build_fold(cfg, 0, rows, labels, device, pretrained_kwargs)
+    if init_from is not None:
+        load_best_weights(fold.model, init_from)
+        if index == 0:
+            log(f"starting from {init_from} (epoch {int(read_checkpoint(init_from, mmap=True)['epoch'])})")
     if index == 0:
         log(
             f"{cfg.backbone}: {fold.freeze.trainable_params:,} of {fold.freeze.total_params:,} parameters "

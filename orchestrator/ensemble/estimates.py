@@ -42,6 +42,7 @@ class Estimates:
     holdout_best_single_f1: float | None = None  # the best single trial's k-fold vote (TTA) on the holdout
     holdout_persons: int = 0
     holdout_images: int = 0
+    holdout_interval: tuple[float, float] | None = None  # 95% bootstrap interval over holdout persons
     pruned_would_pick: list[str] = field(default_factory=list)  # pruned trials selection would have picked
 
     @property
@@ -82,9 +83,13 @@ class Estimates:
             single = ""
             if self.holdout_best_single_f1 is not None:
                 single = f"; best single trial {self.holdout_best_single_f1:.4f}"
+            interval = ""
+            if self.holdout_interval is not None:
+                low, high = self.holdout_interval
+                interval = f"; 95% interval {low:.3f}-{high:.3f} from resampling the persons"
             lines.append(
                 f"  holdout F1       {self.holdout_f1:.4f}  (the submission's vote on {self.holdout_persons} "
-                f"held-out persons, {self.holdout_images} images{refit}{single}){mark['holdout']}"
+                f"held-out persons, {self.holdout_images} images{interval}{refit}{single}){mark['holdout']}"
             )
         else:
             lines.append(
@@ -122,13 +127,38 @@ class Estimates:
         return {key: float(value) for key, value in values.items() if value is not None}
 
 
+BOOTSTRAP_DRAWS = 1000  # resamples of the holdout persons for the interval (seeded: the same every run)
+
+
+def person_bootstrap(
+    labels: np.ndarray, probs: np.ndarray, person: np.ndarray, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> tuple[float, float] | None:
+    """The 95% percentile interval of macro F1 when the holdout persons are drawn again with replacement
+    (all of a person's images together: they are not independent). A 273-person holdout is noisy; the
+    interval says how much, so it is not trusted blindly. None without at least two persons."""
+    from orchestrator.ensemble.selection import macro_f1
+
+    groups = pd.factorize(np.asarray(person))[0]
+    if groups.size == 0 or groups.max() < 1:
+        return None
+    rows_of = [np.flatnonzero(groups == g) for g in range(groups.max() + 1)]
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(draws):
+        rows = np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), len(rows_of))])
+        scores.append(macro_f1(labels[rows], probs[rows]))
+    low, high = np.percentile(scores, [2.5, 97.5])
+    return float(low), float(high)
+
+
 @dataclass
 class Holdout:
-    """The held-out persons' images (relative paths, sorted) and their labels; empty when none."""
+    """The held-out persons' images (relative paths, sorted), their labels and persons; empty when none."""
 
     rel_path: np.ndarray
     label: np.ndarray
     persons: int
+    person: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))  # each image's person
 
     def __len__(self) -> int:
         return len(self.rel_path)
@@ -150,6 +180,7 @@ def read_holdout(run_dir: Path) -> Holdout:
         held["rel_path"].to_numpy(dtype=str),
         held["label"].to_numpy(dtype=np.int64),
         int(held["person_id"].nunique()),
+        held["person_id"].to_numpy(dtype=str),
     )
 
 

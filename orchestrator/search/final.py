@@ -6,7 +6,9 @@ person (``orchestrator.refit.run_refit``, the same refit ``foldtune refit`` runs
 holdout predictions and its MLflow run). Its number of epochs is what the time left holds at the cost the
 screen measured on this hardware: the chosen trial's median seconds per epoch (``metrics/epochs.csv``) over
 the images it trained and scored per epoch (``plan.seconds_per_image``), so a slow backbone gets fewer
-epochs and a fast one more, and the learning-rate schedule is built for exactly that many.
+epochs and a fast one more, and the learning-rate schedule is built for exactly that many. The model
+starts from the screened fold model's weights (its best epoch), so the screen's epochs of the winner are
+reused rather than trained again; it then sees every training person under a fresh warmup-cosine schedule.
 
 ``final.json`` in the search folder says what was decided and why (read by ``foldtune ensemble``, which
 then votes the final model with the screened fold models when the holdout persons say it helps). A
@@ -83,6 +85,7 @@ def train_final(
         cache_dir=Path(cache_dir) if cache_dir else None,
         log=say if progress else None,
         chosen_by=f"the screen: {why}",
+        continue_fold=0,  # the screened fold model goes on: its epochs are reused, not repeated
     )
     record = {
         "trial_id": trial_id,

@@ -1,0 +1,251 @@
+"""A search that plans its budget: screen on few folds, then the best configuration trained to the end.
+
+The arithmetic (``orchestrator.plan``), the pieces that carry it (``train_folds`` in fit and in the ensemble's
+candidates, the screen's end in the stopper and the searcher, the refit mix chosen on the holdout), and one
+real planned search on the demo data followed by its ensemble.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from ray.tune.search import Searcher
+
+from orchestrator.ensemble.estimates import person_bootstrap
+from orchestrator.ensemble.refit_mix import choose_mix, mixed
+from orchestrator.ensemble.selection import macro_f1
+from orchestrator.ensemble.stage import run_ensemble
+from orchestrator.plan import (
+    FINAL_MARGIN,
+    Plan,
+    PlanError,
+    describe_plan,
+    final_epochs,
+    parse_plan,
+    seconds_per_image,
+    split_budget,
+)
+from orchestrator.search.budget import BUDGET_FILE, BudgetStopper, TimeBudget, close_screen
+from orchestrator.search.driver import run_search
+from orchestrator.search.optuna_adapter import PrunedAwareOptunaSearch, full_trial_seconds
+from orchestrator.space import SpaceError, parse_space
+from trainers.config import ConfigError, TrainConfig
+from trainers.data import read_train
+from trainers.fit import fit
+from trainers.folds import make_folds
+
+# --- the arithmetic -------------------------------------------------------------------------------------
+
+
+def test_the_plan_section_is_checked_and_names_what_to_fix():
+    assert parse_plan(None, 3) is None and parse_plan("none", 3) is None
+    assert parse_plan({}, 3) == Plan(screen_folds=1, final_share=0.5)
+    assert parse_plan({"screen_folds": 2, "final_share": 0.7}, 5) == Plan(2, 0.7)
+    with pytest.raises(PlanError, match="screen_folds must be a whole number from 1 to k-1=2"):
+        parse_plan({"screen_folds": 3}, 3)
+    with pytest.raises(PlanError, match="final_share must be a share"):
+        parse_plan({"final_share": 1.0}, 3)
+    with pytest.raises(PlanError, match="keys"):
+        parse_plan({"screen_epochs": 1}, 3)
+    raw = {"name": "p", "fixed": {"k": 3, "train_folds": 1}, "search": {"lr": {"uniform": [0.1, 0.2]}}}
+    with pytest.raises(SpaceError, match="'plan': sets train_folds for the screen itself"):
+        parse_space({**raw, "plan": {"screen_folds": 1}})
+    space = parse_space({**raw, "fixed": {"k": 3}, "plan": {"screen_folds": 1}})
+    assert space.config_for({"lr": 0.1}).folds_trained == 3  # the file's space trains every fold
+    assert space.screening().config_for({"lr": 0.1}).folds_trained == 1  # the screen trains one
+    assert parse_space(space.to_dict()).plan == space.plan  # space.yaml keeps it
+
+
+def test_train_folds_is_checked_against_k():
+    assert TrainConfig(k=5, train_folds=0).folds_trained == 5
+    assert TrainConfig(k=5, train_folds=2).folds_trained == 2
+    with pytest.raises(ConfigError, match="train_folds"):
+        TrainConfig.from_dict({"k": 3, "train_folds": 4})
+
+
+def test_the_final_epochs_are_what_the_time_left_holds_at_the_measured_cost():
+    phases = split_budget(Plan(1, 0.6), 1800)
+    assert phases.screen_s == pytest.approx(720) and phases.final_s == pytest.approx(1080)
+    # a screened fold: 1,000 training + 600 validation images (a third of the cost each) in 110 s
+    per_image = seconds_per_image(110.0, 1000, 600)
+    assert per_image == pytest.approx(110 / 1200)
+    # 2,000 training images per final epoch: 183 s each; 1,000 s left, 300 holdout images with 1 TTA view
+    holdout_s = per_image * 300 / 3 * 2
+    expected = int((1000 * (1 - FINAL_MARGIN) - holdout_s) // (per_image * 2000))
+    assert final_epochs(1000, per_image, 2000, 300, views=1) == expected == 5
+    assert final_epochs(100, per_image, 2000, 300, views=1) == 0  # not one epoch fits
+    assert final_epochs(1000, float("nan"), 2000, 0, views=0) == 0
+    line = describe_plan(Plan(1, 0.6), phases, k=3)
+    assert "1 fold of 3 for 12.0 min" in line and "last 18.0 min" in line
+
+
+# --- the screen's end -----------------------------------------------------------------------------------
+
+
+def test_the_stopper_ends_the_trials_at_the_screen_end_and_bills_against_the_budget(tmp_path):
+    budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=600.0, used_before_s=0.0, started=time.time())
+    phases = budget.start(prep_s=1.0, plan=Plan(1, 0.5))
+    assert phases.screen_s == pytest.approx(300, abs=1)
+    record = json.loads((tmp_path / BUDGET_FILE).read_text())
+    assert record["screen_until"] == pytest.approx(record["deadline"] - 300, abs=1)
+    stopper = BudgetStopper(tmp_path / BUDGET_FILE)
+    assert not stopper.stop_all()  # the screen has 5 minutes left
+    record["screen_until"] = time.time() - 1  # the screen is over; the budget is not
+    (tmp_path / BUDGET_FILE).write_text(json.dumps(record))
+    stopper = BudgetStopper(tmp_path / BUDGET_FILE)
+    stopper.stop_all()  # outside the main thread's Tune: it asks Tune or stops the trials itself
+    assert json.loads((tmp_path / BUDGET_FILE).read_text())["stopped"]
+    assert stopper._deadline == pytest.approx(record["deadline"])  # billing still counts to the budget
+
+
+def test_the_searcher_starts_no_configuration_the_screen_cannot_finish(tmp_path):
+    searcher = PrunedAwareOptunaSearch.__new__(PrunedAwareOptunaSearch)  # only the screen check runs
+    searcher._search_dir = str(tmp_path)
+    budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=600.0, used_before_s=0.0, started=time.time())
+    budget.start(plan=Plan(1, 0.5))  # the screen ends in 300 s
+    assert not searcher._screen_closed()  # nothing measured yet: start
+    result = {"time_total_s": 100.0, "training_iteration": 1, "epochs_planned": 2}
+    assert full_trial_seconds(result) == 200.0  # stopped by ASHA after 1 of 2 epochs: counted in full
+    searcher._screen_costs.append(200.0)
+    assert not searcher._screen_closed()  # 200 s fit in the 300 s left
+    searcher._screen_costs[:] = [400.0, 350.0]
+    assert searcher._screen_closed()  # not even the cheapest fits
+    assert searcher.suggest("t9") == Searcher.FINISHED
+    assert TimeBudget(tmp_path / BUDGET_FILE, 600.0, 0.0, 0.0).stopped()  # the driver reads: plan's end
+    close_screen(tmp_path / BUDGET_FILE)  # twice is harmless
+    assert full_trial_seconds({"time_total_s": 5.0}) is None
+
+
+# --- train_folds in fit and in the ensemble --------------------------------------------------------------
+
+
+def test_a_run_with_train_folds_trains_and_predicts_only_its_folds(tmp_path, dataset_builder):
+    root = tmp_path / "data"
+    dataset_builder(root, n_persons=12)
+    table = read_train(root).table
+    folds = make_folds(table, k=3, seed=0)
+    cfg = TrainConfig(
+        backbone="resnet10t", image_size=(32, 24), epochs=1, batch_size=16, k=3, train_folds=1, patience=0
+    )
+    result = fit(cfg, table, folds, tmp_path / "run", tmp_path / "cache", log=None)
+    assert result.status == "completed"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["fold0.pt"]
+    with np.load(tmp_path / "run" / "oof.npz") as oof:
+        assert set(oof["fold"].tolist()) == {0}
+        assert len(oof["fold"]) == int((folds["fold"] == 0).sum())
+    history = pd.read_csv(tmp_path / "run" / "metrics" / "epochs.csv", dtype={"fold": str})
+    assert history.loc[history["fold"] == "mean", "epoch_seconds"].iloc[0] > 0
+    assert history["fold"].tolist() == ["0", "mean"]
+
+
+def test_mixing_refit_and_fold_models_is_decided_on_the_holdout():
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    right = np.eye(18)[labels]
+    wrong = np.eye(18)[(labels + 1) % 3]
+    n_eval = 2
+    kfold = [np.vstack([right[:2], wrong])]  # the fold models: wrong on every holdout image
+    refit = [np.vstack([right[:2], right])]  # the refit model: right on every one
+    assert mixed(kfold[0], None, 3, 0, "refit") is kfold[0]  # a member without refit models
+    np.testing.assert_allclose(
+        mixed(kfold[0], refit[0], 3, 1, "folds+refit"), 0.75 * kfold[0] + 0.25 * refit[0]
+    )
+    mix, scores = choose_mix(np.ones(1), kfold, refit, [(3, 1)], labels, n_eval)
+    assert mix == "refit" and scores["refit"] > 0 == scores["folds"] == scores["folds+refit"]
+    mix, _ = choose_mix(np.ones(1), refit, refit, [(3, 1)], labels, n_eval)
+    assert mix == "folds"  # a tie: the simpler vote
+
+
+def test_the_holdout_figure_comes_with_an_interval_from_resampling_its_persons():
+    rng = np.random.default_rng(0)
+    person = np.repeat(np.arange(60).astype(str), 7)
+    labels = rng.integers(0, 3, len(person))
+    guess = np.where(rng.random(len(person)) < 0.7, labels, (labels + 1) % 3)  # 70% right
+    probs = np.eye(18)[guess]
+    low, high = person_bootstrap(labels, probs, person)
+    assert low < macro_f1(labels, probs) < high and high - low < 0.2
+    assert person_bootstrap(labels, probs, person) == (low, high)  # seeded: the same every run
+    few_low, few_high = person_bootstrap(labels[:70], probs[:70], person[:70])  # 10 persons: wider
+    assert few_high - few_low > high - low
+    assert person_bootstrap(labels[:7], probs[:7], person[:7]) is None  # one person: no interval
+
+
+# --- a real planned search and its ensemble ------------------------------------------------------------
+
+
+def planned_space(tmp_path: Path) -> Path:
+    raw = {
+        "name": "planned",
+        "trials": 6,
+        "holdout": 0.2,
+        "fixed": {"epochs": 2, "k": 3, "image_size": [32, 24], "batch_size": 16, "pretrained": False},
+        "search": {"backbone": {"choice": ["resnet10t", "lcnet_050"]}, "lr": {"loguniform": [1e-3, 1e-2]}},
+        "resources": {"cpu": 1, "gpu": 0},
+        "max_concurrent": 1,
+        "scheduler": {"asha": {"grace_period": 1, "reduction_factor": 2}},
+        "sampler": {"seed": 3, "n_startup_trials": 2},
+        "keep_top": 6,
+        "plan": {"screen_folds": 1, "final_share": 0.5},
+    }
+    path = tmp_path / "planned.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_planned_search_screens_on_one_fold_then_trains_the_best_to_the_end_of_its_budget(
+    tmp_path, demo_root, tracking_uri, local_ray
+):
+    storage = tmp_path / "runs"
+    summary = run_search(
+        demo_root,
+        planned_space(tmp_path),
+        storage=storage,
+        tracking_uri=tracking_uri,
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        time_budget_minutes=1.5,
+    )
+    search_dir = storage / "planned"
+    budget = json.loads((search_dir / BUDGET_FILE).read_text())
+    assert summary.finished and summary.final is not None, summary.report()
+    # every screened trial trained fold 0 only
+    trials = [d for d in (search_dir / "trials").iterdir() if (d / "config.yaml").is_file()]
+    assert trials
+    for run_dir in trials:
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["train_folds"] == 1
+        assert not list((run_dir / "checkpoints").glob("fold[12].pt"))
+    # the final model: the chosen trial refit on every training person, epochs from the measured cost
+    final = json.loads((search_dir / "final.json").read_text())
+    refit = json.loads((search_dir / "refit" / final["trial_id"] / "refit.json").read_text())
+    assert refit["epochs"] == final["epochs"] >= 1 and refit["epochs_from"] == "--epochs"
+    assert refit["chosen_by"].startswith("the screen: the best OOF macro F1")
+    assert refit["continued_from"] == "fold0.pt"  # the screened model goes on, its epochs reused
+    assert refit["holdout_rows"] > 0 and refit["rows_trained"] == final["train_images"]
+    assert final["seconds"] <= final["left_s"]  # it ended inside the budget
+    assert budget["used_s"] <= budget["total_s"] + 15  # the whole budget accounted, the final included
+    assert "final model: trial" in summary.report()
+
+    # the ensemble finds the final model and lets the holdout decide how it votes
+    result = run_ensemble(
+        data_root=demo_root,
+        search="planned",
+        storage=storage,
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        log=None,
+    )
+    report = json.loads(result.report_path.read_text())
+    settings = report  # the selection's settings are top-level fields of ensemble.json
+    assert settings["with_refit"] == {final["trial_id"]: 1}
+    scores = settings["refit_mix_holdout_f1"]
+    assert set(scores) == {"folds", "folds+refit", "refit"}
+    assert settings["refit_mix"] == max(scores, key=lambda m: (scores[m], -list(scores).index(m)))
+    assert result.estimates.holdout_f1 == pytest.approx(scores[settings["refit_mix"]])
+    low, high = result.estimates.holdout_interval
+    assert low <= result.estimates.holdout_f1 <= high
+    assert settings["predict_seconds"] > 0
