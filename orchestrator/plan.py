@@ -21,6 +21,7 @@ model, and the lines the search prints.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ VALIDATION_COST = 1 / 3
 # What the final phase keeps back for predicting the holdout persons and writing the record, as a share of
 # the time it has (on top of the predicted holdout pass), so the refit ends inside the budget.
 FINAL_MARGIN = 0.05
-PLAN_KEYS = ("screen_folds", "final_share")
+PLAN_KEYS = ("screen_folds", "final_share", "max_final_epochs", "max_final_seeds")
 
 
 class PlanError(ValueError):
@@ -46,9 +47,13 @@ class Plan:
 
     screen_folds: int = 1
     final_share: float = 0.5
+    # a budget larger than the final model needs (a GPU node's night) is not spent on epochs past
+    # convergence: the final model trains at most this many, and the time left trains more seeds of it
+    max_final_epochs: int = 30
+    max_final_seeds: int = 3
 
     def to_dict(self) -> dict[str, Any]:
-        return {"screen_folds": self.screen_folds, "final_share": self.final_share}
+        return dataclasses.asdict(self)
 
 
 def parse_plan(raw: Any, k: int, set_fields: Collection[str] = ()) -> Plan | None:
@@ -66,7 +71,11 @@ def parse_plan(raw: Any, k: int, set_fields: Collection[str] = ()) -> Plan | Non
         raise PlanError(f"screen_folds must be a whole number from 1 to k-1={k - 1}, got {folds!r}")
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < float(share) < 1:
         raise PlanError(f"final_share must be a share of the budget above 0 and below 1, got {share!r}")
-    return Plan(screen_folds=folds, final_share=float(share))
+    caps = {key: raw.get(key, getattr(Plan, key)) for key in ("max_final_epochs", "max_final_seeds")}
+    for key, value in caps.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PlanError(f"{key} must be a whole number of at least 1, got {value!r}")
+    return Plan(screen_folds=folds, final_share=float(share), **caps)
 
 
 @dataclass(frozen=True)
@@ -91,15 +100,41 @@ def seconds_per_image(epoch_seconds: float, train_images: int, val_images: int) 
 
 
 def final_epochs(
-    left_s: float, per_image_s: float, train_images: int, holdout_images: int, views: int
+    left_s: float,
+    per_image_s: float,
+    train_images: int,
+    holdout_images: int,
+    views: int,
+    max_epochs: int = Plan.max_final_epochs,
 ) -> int:
-    """How many epochs of the final model on ``train_images`` fit in ``left_s``, after its holdout pass
-    (``views`` TTA passes plus the plain one) and ``FINAL_MARGIN``; 0 when not even one does."""
+    """How many epochs of the final model on ``train_images`` fit in ``left_s`` (at most ``max_epochs``),
+    after its holdout pass (``views`` TTA passes plus the plain one) and ``FINAL_MARGIN``; 0 when not even
+    one does."""
     if not (per_image_s > 0 and math.isfinite(per_image_s)) or train_images <= 0:
         return 0
-    holdout_s = per_image_s * VALIDATION_COST * holdout_images * (1 + views)
-    usable = left_s * (1 - FINAL_MARGIN) - holdout_s
-    return max(0, math.floor(usable / (per_image_s * train_images)))
+    usable = left_s * (1 - FINAL_MARGIN) - _holdout_s(per_image_s, holdout_images, views)
+    return max(0, min(int(max_epochs), math.floor(usable / (per_image_s * train_images))))
+
+
+def final_seeds(
+    left_s: float,
+    per_image_s: float,
+    train_images: int,
+    holdout_images: int,
+    views: int,
+    epochs: int,
+    max_seeds: int = Plan.max_final_seeds,
+) -> int:
+    """How many final models of ``epochs`` each fit in ``left_s`` one after another (at least 1, at most
+    ``max_seeds``): the time a capped final model leaves is spent on more seeds of it, not left idle."""
+    one = per_image_s * train_images * epochs + _holdout_s(per_image_s, holdout_images, views)
+    if not (one > 0 and math.isfinite(one)):
+        return 1
+    return max(1, min(int(max_seeds), math.floor(left_s * (1 - FINAL_MARGIN) / one)))
+
+
+def _holdout_s(per_image_s: float, holdout_images: int, views: int) -> float:
+    return per_image_s * VALIDATION_COST * holdout_images * (1 + views)
 
 
 def describe_plan(plan: Plan, phases: Phases, k: int) -> str:
@@ -113,11 +148,19 @@ def describe_plan(plan: Plan, phases: Phases, k: int) -> str:
 
 
 def describe_final(
-    trial_id: str, backbone: str, epochs: int, per_image_s: float, train_images: int, left_s: float
+    trial_id: str,
+    backbone: str,
+    epochs: int,
+    per_image_s: float,
+    train_images: int,
+    left_s: float,
+    seeds: int = 1,
 ) -> str:
     """The re-plan line printed when the screen ends: the final model's epochs from the measured cost."""
     epoch_s = per_image_s * train_images
+    models = f"{seeds} seed models of " if seeds > 1 else ""
     return (
-        f"final: trial {trial_id} ({backbone}) on {train_images} training images, {epochs} epoch(s) of "
-        f"~{epoch_s:.0f} s (measured {per_image_s * 1000:.1f} ms per image) in the {left_s / 60:.1f} min left"
+        f"final: trial {trial_id} ({backbone}) on {train_images} training images, {models}{epochs} epoch(s) "
+        f"of ~{epoch_s:.0f} s (measured {per_image_s * 1000:.1f} ms per image) in the {left_s / 60:.1f} min "
+        "left"
     )

@@ -27,6 +27,7 @@ from orchestrator.plan import (
     PlanError,
     describe_plan,
     final_epochs,
+    final_seeds,
     parse_plan,
     seconds_per_image,
     split_budget,
@@ -45,7 +46,7 @@ from trainers.folds import make_folds
 
 def test_the_plan_section_is_checked_and_names_what_to_fix():
     assert parse_plan(None, 3) is None and parse_plan("none", 3) is None
-    assert parse_plan({}, 3) == Plan(screen_folds=1, final_share=0.5)
+    assert parse_plan({}, 3) == Plan(screen_folds=1, final_share=0.5, max_final_epochs=30, max_final_seeds=3)
     assert parse_plan({"screen_folds": 2, "final_share": 0.7}, 5) == Plan(2, 0.7)
     with pytest.raises(PlanError, match="screen_folds must be a whole number from 1 to k-1=2"):
         parse_plan({"screen_folds": 3}, 3)
@@ -80,6 +81,14 @@ def test_the_final_epochs_are_what_the_time_left_holds_at_the_measured_cost():
     expected = int((1000 * (1 - FINAL_MARGIN) - holdout_s) // (per_image * 2000))
     assert final_epochs(1000, per_image, 2000, 300, views=1) == expected == 5
     assert final_epochs(100, per_image, 2000, 300, views=1) == 0  # not one epoch fits
+    # a GPU node's night: the final model stops at max_final_epochs; the time left trains more seeds of it
+    assert final_epochs(1e6, per_image, 2000, 300, views=1, max_epochs=30) == 30
+    assert final_seeds(1e6, per_image, 2000, 300, 1, epochs=30, max_seeds=3) == 3
+    assert final_seeds(1000, per_image, 2000, 300, 1, epochs=expected, max_seeds=3) == 1
+    assert final_seeds(2 * 30 * per_image * 2000 + 60, per_image, 2000, 300, 1, epochs=30, max_seeds=5) == 1
+    assert final_seeds(2.2 * 30 * per_image * 2000 + 60, per_image, 2000, 300, 1, 30, max_seeds=5) == 2
+    with pytest.raises(PlanError, match="max_final_seeds must be a whole number"):
+        parse_plan({"max_final_seeds": 0}, 3)
     assert final_epochs(1000, float("nan"), 2000, 0, views=0) == 0
     line = describe_plan(Plan(1, 0.6), phases, k=3)
     assert "1 fold of 3 for 12.0 min" in line and "last 18.0 min" in line

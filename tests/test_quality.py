@@ -306,6 +306,33 @@ def test_keep_top_ranks_by_the_ensembles_criterion_and_keeps_pruned_oof(
     assert selection_f1(trials / worst) == pytest.approx(scores[worst])  # the same figure, kept as a record
 
 
+def test_a_stale_partial_oof_of_a_restarted_cut_trial_is_replaced_before_pruning(
+    search_with_holdout, tmp_path
+):
+    """A cut trial pruned by an earlier driver kept a partial ``oof.npz``; restarted on a resume it trained
+    new fold models. Pruned again, its OOF record must be the new checkpoints', not the stale file
+    (issue 24)."""
+    from orchestrator.search import summary as summary_module
+    from trainers.run_outputs import assemble_out_of_fold
+
+    storage = tmp_path / "runs"
+    shutil.copytree(search_with_holdout["storage"] / "s", storage / "s")
+    cut = storage / "s" / "trials" / "cut"
+    fresh = assemble_out_of_fold(cut, 2)
+    stale = {**fresh, "probs": np.roll(fresh["probs"], 1, axis=1), "partial": np.array(True)}
+    np.savez(cut / "oof.npz", **stale)  # what the earlier driver kept
+    rows = [{"trial_id": "cut", "state": "cut", "run_dir": str(cut), "config": {"k": 2}, "best_f1": 0.5}]
+
+    class QuietLog:
+        def checkpoints_deleted(self, trial_ids) -> None:
+            pass
+
+    summary_module._prune_checkpoints(rows, 0, QuietLog())
+    assert not (cut / "checkpoints").exists()
+    with np.load(cut / "oof.npz") as kept:
+        np.testing.assert_array_equal(kept["probs"], fresh["probs"])
+
+
 def test_a_partial_oof_that_cannot_be_kept_before_pruning_is_said(tmp_path, capsys):
     """``_keep_partial_oof`` no longer swallows its failure: the trial is named in one warning (issue 24)."""
     run_dir = tmp_path / "trials" / "t9"

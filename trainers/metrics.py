@@ -3,8 +3,10 @@
 `compute_metrics` runs every epoch for every fold, so it is plain numpy on one 18x18 confusion matrix (every
 score below is derived from it) instead of a dozen scikit-learn calls; tests check it equals scikit-learn.
 
-Dict returned by `compute_metrics` (F1 = macro F1 with `f1_score(labels=range(k), average="macro",
-zero_division=0)` semantics: every class counts, also one absent from both y_true and y_pred, scoring 0):
+Dict returned by `compute_metrics` (F1 = macro F1 as the competition scores it, scikit-learn's
+`f1_score(average="macro", zero_division=0)`: over the classes present in y_true or y_pred; a class absent
+from both is left out instead of counting as 0. One definition everywhere: training, selection, estimates
+and `foldtune score` all use `macro_f1_present`):
 
     acc                 accuracy over the 18 classes
     f1                  macro F1 over the 18 classes (the competition score)
@@ -48,10 +50,19 @@ def f1_per_class(cm: np.ndarray) -> np.ndarray:
     return np.divide(2.0 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
 
 
+def macro_f1_present(cm: np.ndarray) -> float:
+    """Macro F1 of a confusion matrix over the classes present in its truth or its predictions (the
+    competition's scorer); NaN for an empty matrix."""
+    present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+    if not present.any():
+        return float("nan")
+    return float(f1_per_class(cm)[present].mean())
+
+
 def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     if y_true.size == 0:
         return float("nan")
-    return float(f1_per_class(confusion_matrix(y_true, y_pred, num_classes)).mean())
+    return macro_f1_present(confusion_matrix(y_true, y_pred, num_classes))
 
 
 def _validate(y_true, probs) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +101,7 @@ def compute_metrics(y_true, probs, loss: float | None = None) -> dict:
     pred_mask, pred_gender, pred_age = decode(y_pred)
     metrics: dict = {
         "acc": float(np.trace(cm) / cm.sum()),
-        "f1": float(per_class.mean()),
+        "f1": macro_f1_present(cm),
         "mask_f1": _macro_f1(true_mask, pred_mask, NUM_MASK),
         "gender_f1": _macro_f1(true_gender, pred_gender, NUM_GENDER),
         "age_f1": _macro_f1(true_age, pred_age, NUM_AGE),

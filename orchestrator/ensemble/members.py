@@ -191,4 +191,3 @@ def select_again(
         refit_mix=predicted.refit_mix,
         **pick,
     )
-

@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from trainers.labels import NUM_CLASSES
-from trainers.metrics import confusion_matrix, f1_per_class
+from trainers.metrics import confusion_matrix, macro_f1_present
 
 
 class Candidate(Protocol):
@@ -48,7 +48,7 @@ DEFAULT_GREEDY_STEPS = 20  # picks at most; greedy selection usually stops far e
 def macro_f1(labels: np.ndarray, probs: np.ndarray) -> float:
     """The competition score of the per-row argmax (any positive scaling of ``probs`` gives the same)."""
     predicted = np.asarray(probs).argmax(axis=1)
-    return float(f1_per_class(confusion_matrix(np.asarray(labels), predicted, NUM_CLASSES)).mean())
+    return macro_f1_present(confusion_matrix(np.asarray(labels), predicted, NUM_CLASSES))
 
 
 def greedy_selection(

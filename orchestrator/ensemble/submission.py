@@ -22,7 +22,7 @@ import pandas as pd
 from orchestrator.errors import OrchestratorError
 from trainers.io import atomic_savez, write_csv_atomic
 from trainers.labels import NUM_CLASSES, class_names
-from trainers.metrics import confusion_matrix, f1_per_class
+from trainers.metrics import confusion_matrix, f1_per_class, macro_f1_present
 
 SUBMISSION_COLUMNS = ("ImageID", "ans")
 _LISTED = 10  # ids named in one message
@@ -128,9 +128,8 @@ def _macro_f1_present(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) 
     the competition's scorer does, instead of counting as 0. Per-class F1 is NaN for such a class.
     """
     cm = confusion_matrix(y_true, y_pred, num_classes)
-    per_class = f1_per_class(cm)
     present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
-    return float(per_class[present].mean()), np.where(present, per_class, np.nan)
+    return macro_f1_present(cm), np.where(present, f1_per_class(cm), np.nan)
 
 
 def score_arrays(y_true: Sequence[int], y_pred: Sequence[int]) -> dict:

@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.plan import describe_final, final_epochs, seconds_per_image
+from orchestrator.plan import describe_final, final_epochs, final_seeds, seconds_per_image
 from orchestrator.search.budget import TimeBudget
 from orchestrator.space import SearchSpace
 from trainers.io import write_text_atomic
@@ -63,7 +63,9 @@ def train_final(
         say(f"final: trial {trial_id} has no measured epoch; the search's result is its trials")
         return None
     per_image_s, refit_images, holdout_images = cost
-    epochs = final_epochs(left_s, per_image_s, refit_images, holdout_images, len(config.get("tta") or ()))
+    views = len(config.get("tta") or ())
+    plan = space.plan
+    epochs = final_epochs(left_s, per_image_s, refit_images, holdout_images, views, plan.max_final_epochs)
     if epochs < 1:
         epoch_s = per_image_s * refit_images
         say(
@@ -71,7 +73,10 @@ def train_final(
             f"in the {max(left_s, 0) / 60:.1f} min left; the search's result is its trials"
         )
         return None
-    say(describe_final(trial_id, str(config["backbone"]), epochs, per_image_s, refit_images, left_s))
+    seeds = final_seeds(
+        left_s, per_image_s, refit_images, holdout_images, views, epochs, plan.max_final_seeds
+    )
+    say(describe_final(trial_id, str(config["backbone"]), epochs, per_image_s, refit_images, left_s, seeds))
     _use_the_search_threads(space)
     started = time.monotonic()
     refit = run_refit(
@@ -80,6 +85,7 @@ def train_final(
         storage=search_dir.parent,
         trial=trial_id,
         epochs=epochs,
+        seeds=seeds,
         device=str(config.get("device", "auto")),
         tracking_uri=tracking_uri,
         cache_dir=Path(cache_dir) if cache_dir else None,
@@ -91,6 +97,7 @@ def train_final(
         "trial_id": trial_id,
         "chosen_by": why,
         "epochs": epochs,
+        "seeds": seeds,
         "seconds_per_image": per_image_s,
         "train_images": refit_images,
         "left_s": round(left_s, 1),

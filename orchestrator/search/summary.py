@@ -298,13 +298,25 @@ def _prune_checkpoints(rows: list[dict], keep_top: int, log: SearchLog) -> set[s
         checkpoints = run_dir / "checkpoints"
         if row["trial_id"] in kept or not checkpoints.exists():
             continue
-        if scored.get(row["trial_id"]) is not None and not (run_dir / "oof.npz").exists():
-            _keep_partial_oof(run_dir, row)
+        if scored.get(row["trial_id"]) is not None and not _final_oof(run_dir / "oof.npz"):
+            _keep_partial_oof(run_dir, row)  # (a partial one from an earlier cut is older than these)
         shutil.rmtree(checkpoints)
         deleted.append(row["trial_id"])
     if deleted:
         log.checkpoints_deleted(deleted)
     return kept
+
+
+def _final_oof(path: Path) -> bool:
+    """Whether ``oof.npz`` is a finished run's (not a partial one saved when an earlier driver pruned or cut
+    the trial: a trial restarted since has newer checkpoints, whose OOF must replace it)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as oof:
+            return "partial" not in oof.files or not bool(oof["partial"])
+    except (OSError, ValueError):
+        return False
 
 
 def _keep_partial_oof(run_dir: Path, row: dict) -> None:
