@@ -551,3 +551,16 @@ def test_the_holdout_is_read_from_the_first_candidate_that_has_its_folds_and_a_m
     assert (
         len(said) == 1 and "holds holdout persons but no candidate's run folder has its folds.csv" in said[0]
     )
+
+
+def test_the_nested_figure_says_what_it_nests_and_which_selection_it_describes():
+    """The nested figure nests the ensemble selection only; after ``select_again`` it describes the first
+    selection, and the report says so (issue 24)."""
+    from orchestrator.ensemble.estimates import Estimates
+
+    estimates = Estimates(in_sample_f1=0.5, nested_f1=0.45, nested_fold_f1=[0.4, 0.5])
+    text = "\n".join(estimates.lines())
+    assert "it nests the selection only: each trial's epochs, keep_top and the search saw every fold" in text
+    assert "first selection" not in text
+    estimates.selection_repeated = True
+    assert "it describes the first selection, which was then repeated" in "\n".join(estimates.lines())

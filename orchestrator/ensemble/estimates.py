@@ -6,8 +6,11 @@ Three figures, each answering a different question:
   predicted by single fold models (not the k-fold average that is submitted), and the votes were fitted on
   those rows, so it is biased both ways: low for the k-fold vote, high for the selection.
 - **nested**: the same selection procedure, scored on rows it did not select on (``selection.
-  nested_estimate``): the honest answer to "does greedy selection generalise, do more models help". Still
-  single fold models, so usually below what the k-fold vote scores on new persons.
+  nested_estimate``): the answer to "does greedy selection generalise, do more models help". It nests the
+  ensemble selection only: each trial's best epoch, ``keep_top`` and the search itself saw every fold, so
+  it is not free of their optimism; and when selection is repeated on re-predicted OOF (``select_again``)
+  it describes the first selection, and says so. Still single fold models, so usually below what the
+  k-fold vote scores on new persons.
 - **holdout**: when the search kept holdout persons (``holdout:`` in the space, ``--holdout``), the
   submission itself (every member's k fold models, their TTA, refit models if used, the same weights)
   scored on persons no model trained on and no selection looked at. This one describes the submission.
@@ -44,6 +47,7 @@ class Estimates:
     holdout_images: int = 0
     holdout_interval: tuple[float, float] | None = None  # 95% bootstrap interval over holdout persons
     pruned_would_pick: list[str] = field(default_factory=list)  # pruned trials selection would have picked
+    selection_repeated: bool = False  # selection ran again on re-predicted OOF after the nested figure
 
     @property
     def trusted(self) -> str | None:
@@ -72,9 +76,13 @@ class Estimates:
         ]
         if self.nested_f1 is not None:
             folds = " ".join(f"{f:.3f}" for f in self.nested_fold_f1)
+            again = ""
+            if self.selection_repeated:
+                again = "; it describes the first selection, which was then repeated on re-predicted OOF"
             lines.append(
-                f"  nested F1        {self.nested_f1:.4f}  (selection scored on folds it did not see: "
-                f"{folds}; single fold models){mark['nested']}"
+                f"  nested F1        {self.nested_f1:.4f}  (greedy selection scored on folds it did not "
+                f"select on: {folds}; it nests the selection only: each trial's epochs, keep_top and the "
+                f"search saw every fold; single fold models{again}){mark['nested']}"
             )
         if self.holdout_f1 is not None:
             refit = ""

@@ -160,6 +160,7 @@ def run_ensemble(
     )
     if selection.method == "greedy" and any(m.recomputed for m in predicted.members):
         predicted = select_again(predicted, pool.labels, greedy_steps, log)
+        estimates.selection_repeated = True  # the nested figure said which selection it describes
     if predicted.with_refit:
         weigh_refit(predicted, with_refit, holdout, len(eval_table), log)
     predict_s = round(time.monotonic() - predicting, 1)  # part of what a budget has to hold: reported

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,9 +159,10 @@ def with_holdout(oof: SearchOOF) -> tuple[SearchOOF, int]:
     model trained on them either, so the ensemble's vote on them is just as honest a judge. Only the vote
     of the very members being used is taken, so the two kinds of rows come from one set of models.
     """
-    from orchestrator.ensemble.estimates import HOLDOUT_PROBS, read_holdout
+    from orchestrator.ensemble.estimates import HOLDOUT_PROBS, holdout_of
 
-    holdout = read_holdout(oof.members[0].run_dir)
+    # from the first member that has its folds.csv (the ensemble's own rule), said when none has
+    holdout = holdout_of(oof.search_dir, oof.members, lambda line: print(line, file=sys.stderr))
     if not len(holdout):
         return oof, 0
     path = oof.search_dir / HOLDOUT_PROBS
