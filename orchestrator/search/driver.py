@@ -180,9 +180,12 @@ def run_search(
 
             ray.shutdown()
     if phases is not None and summary.finished:  # not after Ctrl+C: --resume continues the screen
-        summary.final = train_final(
-            data_root, space, search_dir, budget, cache_dir, tracking.tracking_uri, progress
-        )
+        try:
+            summary.final = train_final(
+                data_root, space, search_dir, budget, cache_dir, tracking.tracking_uri, progress
+            )
+        finally:  # billed however it ends (a Ctrl+C in the final model too)
+            budget.record()
     if progress:
         print(summary.report())
     return summary
