@@ -97,20 +97,32 @@ def test_the_final_epochs_are_what_the_time_left_holds_at_the_measured_cost():
 # --- the screen's end -----------------------------------------------------------------------------------
 
 
-def test_the_stopper_ends_the_trials_at_the_screen_end_and_bills_against_the_budget(tmp_path):
-    budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=600.0, used_before_s=0.0, started=time.time())
+def test_past_the_screen_end_each_trial_stops_at_its_epoch_end_and_a_long_epoch_is_cut(tmp_path):
+    path = tmp_path / BUDGET_FILE
+    budget = TimeBudget(path, total_s=600.0, used_before_s=0.0, started=time.time())
     phases = budget.start(prep_s=1.0, plan=Plan(1, 0.5))
     assert phases.screen_s == pytest.approx(300, abs=1)
-    record = json.loads((tmp_path / BUDGET_FILE).read_text())
+    record = json.loads(path.read_text())
     assert record["screen_until"] == pytest.approx(record["deadline"] - 300, abs=1)
-    stopper = BudgetStopper(tmp_path / BUDGET_FILE)
-    assert not stopper.stop_all()  # the screen has 5 minutes left
-    record["screen_until"] = time.time() - 1  # the screen is over; the budget is not
-    (tmp_path / BUDGET_FILE).write_text(json.dumps(record))
-    stopper = BudgetStopper(tmp_path / BUDGET_FILE)
-    stopper.stop_all()  # outside the main thread's Tune: it asks Tune or stops the trials itself
-    assert json.loads((tmp_path / BUDGET_FILE).read_text())["stopped"]
+    stopper = BudgetStopper(path)
+    assert not stopper.stop_all() and not stopper("t1", {})  # the screen has 5 minutes left
+
+    record["screen_until"] = time.time() - 1  # the screen is over; the final has 300 s
+    path.write_text(json.dumps(record))
+    stopper = BudgetStopper(path)
+    assert (
+        not stopper.stop_all()
+    )  # a running epoch may end: it is kept (grace: a quarter of the final's time)
+    assert stopper("t1", {"training_iteration": 2})  # the trial stops at the epoch it reports
+    assert json.loads(path.read_text())["screen_closed"] and budget.stopped()  # ended by the plan
     assert stopper._deadline == pytest.approx(record["deadline"])  # billing still counts to the budget
+
+    # the screen ended 100 s ago and the budget ends in 100 s: a quarter of that final phase is 50 s
+    record["screen_until"], record["deadline"] = time.time() - 100, time.time() + 100
+    path.write_text(json.dumps(record))
+    stopper = BudgetStopper(path)
+    stopper.stop_all()  # outside the main thread's Tune: it asks Tune or stops the trials itself
+    assert json.loads(path.read_text())["stopped"]
 
 
 def test_the_searcher_starts_no_configuration_the_screen_cannot_finish(tmp_path):

@@ -35,6 +35,8 @@ from trainers.io import write_text_atomic
 
 BUDGET_FILE = "budget.json"
 INTERRUPT_GRACE_S = 30.0  # Tune ends within a step of being interrupted; after this, stop the trials
+# past a planned screen's end a running trial may finish its epoch for this share of the final's time
+SCREEN_GRACE = 0.25
 BILL_EVERY_S = 30.0  # how often the stopper writes the seconds used (a killed driver's are billed on resume)
 
 
@@ -158,8 +160,12 @@ def _read(path: Path) -> dict:
 
 
 class BudgetStopper(Stopper):
-    """Stops the whole experiment once the deadline in ``budget.json`` has passed (never when none); in a
-    planned search (``orchestrator.plan``) the trials' deadline is the screen's end, ``screen_until``.
+    """Stops the whole experiment once the deadline in ``budget.json`` has passed (never when none).
+
+    In a planned search (``orchestrator.plan``) the screen ends at ``screen_until`` more gently: each trial
+    stops at the end of the epoch it is in (``__call__``; the epoch is kept: the final model may continue
+    that very model), and the experiment is stopped outright only ``SCREEN_GRACE`` of the final phase's
+    time later, for an epoch that would eat too much of it.
 
     The deadline is read on the first check after a start or a restore (a resumed driver writes a new one
     first), so Tune's pickled copy of the stopper always follows the current driver's budget.
@@ -169,6 +175,7 @@ class BudgetStopper(Stopper):
         self.budget_path = str(budget_path)
         self._deadline: float | None = None
         self._trials_end: float | None = None
+        self._screen_until: float | None = None
         self._interrupted: float | None = None  # when Tune was asked to stop (asked once)
         self._next_bill = 0.0  # monotonic time of the next write of the seconds used
 
@@ -177,21 +184,36 @@ class BudgetStopper(Stopper):
             **self.__dict__,
             "_deadline": None,
             "_trials_end": None,
+            "_screen_until": None,
             "_interrupted": None,
             "_next_bill": 0.0,
         }
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        return False
+        """A trial reporting an epoch after the screen's end stops there (its epoch is kept)."""
+        self._load()
+        until = getattr(self, "_screen_until", None)
+        if until is None or time.time() < until:
+            return False
+        close_screen(Path(self.budget_path))  # the driver reads it: ended by the plan, not interrupted
+        return True
+
+    def _load(self) -> None:
+        if self._deadline is not None:
+            return
+        record = _read(Path(self.budget_path))
+        deadline, screen_until = record.get("deadline"), record.get("screen_until")
+        self._deadline = math.inf if deadline is None else float(deadline)
+        self._screen_until = None if screen_until is None else float(screen_until)
+        self._trials_end = self._deadline
+        if self._screen_until is not None and math.isfinite(self._deadline):
+            # past the screen's end, trials stop at their epoch's end; a long epoch is cut here
+            grace = SCREEN_GRACE * max(0.0, self._deadline - self._screen_until)
+            self._trials_end = min(self._deadline, self._screen_until + grace)
 
     def stop_all(self) -> bool:
-        if self._deadline is None:
-            record = _read(Path(self.budget_path))
-            deadline, screen_until = record.get("deadline"), record.get("screen_until")
-            self._deadline = math.inf if deadline is None else float(deadline)
-            # the trials end there, or at a planned search's screen end when that is earlier
-            self._trials_end = min(self._deadline, math.inf if screen_until is None else float(screen_until))
-        if time.time() < getattr(self, "_trials_end", self._deadline):
+        self._load()
+        if time.time() < (getattr(self, "_trials_end", None) or self._deadline):
             self._bill()
             return False
         asked = getattr(self, "_interrupted", None)  # (absent from stoppers pickled by older versions)
