@@ -33,6 +33,7 @@ VALIDATION_COST = 1 / 3
 # What the final phase keeps back for predicting the holdout persons and writing the record, as a share of
 # the time it has (on top of the predicted holdout pass), so the refit ends inside the budget.
 FINAL_MARGIN = 0.05
+MIN_FINAL_EPOCHS = 0.5  # less is not worth the final model's start-up and holdout pass
 PLAN_KEYS = ("screen_folds", "final_share", "max_final_epochs", "max_final_seeds")
 
 
@@ -106,14 +107,16 @@ def final_epochs(
     holdout_images: int,
     views: int,
     max_epochs: int = Plan.max_final_epochs,
-) -> int:
+) -> float:
     """How many epochs of the final model on ``train_images`` fit in ``left_s`` (at most ``max_epochs``),
-    after its holdout pass (``views`` TTA passes plus the plain one) and ``FINAL_MARGIN``; 0 when not even
-    one does."""
+    after its holdout pass (``views`` TTA passes plus the plain one) and ``FINAL_MARGIN``, in tenths of an
+    epoch: the schedule ends within the last epoch rather than leave most of an epoch's time unused (the
+    final model continues a screened one, so even part of an epoch helps); 0 below ``MIN_FINAL_EPOCHS``."""
     if not (per_image_s > 0 and math.isfinite(per_image_s)) or train_images <= 0:
         return 0
     usable = left_s * (1 - FINAL_MARGIN) - _holdout_s(per_image_s, holdout_images, views)
-    return max(0, min(int(max_epochs), math.floor(usable / (per_image_s * train_images))))
+    epochs = min(float(max_epochs), math.floor(10 * usable / (per_image_s * train_images)) / 10)
+    return epochs if epochs >= MIN_FINAL_EPOCHS else 0
 
 
 def final_seeds(
@@ -122,7 +125,7 @@ def final_seeds(
     train_images: int,
     holdout_images: int,
     views: int,
-    epochs: int,
+    epochs: float,
     max_seeds: int = Plan.max_final_seeds,
 ) -> int:
     """How many final models of ``epochs`` each fit in ``left_s`` one after another (at least 1, at most
@@ -150,7 +153,7 @@ def describe_plan(plan: Plan, phases: Phases, k: int) -> str:
 def describe_final(
     trial_id: str,
     backbone: str,
-    epochs: int,
+    epochs: float,
     per_image_s: float,
     train_images: int,
     left_s: float,
@@ -160,7 +163,7 @@ def describe_final(
     epoch_s = per_image_s * train_images
     models = f"{seeds} seed models of " if seeds > 1 else ""
     return (
-        f"final: trial {trial_id} ({backbone}) on {train_images} training images, {models}{epochs} epoch(s) "
-        f"of ~{epoch_s:.0f} s (measured {per_image_s * 1000:.1f} ms per image) in the {left_s / 60:.1f} min "
-        "left"
+        f"final: trial {trial_id} ({backbone}) on {train_images} training images, {models}{epochs:g} "
+        f"epoch(s) of ~{epoch_s:.0f} s (measured {per_image_s * 1000:.1f} ms per image) in the "
+        f"{left_s / 60:.1f} min left"
     )

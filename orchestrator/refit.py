@@ -199,7 +199,7 @@ def run_refit(
     storage: Path | None = None,
     trial: str | None = None,
     seeds: int = 1,
-    epochs: int | None = None,
+    epochs: float | None = None,
     device: str = "auto",
     tracking_uri: str | None = None,
     cache_dir: Path | None = None,
@@ -222,7 +222,7 @@ def run_refit(
     log = log or (lambda message: None)
     if seeds < 1:
         raise OrchestratorError(f"--seeds must be at least 1, got {seeds}")
-    if epochs is not None and epochs < 1:
+    if epochs is not None and not epochs > 0:
         raise OrchestratorError(f"--epochs must be at least 1, got {epochs}")
     search_dir = _check_search_dir(search, storage)
     trial_id, why = (str(trial), chosen_by or "--trial") if trial is not None else choose_trial(search_dir)

@@ -8,6 +8,7 @@ real planned search on the demo data followed by its ensemble.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -78,9 +79,10 @@ def test_the_final_epochs_are_what_the_time_left_holds_at_the_measured_cost():
     assert per_image == pytest.approx(110 / 1200)
     # 2,000 training images per final epoch: 183 s each; 1,000 s left, 300 holdout images with 1 TTA view
     holdout_s = per_image * 300 / 3 * 2
-    expected = int((1000 * (1 - FINAL_MARGIN) - holdout_s) // (per_image * 2000))
-    assert final_epochs(1000, per_image, 2000, 300, views=1) == expected == 5
-    assert final_epochs(100, per_image, 2000, 300, views=1) == 0  # not one epoch fits
+    expected = math.floor(10 * (1000 * (1 - FINAL_MARGIN) - holdout_s) / (per_image * 2000)) / 10
+    assert final_epochs(1000, per_image, 2000, 300, views=1) == expected == 5.0
+    assert final_epochs(1100, per_image, 2000, 300, views=1) == 5.6  # tenths of an epoch, not floored to 5
+    assert final_epochs(100, per_image, 2000, 300, views=1) == 0  # not half an epoch fits
     # a GPU node's night: the final model stops at max_final_epochs; the time left trains more seeds of it
     assert final_epochs(1e6, per_image, 2000, 300, views=1, max_epochs=30) == 30
     assert final_seeds(1e6, per_image, 2000, 300, 1, epochs=30, max_seeds=3) == 3
@@ -163,6 +165,31 @@ def test_a_run_with_train_folds_trains_and_predicts_only_its_folds(tmp_path, dat
     history = pd.read_csv(tmp_path / "run" / "metrics" / "epochs.csv", dtype={"fold": str})
     assert history.loc[history["fold"] == "mean", "epoch_seconds"].iloc[0] > 0
     assert history["fold"].tolist() == ["0", "mean"]
+
+
+def test_a_final_model_ends_its_schedule_within_its_last_epoch(tmp_path, dataset_builder, monkeypatch):
+    """1.5 epochs: the second epoch trains half its batches, and the cosine schedule ends there."""
+    import trainers.refit as refit_module
+
+    root = tmp_path / "data"
+    dataset_builder(root, n_persons=12)
+    data = read_train(root).table.assign(fold=0)
+    cfg = TrainConfig(backbone="resnet10t", image_size=(32, 24), batch_size=8, warmup_epochs=0, lr=1e-3)
+    steps, lrs = [], []
+    real = refit_module.train_one_epoch
+
+    def counting(fold, cfg, batches, *args):
+        batches = list(batches)
+        steps.append(len(batches))
+        result = real(fold, cfg, batches, *args)
+        lrs.append(fold.optimizer.param_groups[0]["lr"])
+        return result
+
+    monkeypatch.setattr(refit_module, "train_one_epoch", counting)
+    result = refit_module.refit(cfg, data, tmp_path / "out", tmp_path / "cache", epochs=1.5, log=None)
+    per_epoch = len(data) // cfg.batch_size  # the loader drops the last partial batch
+    assert steps == [per_epoch, round(1.5 * per_epoch) - per_epoch] and result.epochs == 1.5
+    assert lrs[-1] < 0.05 * cfg.lr < lrs[0]  # the schedule ran (nearly) to its end, not to 2 epochs' end
 
 
 def test_mixing_refit_and_fold_models_is_decided_on_the_holdout():

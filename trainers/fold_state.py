@@ -93,12 +93,14 @@ def build_fold(
     val_labels: np.ndarray | None = None,
     val_positions: np.ndarray | None = None,
     model: torch.nn.Module | None = None,
+    epochs: float | None = None,
 ) -> FoldState:
     """One fold's model (frozen as configured), loss, AdamW, warmup-cosine schedule and AMP scaler.
 
     The one place this is assembled, so ``make bench`` measures exactly what ``fit`` trains. ``model``
     replaces the configured timm model (the bench's null model for the pipeline ceiling); all else is
-    built the same way.
+    built the same way. ``epochs`` (default ``cfg.epochs``) is how long the schedule runs; a fraction
+    (a planned search's final model: what the budget holds) ends it within the last epoch.
     """
     use_cuda = device.type == "cuda"
     if model is None:
@@ -127,7 +129,9 @@ def build_fold(
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        cosine_with_warmup(int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch),
+        cosine_with_warmup(
+            int(cfg.warmup_epochs * steps_per_epoch), round((epochs or cfg.epochs) * steps_per_epoch)
+        ),
     )
     fp16 = amp_dtype(device, cfg.amp) == torch.float16
     empty = np.zeros(0, dtype=np.int64)

@@ -23,6 +23,7 @@ replaced). Each checkpoint is written atomically once its model is trained; ``ho
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -86,7 +87,7 @@ class RefitModel:
 class RefitResult:
     """What a refit produced: its models and, when the search keeps holdout persons, their scores."""
 
-    epochs: int
+    epochs: float  # whole epochs, or a fraction of the last one (what a planned budget held)
     rows_trained: int
     models: list[RefitModel]
     holdout_rel_path: np.ndarray
@@ -137,7 +138,7 @@ def refit(
     data: pd.DataFrame,
     out_dir: Path,
     cache_dir: Path,
-    epochs: int,
+    epochs: float,
     seeds: int = 1,
     resolved_weights=None,
     device: str | torch.device | None = None,
@@ -181,7 +182,7 @@ def refit(
 
     models = []
     for index in range(seeds):
-        seed_cfg = dataclasses.replace(cfg, epochs=int(epochs), seed=refit_seed(cfg.seed, index))
+        seed_cfg = dataclasses.replace(cfg, epochs=math.ceil(epochs), seed=refit_seed(cfg.seed, index))
         with out_of_memory_advice(cfg, "refitting"):
             model = _train_one_seed(
                 seed_cfg,
@@ -195,6 +196,7 @@ def refit(
                 pretrained_kwargs,
                 log,
                 init_from,
+                float(epochs),
             )
             probs, probs_tta = _predict_holdout(
                 model, seed_cfg, cache.images, all_rows[holdout], device, mean, std
@@ -202,7 +204,7 @@ def refit(
         path = seed_checkpoint_path(out_dir, index)
         f1 = _macro_f1(labels[holdout], probs)
         save_fold_checkpoint(
-            path, model.model, seed_cfg, mean, std, REFIT_FOLD, int(epochs), f1, val_probs=probs
+            path, model.model, seed_cfg, mean, std, REFIT_FOLD, math.ceil(epochs), f1, val_probs=probs
         )
         models.append(
             RefitModel(index, seed_cfg.seed, path, model.losses, model.seconds, probs, probs_tta, f1)
@@ -212,7 +214,7 @@ def refit(
             torch.cuda.empty_cache()
 
     result = RefitResult(
-        epochs=int(epochs),
+        epochs=float(epochs) if epochs != int(epochs) else int(epochs),
         rows_trained=int(train.sum()),
         models=models,
         holdout_rel_path=data.loc[holdout, "rel_path"].to_numpy(dtype=str),
@@ -247,12 +249,16 @@ def _train_one_seed(
     pretrained_kwargs: dict,
     log: Callable[[str], None],
     init_from: Path | None = None,
+    epochs: float | None = None,
 ) -> _Trained:
     """One refit model, trained as fold 0 of ``fit`` would be with ``cfg`` (its seed already the refit's),
-    from ``init_from``'s weights when given."""
+    from ``init_from``'s weights when given; ``epochs`` with a fraction ends the schedule, and the training,
+    that far into the last of ``cfg.epochs`` epochs."""
     started = time.perf_counter()
     seed_everything(cfg.seed)  # fit seeds fold i with cfg.seed + i before building it
-    fold = build_fold(cfg, 0, rows, labels, device, pretrained_kwargs)
+    epochs = float(epochs or cfg.epochs)
+    fold = build_fold(cfg, 0, rows, labels, device, pretrained_kwargs, epochs=epochs)
+
     if init_from is not None:
         load_best_weights(fold.model, init_from)
         if index == 0:
@@ -264,6 +270,8 @@ def _train_one_seed(
         )
     on_device = augment_on_device(cfg, device)
     loader = FoldLoader(cache_path, rows, labels, cfg, 0, device, augment_on_loader=not on_device)
+    steps_per_epoch = len(loader.loader)  # the batches it yields (the last partial one is dropped)
+    total_steps = round(epochs * steps_per_epoch)
     augment = DeviceAugment(cfg.augment) if on_device else None
     channels_last = cfg.channels_last and device.type == "cuda"
     losses = []
@@ -271,7 +279,11 @@ def _train_one_seed(
         epoch_started = time.perf_counter()
         if augment is not None:
             augment.reseed(epoch_seed(cfg, 0, epoch))
-        loss = train_one_epoch(fold, cfg, loader.epoch(epoch), device, *stats, channels_last, augment)
+        batches = loader.epoch(epoch)
+        left = total_steps - (epoch - 1) * steps_per_epoch
+        if left < steps_per_epoch:  # the last, partial epoch of a fractional schedule
+            batches = itertools.islice(batches, left)
+        loss = train_one_epoch(fold, cfg, batches, device, *stats, channels_last, augment)
         if loss.diverged:
             raise TrainingError(
                 f"refit model {index}: {loss.why()} at epoch {epoch} (lr {cfg.lr:g}); refit another trial "

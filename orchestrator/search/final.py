@@ -66,7 +66,7 @@ def train_final(
     views = len(config.get("tta") or ())
     plan = space.plan
     epochs = final_epochs(left_s, per_image_s, refit_images, holdout_images, views, plan.max_final_epochs)
-    if epochs < 1:
+    if epochs <= 0:
         epoch_s = per_image_s * refit_images
         say(
             f"final: one epoch of trial {trial_id} on every training person (~{epoch_s:.0f} s) does not fit "
