@@ -36,7 +36,7 @@ opt = $(if $(strip $(2)),$(1) $(strip $(2)),)
 
 .PHONY: .venv all demo demo-data search ensemble refit label-issues explain predict ui doctor test test-slow \
 	test-floors \
-	bench bench-outage bench-gpu lint format clean
+	bench bench-outage bench-budget bench-gpu lint format clean
 
 # the space file: SPACE, or for auto the one `foldtune search --space auto` picks on this machine
 space_file = $(if $(filter auto,$(strip $(SPACE))),$(shell $(FT) doctor --which-space),$(strip $(SPACE)))
@@ -125,6 +125,10 @@ bench-outage: .venv
 	$(BIN)/python -m benchmarks.mlflow_outage $(call opt,--out,$(BENCH_OUT))
 
 # no .venv prerequisite: on a GPU machine with its own python (torch + timm) that cannot install one
+bench-budget: .venv  # the planned search vs one model of the same compute, one core each (BENCHMARKS.md)
+	$(BIN)/python -m benchmarks.equal_compute --data $(or $(strip $(BENCH_DATA)),/tmp/aafmask) \
+		--minutes $(or $(strip $(TIME)),30) --out $(or $(strip $(BENCH_OUT)),/tmp/foldtune-bench-budget)
+
 bench-gpu:
 	$(or $(wildcard $(BIN)/python),$(PYTHON)) -m benchmarks.gpu_device $(call opt,--out,$(BENCH_OUT))
 
