@@ -145,6 +145,21 @@ def test_the_searcher_starts_no_configuration_the_screen_cannot_finish(tmp_path)
     assert full_trial_seconds({"time_total_s": 5.0}) is None
 
 
+def test_the_final_phase_is_billed_while_it_trains(tmp_path, monkeypatch):
+    """No Tune stopper runs during the final model: the seconds used are still written every few seconds,
+    so a driver killed there has its time billed on resume."""
+    from orchestrator.search import final as final_module
+
+    monkeypatch.setattr(final_module, "BILL_EVERY_S", 0.05)
+    budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=600.0, used_before_s=0.0, started=time.time())
+    budget.start()
+    before = json.loads((tmp_path / BUDGET_FILE).read_text())["used_s"]
+    with final_module._billed(budget):
+        time.sleep(0.5)
+        during = json.loads((tmp_path / BUDGET_FILE).read_text())["used_s"]
+    assert before < 0.2 and during >= 0.3
+
+
 # --- train_folds in fit and in the ensemble --------------------------------------------------------------
 
 

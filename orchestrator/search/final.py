@@ -18,9 +18,12 @@ the screened models are the search's result then.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ import yaml
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.plan import describe_final, final_epochs, final_seeds, seconds_per_image
-from orchestrator.search.budget import TimeBudget
+from orchestrator.search.budget import BILL_EVERY_S, TimeBudget
 from orchestrator.space import SearchSpace
 from trainers.io import write_text_atomic
 
@@ -69,8 +72,8 @@ def train_final(
     if epochs <= 0:
         epoch_s = per_image_s * refit_images
         say(
-            f"final: one epoch of trial {trial_id} on every training person (~{epoch_s:.0f} s) does not fit "
-            f"in the {max(left_s, 0) / 60:.1f} min left; the search's result is its trials"
+            f"final: half an epoch of trial {trial_id} on every training person (~{epoch_s / 2:.0f} s) does "
+            f"not fit in the {max(left_s, 0) / 60:.1f} min left; the search's result is its trials"
         )
         return None
     seeds = final_seeds(
@@ -79,20 +82,21 @@ def train_final(
     say(describe_final(trial_id, str(config["backbone"]), epochs, per_image_s, refit_images, left_s, seeds))
     _use_the_search_threads(space)
     started = time.monotonic()
-    refit = run_refit(
-        data_root,
-        search_dir.name,
-        storage=search_dir.parent,
-        trial=trial_id,
-        epochs=epochs,
-        seeds=seeds,
-        device=str(config.get("device", "auto")),
-        tracking_uri=tracking_uri,
-        cache_dir=Path(cache_dir) if cache_dir else None,
-        log=say if progress else None,
-        chosen_by=f"the screen: {why}",
-        continue_fold=0,  # the screened fold model goes on: its epochs are reused, not repeated
-    )
+    with _billed(budget):
+        refit = run_refit(
+            data_root,
+            search_dir.name,
+            storage=search_dir.parent,
+            trial=trial_id,
+            epochs=epochs,
+            seeds=seeds,
+            device=str(config.get("device", "auto")),
+            tracking_uri=tracking_uri,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+            log=say if progress else None,
+            chosen_by=f"the screen: {why}",
+            continue_fold=0,  # the screened fold model goes on: its epochs are reused, not repeated
+        )
     record = {
         "trial_id": trial_id,
         "chosen_by": why,
@@ -145,6 +149,26 @@ def measured_cost(run_dir: Path, config: dict) -> tuple[float, int, int] | None:
     val_images = sum(int((fold_of == f).sum()) for f in range(trained))
     per_image = seconds_per_image(float(seconds.median()), train_images, val_images)
     return per_image, int(in_folds.sum()), int((~in_folds).sum())
+
+
+@contextlib.contextmanager
+def _billed(budget: TimeBudget) -> Iterator[None]:
+    """While the final model trains (no Tune stopper runs then), the seconds used are written every
+    ``BILL_EVERY_S``, so a driver killed in the final phase has that time billed on resume too."""
+    done = threading.Event()
+
+    def bill() -> None:
+        while not done.wait(BILL_EVERY_S):
+            with contextlib.suppress(OSError):
+                budget.record()
+
+    thread = threading.Thread(target=bill, name="foldtune-budget", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _use_the_search_threads(space: SearchSpace) -> None:
