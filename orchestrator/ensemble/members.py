@@ -185,9 +185,18 @@ def select_again(
         holdout=[predicted.holdout[i] for i, _ in kept],
         holdout_kfold=[predicted.holdout_kfold[i] for i, _ in kept],
         with_refit=predicted.with_refit,
-        kfold_all=[predicted.kfold_all[i] for i, _ in kept],
-        refit_all=[predicted.refit_all[i] for i, _ in kept],
-        model_counts=[predicted.model_counts[i] for i, _ in kept],
+        **_split_of(predicted, [i for i, _ in kept]),
         refit_mix=predicted.refit_mix,
         **pick,
     )
+
+
+def _split_of(predicted: Predicted, kept: list[int]) -> dict[str, list]:
+    """The kept members' fold/refit split (``refit_mix``); none when the caller kept none (built by hand)."""
+    if not predicted.kfold_all:
+        return {}
+    return {
+        "kfold_all": [predicted.kfold_all[i] for i in kept],
+        "refit_all": [predicted.refit_all[i] for i in kept],
+        "model_counts": [predicted.model_counts[i] for i in kept],
+    }
