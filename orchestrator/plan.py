@@ -9,7 +9,12 @@ model unconverged, and one model trained on all persons with the same compute be
    trial's config: one fold of three is a third of the compute), judged by ASHA and Optuna as usual, until
    ``1 - final_share`` of the budget is spent; no configuration starts that cannot finish its screen in
    that time (measured on the configurations already screened);
-2. **final**: the best screened configuration is refit on every training person for as many epochs as the
+2. **promote**: when the time left holds more than the final model needs at its epoch cap
+   (``max_final_epochs``: a GPU node's night, not a CPU half-hour), the best ``promote_top`` screens, in the
+   order of their screened out-of-fold F1, train their other folds for the same epochs, their screened
+   fold models reused (``orchestrator.search.promote``): successive halving's rung over folds, as many as
+   the measured cost affords after the final model's share;
+3. **final**: the best configuration is refit on every training person for as many epochs as the
    rest of the budget holds, measured from the screen's own seconds per image (not a guess, not the
    screen's few epochs), so the budget ends with a model trained to the end of its schedule.
 
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +39,7 @@ VALIDATION_COST = 1 / 3
 # the time it has (on top of the predicted holdout pass), so the refit ends inside the budget.
 FINAL_MARGIN = 0.05
 MIN_FINAL_EPOCHS = 0.5  # less is not worth the final model's start-up and holdout pass
-PLAN_KEYS = ("screen_folds", "final_share", "max_final_epochs", "max_final_seeds")
+PLAN_KEYS = ("screen_folds", "final_share", "max_final_epochs", "max_final_seeds", "promote_top")
 
 
 class PlanError(ValueError):
@@ -52,6 +57,9 @@ class Plan:
     # convergence: the final model trains at most this many, and the time left trains more seeds of it
     max_final_epochs: int = 30
     max_final_seeds: int = 3
+    # when the final phase holds more than the final model at max_final_epochs, the best screened
+    # configurations (up to this many) are first confirmed on all k folds, their screened folds reused
+    promote_top: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,10 +80,11 @@ def parse_plan(raw: Any, k: int, set_fields: Collection[str] = ()) -> Plan | Non
         raise PlanError(f"screen_folds must be a whole number from 1 to k-1={k - 1}, got {folds!r}")
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < float(share) < 1:
         raise PlanError(f"final_share must be a share of the budget above 0 and below 1, got {share!r}")
-    caps = {key: raw.get(key, getattr(Plan, key)) for key in ("max_final_epochs", "max_final_seeds")}
+    caps = {key: raw.get(key, getattr(Plan, key)) for key in PLAN_KEYS[2:]}
     for key, value in caps.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PlanError(f"{key} must be a whole number of at least 1, got {value!r}")
+        least = 0 if key == "promote_top" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise PlanError(f"{key} must be a whole number of at least {least}, got {value!r}")
     return Plan(screen_folds=folds, final_share=float(share), **caps)
 
 
@@ -130,10 +139,41 @@ def final_seeds(
 ) -> int:
     """How many final models of ``epochs`` each fit in ``left_s`` one after another (at least 1, at most
     ``max_seeds``): the time a capped final model leaves is spent on more seeds of it, not left idle."""
-    one = per_image_s * train_images * epochs + _holdout_s(per_image_s, holdout_images, views)
+    one = final_seconds(per_image_s, train_images, holdout_images, views, epochs)
     if not (one > 0 and math.isfinite(one)):
         return 1
     return max(1, min(int(max_seeds), math.floor(left_s * (1 - FINAL_MARGIN) / one)))
+
+
+def final_seconds(
+    per_image_s: float, train_images: int, holdout_images: int, views: int, epochs: float
+) -> float:
+    """One final model of ``epochs`` on ``train_images``, with its holdout pass, at the measured cost."""
+    return per_image_s * train_images * epochs + _holdout_s(per_image_s, holdout_images, views)
+
+
+def promotion_seconds(
+    per_image_s: float, fold_images: Sequence[tuple[int, int]], epochs: int, views: int
+) -> float:
+    """Training the folds a screen left (their (training, validation) images) for ``epochs``, then their
+    out-of-fold pass with ``views`` TTA views: what promoting one screened configuration costs."""
+    train = sum(images for images, _ in fold_images)
+    val = sum(images for _, images in fold_images)
+    return per_image_s * ((train + VALIDATION_COST * val) * epochs + VALIDATION_COST * val * (1 + views))
+
+
+def promotions_that_fit(left_s: float, costs: Sequence[float], final_need_s: float) -> int:
+    """How many of the best screened configurations, in rank order (``costs``: each one's promotion),
+    are promoted one after another and still leave ``final_need_s`` for the final model at its cap: the
+    final model is where the compute pays first (BENCHMARKS.md), promotion gets only what it leaves."""
+    spare = left_s * (1 - FINAL_MARGIN) - final_need_s
+    count = 0
+    for cost in costs:
+        if not (math.isfinite(cost) and cost > 0) or cost > spare:
+            break
+        spare -= cost
+        count += 1
+    return count
 
 
 def _holdout_s(per_image_s: float, holdout_images: int, views: int) -> float:
@@ -166,4 +206,23 @@ def describe_final(
         f"final: trial {trial_id} ({backbone}) on {train_images} training images, {models}{epochs:g} "
         f"epoch(s) of ~{epoch_s:.0f} s (measured {per_image_s * 1000:.1f} ms per image) in the "
         f"{left_s / 60:.1f} min left"
+    )
+
+
+def describe_promotions(
+    chosen: Sequence[tuple[str, str, float]], candidates: int, final_need_s: float
+) -> str:
+    """The line printed when the screen ends: which screened configurations are confirmed on all k folds
+    ((trial id, backbone, seconds) each), or why none is."""
+    if not chosen:
+        return (
+            f"promote: none of the {candidates} screened configuration(s): the final model at its epoch cap "
+            f"(~{final_need_s / 60:.1f} min) takes the time left"
+        )
+    listed = ", ".join(
+        f"{trial} ({backbone}, ~{seconds / 60:.1f} min)" for trial, backbone, seconds in chosen
+    )
+    return (
+        f"promote: {len(chosen)} of {candidates} screened configuration(s) confirmed on all folds, their "
+        f"screened folds reused: {listed}; then the final model (~{final_need_s / 60:.1f} min at its cap)"
     )

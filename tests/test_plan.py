@@ -37,6 +37,7 @@ from orchestrator.search.budget import BUDGET_FILE, BudgetStopper, TimeBudget, c
 from orchestrator.search.driver import run_search
 from orchestrator.search.optuna_adapter import PrunedAwareOptunaSearch, full_trial_seconds
 from orchestrator.space import SpaceError, parse_space
+from trainers.checkpoint import read_checkpoint
 from trainers.config import ConfigError, TrainConfig
 from trainers.data import read_train
 from trainers.fit import fit
@@ -154,7 +155,7 @@ def test_the_final_phase_is_billed_while_it_trains(tmp_path, monkeypatch):
     budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=600.0, used_before_s=0.0, started=time.time())
     budget.start()
     before = json.loads((tmp_path / BUDGET_FILE).read_text())["used_s"]
-    with final_module._billed(budget):
+    with final_module.billed(budget):
         time.sleep(0.5)
         during = json.loads((tmp_path / BUDGET_FILE).read_text())["used_s"]
     assert before < 0.2 and during >= 0.3
@@ -276,12 +277,21 @@ def test_a_planned_search_screens_on_one_fold_then_trains_the_best_to_the_end_of
     search_dir = storage / "planned"
     budget = json.loads((search_dir / BUDGET_FILE).read_text())
     assert summary.finished and summary.final is not None, summary.report()
-    # every screened trial trained fold 0 only
+    # every screened trial trained fold 0 only; tiny models cap the final model, so the time it leaves
+    # promotes the best screens to all 3 folds, their screened fold model reused (``test_promote``)
+    promoted = {p["trial_id"]: p for p in json.loads((search_dir / "promoted.json").read_text())}
+    assert promoted and summary.promoted and "promoted: trial" in summary.report()
     trials = [d for d in (search_dir / "trials").iterdir() if (d / "config.yaml").is_file()]
-    assert trials
+    assert len(trials) > len(promoted)
     for run_dir in trials:
-        assert yaml.safe_load((run_dir / "config.yaml").read_text())["train_folds"] == 1
-        assert not list((run_dir / "checkpoints").glob("fold[12].pt"))
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        fold1 = list((run_dir / "checkpoints").glob("fold[12].pt"))
+        if run_dir.name in promoted:
+            assert config["train_folds"] == 0 and len(fold1) == 2 and promoted[run_dir.name]["status"]
+            fold0 = read_checkpoint(run_dir / "checkpoints" / "fold0.pt")
+            assert fold0["config"]["train_folds"] == 1  # the screen's model, not trained again
+        else:
+            assert config["train_folds"] == 1 and not fold1
     # the final model: the chosen trial refit on every training person, epochs from the measured cost
     final = json.loads((search_dir / "final.json").read_text())
     refit = json.loads((search_dir / "refit" / final["trial_id"] / "refit.json").read_text())
@@ -314,3 +324,6 @@ def test_a_planned_search_screens_on_one_fold_then_trains_the_best_to_the_end_of
     low, high = result.estimates.holdout_interval
     assert low <= result.estimates.holdout_f1 <= high
     assert settings["predict_seconds"] > 0
+    # the vote is among the promoted trials (every person's OOF); the screens not promoted lost that rung
+    assert {m["trial_id"] for m in report["members"]} <= set(promoted)
+    assert final["trial_id"] in promoted

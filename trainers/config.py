@@ -253,10 +253,16 @@ def folds_trained_of(config: dict[str, Any]) -> int:
     return int(config.get("train_folds") or 0) or int(config.get("k", 0))
 
 
-def same_config(saved: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+# What a run trains, not what a fold model is: a screened fold model is the same model in the run that
+# promotes it to all k folds (``trainers.screened``), so a fold checkpoint is compared without these.
+RUN_SCOPE_FIELDS = ("train_folds",)
+
+
+def same_config(saved: dict[str, Any] | None, cfg: TrainConfig, of_fold: bool = False) -> bool:
     """Whether a run's saved config (a checkpoint's, a resume state's, ``result.json``'s) is ``cfg``: the same
     value for every field, a field the saved one lacks counting as its default (written by a foldtune
-    without it, e.g. before an upgrade), a key the current one lacks counting as different."""
+    without it, e.g. before an upgrade), a key the current one lacks counting as different. ``of_fold``:
+    compare a fold model's config (a fold checkpoint's), leaving out ``RUN_SCOPE_FIELDS``."""
     if not isinstance(saved, dict):
         return False
     defaults, current = TrainConfig.__new__(TrainConfig), cfg.to_dict()
@@ -266,7 +272,8 @@ def same_config(saved: dict[str, Any] | None, cfg: TrainConfig) -> bool:
     if set(saved) - set(current):
         return False
     filled = {**TrainConfig.to_dict(defaults), **saved}
-    return all(_plain(filled[key]) == _plain(value) for key, value in current.items())
+    ignored = RUN_SCOPE_FIELDS if of_fold else ()
+    return all(_plain(filled[key]) == _plain(value) for key, value in current.items() if key not in ignored)
 
 
 def _plain(value: Any) -> Any:

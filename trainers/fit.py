@@ -27,17 +27,13 @@ import torch
 import yaml
 
 from trainers import cache as image_cache
+from trainers import screened as promotion
 from trainers.checkpoint import fold_checkpoint_path, save_fold_checkpoint
 from trainers.config import TrainConfig
 from trainers.device import apply_backend_settings, autocast_for, pick_device
 from trainers.device_augment import DeviceAugment
 from trainers.errors import FoldtuneError
-from trainers.fold_state import (
-    FoldState,
-    build_fold,
-    predict_validation,
-    seed_everything,
-)
+from trainers.fold_state import FoldState, build_fold, predict_validation, seed_everything
 from trainers.folds import HOLDOUT_FOLD
 from trainers.io import write_csv_atomic, write_text_atomic
 from trainers.loader import FoldLoader, epoch_seed
@@ -97,6 +93,7 @@ def fit(
     log: Callable[[str], None] | None = print,
     resume_dir: Path | None = None,
     holds_gpu: bool | None = None,
+    promote: bool = False,
 ) -> FitResult:
     """Train ``cfg`` on all k folds in lockstep; see the module docstring for what is written where.
 
@@ -104,11 +101,14 @@ def fit(
     so k models and their optimizer states are not written to shared storage every few epochs.
     ``holds_gpu`` says whether the scheduler gave this run a GPU (``trainers.device.pick_device``: a run
     holding one trains on it or fails at once, never quietly on the CPU).
+    ``promote``: ``run_dir`` holds a finished screen of ``cfg`` on its first folds; those are reused as they
+    are and the others trained (``trainers.screened``).
     """
     log = log or (lambda message: None)
     run_dir = Path(run_dir).absolute()
     for sub in ("checkpoints", "metrics", "plots"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    screened = promotion.read_screened(run_dir, cfg) if promote else None
     device = pick_device(cfg.device, holds_gpu)
     apply_backend_settings(cfg.cudnn_benchmark, cfg.tf32, device)
     resolved_weights = _resolve_weights(cfg, resolved_weights)
@@ -118,7 +118,8 @@ def fit(
     # decoding threads within this run's CPU share (a search sets torch's threads to the trial's CPUs)
     cache_path = image_cache.prepare_cache(cfg, data, cache_dir, log=log, workers=torch.get_num_threads())
     cache = image_cache.open_cache(cache_path)
-    write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
+    if screened is None:  # a promotion writes it last: until then the folder is the screened run
+        write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
     # with the labels trained on: the ensemble rebuilds an interrupted run's OOF rows from it
     write_csv_atomic(data[["rel_path", "person_id", "fold", "label"]], run_dir / "folds.csv")
 
@@ -131,6 +132,10 @@ def fit(
     )
     resume_path = Path(resume_dir or run_dir).absolute() / RESUME_STATE
     progress = load_resume_state(resume_path, fold_states, cfg, run_dir, log)
+    reused = screened.folds if screened is not None else 0
+    if screened is not None:
+        promotion.reuse_screened(fold_states, screened, run_dir)
+        log(promotion.describe(screened, cfg))
     on_device = augment_on_device(cfg, device)
     loaders = [
         FoldLoader(
@@ -146,6 +151,9 @@ def fit(
         started = time.perf_counter()
         fold_metrics = []
         for fold_state in fold_states:
+            if fold_state.index < reused:  # a screened fold: its own epoch, as the screen trained it
+                fold_metrics.append(screened.metrics(fold_state.index, epoch))
+                continue
             if device_augment is not None:
                 device_augment.reseed(epoch_seed(cfg, fold_state.index, epoch))
             batches = loaders[fold_state.index].epoch(epoch)
@@ -177,7 +185,7 @@ def fit(
                 )
         if status == "diverged":
             break
-        report = _end_epoch(progress, fold_metrics, epoch, run_dir, time.perf_counter() - started)
+        report = _end_epoch(progress, fold_metrics, epoch, run_dir, time.perf_counter() - started, reused)
         if resume_state_due(cfg, epoch, last_saved):
             save_resume_state(resume_path, fold_states, cfg, progress)
             last_saved = (epoch, time.monotonic())
@@ -205,11 +213,14 @@ def fit(
     if status != "diverged":
         with out_of_memory_advice(cfg, "predicting the out-of-fold images with TTA"):
             write_out_of_fold(fold_states, data, cfg, cache, device, mean, std, run_dir, result)
+        if screened is not None:
+            write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
         resume_path.unlink(missing_ok=True)
         if resume_path.parent != run_dir:
             with contextlib.suppress(OSError):  # its own folder goes too, unless something else is in it
                 resume_path.parent.rmdir()
-    write_result(result, cfg, run_dir)
+    if not (status == "diverged" and screened is not None):  # a failed promotion keeps the screened run
+        write_result(result, cfg, run_dir)
     log(f"{status}: {message}; OOF macro F1 {result.oof_f1:.4f} (TTA {result.oof_f1_tta:.4f})")
     return result
 
@@ -450,16 +461,24 @@ def out_of_memory_advice(cfg: TrainConfig, doing: str):
 
 
 def _end_epoch(
-    progress: Progress, fold_metrics: list[dict[str, float]], epoch: int, run_dir: Path, seconds: float
+    progress: Progress,
+    fold_metrics: list[dict[str, float]],
+    epoch: int,
+    run_dir: Path,
+    seconds: float,
+    reused: int = 0,
 ) -> EpochReport:
-    """Mean over folds, best-so-far, ``metrics/epochs.csv``; the report the callback receives."""
-    mean_metrics = {key: float(np.mean([m[key] for m in fold_metrics])) for key in fold_metrics[0]}
+    """Mean over folds, best-so-far, ``metrics/epochs.csv``; the report the callback receives. ``reused``:
+    the first folds were not trained this epoch (a promotion); ``timed_from`` says which folds were timed."""
+    keys = [key for key in fold_metrics[0] if all(key in m for m in fold_metrics)]
+    mean_metrics = {key: float(np.mean([m[key] for m in fold_metrics])) for key in keys}
     if mean_metrics["val_f1"] > progress.best_mean_f1:
         progress.best_mean_f1, progress.best_mean_epoch = mean_metrics["val_f1"], epoch
     for fold, values in enumerate(fold_metrics):
         progress.history.append({"epoch": epoch, "fold": str(fold), **values})
     # the epoch's wall seconds (every fold, with validation): a planned search measures its cost from them
-    progress.history.append({"epoch": epoch, "fold": "mean", **mean_metrics, "epoch_seconds": seconds})
+    timing = {"epoch_seconds": seconds, **({"timed_from": reused} if reused else {})}
+    progress.history.append({"epoch": epoch, "fold": "mean", **mean_metrics, **timing})
     progress.last_epoch = epoch
     write_csv_atomic(pd.DataFrame(progress.history), run_dir / "metrics" / "epochs.csv")
     return EpochReport(

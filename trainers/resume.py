@@ -116,7 +116,7 @@ def _checkpoints_of(cfg: TrainConfig, run_dir: Path, k: int) -> bool:
         return True
     for path in found:
         try:
-            if same_config(read_checkpoint(path, mmap=True).get("config"), cfg):
+            if same_config(read_checkpoint(path, mmap=True).get("config"), cfg, of_fold=True):
                 return True
         except FoldtuneError:
             continue
@@ -138,7 +138,8 @@ def continue_from_best_checkpoints(
         except FoldtuneError as error:
             log(f"{error}; that fold starts again")
             payload = None
-        if payload is not None and same_config(payload.get("config"), cfg) and "val_probs" in payload:
+        of_this_config = payload is not None and same_config(payload.get("config"), cfg, of_fold=True)
+        if of_this_config and "val_probs" in payload:
             fold_state.best_f1, fold_state.best_epoch = float(payload["val_f1"]), int(payload["epoch"])
             fold_state.best_probs = payload["val_probs"].numpy().copy()
             kept += 1
@@ -164,7 +165,7 @@ def _best_from_checkpoint(fold: FoldState, run_dir: Path, cfg: TrainConfig) -> N
     if not path.is_file():
         return
     payload = read_checkpoint(path)
-    if same_config(payload.get("config"), cfg) and "val_probs" in payload:
+    if same_config(payload.get("config"), cfg, of_fold=True) and "val_probs" in payload:
         fold.best_f1, fold.best_epoch = float(payload["val_f1"]), int(payload["epoch"])
         fold.best_probs = payload["val_probs"].numpy()
 

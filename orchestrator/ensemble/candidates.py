@@ -226,6 +226,27 @@ def _read_oof(
         return f"no out-of-fold predictions: {error}"
 
 
+def most_folds(
+    candidates: list[Candidate], skipped: dict[str, str]
+) -> tuple[list[Candidate], dict[str, str]]:
+    """The candidates with the most fold models, and ``skipped`` with the others added (and why).
+
+    In a planned search that promoted its best screens to all k folds (``search.promote``), the screens it
+    did not promote lost that round of successive halving: the vote is among the promoted trials, judged
+    on every person's out-of-fold prediction rather than one fold's (and one vote's fold models must be
+    of one count). Without promotion every candidate has the same count and nothing changes."""
+    most = max((len(c.checkpoints) for c in candidates), default=0)
+    kept = []
+    for candidate in candidates:
+        if len(candidate.checkpoints) < most:
+            skipped[candidate.trial_id] = (
+                f"screened on {len(candidate.checkpoints)} fold(s), not promoted to all {most}"
+            )
+        else:
+            kept.append(candidate)
+    return kept, skipped
+
+
 def check_same_split(candidates: list[Candidate]) -> None:
     """All members must share one fold file and labels, or the OOF estimate mixes seen and unseen images."""
     reference = candidates[0]

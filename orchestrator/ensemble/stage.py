@@ -35,6 +35,7 @@ from orchestrator.ensemble.candidates import (
     check_same_split,
     discover,
     left_out_by_search,
+    most_folds,
     read_search_summary,
     shared_class_names,
 )
@@ -228,7 +229,7 @@ class _Pool:
 def _discover(search_dir: Path, folds: Sequence[int] | None) -> _Pool:
     """The candidates, checked to agree on images, folds, labels and classes, and the rows to judge on."""
     summary = read_search_summary(search_dir)
-    found, skipped = discover(search_dir, *left_out_by_search(summary), with_pruned=True)
+    found, skipped = most_folds(*discover(search_dir, *left_out_by_search(summary), with_pruned=True))
     candidates = [c for c in found if c.checkpoints_kept]
     check_same_split(candidates)
     pruned = []  # OOF records only; one that does not match the candidates is just left out

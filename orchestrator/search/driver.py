@@ -53,6 +53,7 @@ from orchestrator.search.disk_notices import full_disk_path, open_notices, read_
 from orchestrator.search.final import train_final
 from orchestrator.search.optuna_adapter import make_searcher
 from orchestrator.search.prepare import prepare
+from orchestrator.search.promote import promote_screened
 from orchestrator.search.settle import settle_relabel, settle_space, settle_tracking
 from orchestrator.search.stopping import EarlyStops, make_scheduler
 from orchestrator.search.summary import SearchSummary, summarize
@@ -181,6 +182,7 @@ def run_search(
             ray.shutdown()
     if phases is not None and summary.finished:  # not after Ctrl+C: --resume continues the screen
         try:
+            summary.promoted = promote_screened(data_root, space, search_dir, budget, cache_dir, progress)
             summary.final = train_final(
                 data_root, space, search_dir, budget, cache_dir, tracking.tracking_uri, progress
             )

@@ -80,9 +80,9 @@ def train_final(
         left_s, per_image_s, refit_images, holdout_images, views, epochs, plan.max_final_seeds
     )
     say(describe_final(trial_id, str(config["backbone"]), epochs, per_image_s, refit_images, left_s, seeds))
-    _use_the_search_threads(space)
+    use_the_search_threads(space)
     started = time.monotonic()
-    with _billed(budget):
+    with billed(budget):
         refit = run_refit(
             data_root,
             search_dir.name,
@@ -139,20 +139,25 @@ def measured_cost(run_dir: Path, config: dict) -> tuple[float, int, int] | None:
     history = pd.read_csv(epochs_path, dtype={"fold": str})
     if "epoch_seconds" not in history.columns:
         return None
-    seconds = history.loc[history["fold"] == "mean", "epoch_seconds"].dropna()
+    timed_rows = history["fold"] == "mean"
+    if "timed_from" in history.columns:  # a promoted run: its own epochs, not the screen's before them
+        timed_rows &= history["timed_from"].notna()
+    seconds = history.loc[timed_rows, "epoch_seconds"].dropna()
     if seconds.empty:
         return None
     fold_of = pd.read_csv(run_dir / "folds.csv", usecols=["fold"])["fold"].to_numpy()
     in_folds = fold_of != HOLDOUT_FOLD
-    trained = folds_trained_of(config)
-    train_images = sum(int((in_folds & (fold_of != f)).sum()) for f in range(trained))
-    val_images = sum(int((fold_of == f).sum()) for f in range(trained))
+    # a promoted run timed only the folds it trained (``timed_from`` on); its screened ones were reused
+    first = int(history["timed_from"].dropna().max()) if "timed_from" in history.columns else 0
+    timed = range(first, folds_trained_of(config))
+    train_images = sum(int((in_folds & (fold_of != f)).sum()) for f in timed)
+    val_images = sum(int((fold_of == f).sum()) for f in timed)
     per_image = seconds_per_image(float(seconds.median()), train_images, val_images)
     return per_image, int(in_folds.sum()), int((~in_folds).sum())
 
 
 @contextlib.contextmanager
-def _billed(budget: TimeBudget) -> Iterator[None]:
+def billed(budget: TimeBudget) -> Iterator[None]:
     """While the final model trains (no Tune stopper runs then), the seconds used are written every
     ``BILL_EVERY_S``, so a driver killed in the final phase has that time billed on resume too."""
     done = threading.Event()
@@ -171,7 +176,7 @@ def _billed(budget: TimeBudget) -> Iterator[None]:
         thread.join()
 
 
-def _use_the_search_threads(space: SearchSpace) -> None:
+def use_the_search_threads(space: SearchSpace) -> None:
     """The final model gets the CPU threads the screen's trials had together (never more than here)."""
     import torch
 

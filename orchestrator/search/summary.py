@@ -59,6 +59,7 @@ class SearchSummary:
     cut_candidates: tuple[str, ...] = ()  # cut trials whose best fold models were kept (ensemble candidates)
     cut_pruned: tuple[str, ...] = ()  # cut trials outside keep_top (their OOF kept as a record only)
     final: dict[str, Any] | None = None  # a planned search's final model (``search.final``'s record)
+    promoted: list[dict[str, Any]] | None = None  # the screens confirmed on all k folds (``search.promote``)
 
     def problem(self) -> str | None:
         """None when the search finished with a usable trial; else the one line that says why not (the
@@ -100,6 +101,12 @@ class SearchSummary:
         if self.best_trial_id is not None:
             best = self.leaderboard.iloc[0]
             lines.append(f"best trial {self.best_trial_id}: mean val macro F1 {best['best_f1']:.4f}")
+        for p in self.promoted or ():
+            lines.append(
+                f"promoted: trial {p['trial_id']} confirmed on all folds in {p['seconds'] / 60:.1f} min "
+                f"(screened OOF macro F1 {_figure(p['screened_oof_f1_tta'])}, on all folds "
+                f"{_figure(p.get('oof_f1_tta'))})"
+            )
         if self.final is not None:
             f = self.final
             holdout = _figure(f.get("holdout_f1_tta"))

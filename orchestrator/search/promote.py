@@ -1,0 +1,176 @@
+"""Promotion in a planned search: the best screened configurations confirmed on all k folds.
+
+The screen (``orchestrator.plan``) judges each configuration on its first fold(s) only. When the screen
+ends and the time left holds more than the final model needs at its epoch cap (``max_final_epochs``:
+a GPU node's night, not a CPU half-hour), the best screened configurations, up to ``promote_top`` of them
+in the order of their screened out-of-fold macro F1 (with TTA), earn their other folds: each one's run
+folder trains its remaining folds for the same epochs (``trainers.fit(..., promote=True)``) while its
+screened fold models are reused as they are, not trained again (``trainers.screened``). A promoted trial is
+an ordinary k-fold trial afterwards: ``make ensemble`` weighs it on out-of-fold predictions of every
+person instead of one fold's, and the final model is chosen among all trials after promotion.
+
+Promotion is rung two of successive halving over folds × epochs: Tune's ASHA already halved over epochs
+within the screen; this rung halves over folds, sized by the cost the screen measured on this hardware
+(``plan.promotion_seconds``) and by what the final model is owed first (``plan.promotions_that_fit``).
+It runs in the driver, one configuration after another, like the final model (``search.final``), billed
+to the budget while it trains. ``promoted.json`` in the search folder records what was promoted and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.plan import describe_promotions, final_seconds, promotion_seconds, promotions_that_fit
+from orchestrator.search.budget import TimeBudget
+from orchestrator.search.final import billed, measured_cost, use_the_search_threads
+from orchestrator.space import SearchSpace
+from trainers.io import write_text_atomic
+
+PROMOTED_RECORD = "promoted.json"
+
+
+def promote_screened(
+    data_root: Path,
+    space: SearchSpace,
+    search_dir: Path,
+    budget: TimeBudget,
+    cache_dir: Path | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Promote the best screened configurations the time left affords, one after another; their records
+    (also in ``promoted.json``), [] when none is promoted (the line printed says why)."""
+    say = print if progress else (lambda line: None)
+    plan = space.plan
+    ranked = rank_screened(search_dir)
+    if plan is None or plan.promote_top < 1 or not ranked:
+        return []
+    costs: list[tuple[str, str, float]] = []
+    final_need = None
+    for trial_id, _ in ranked[: plan.promote_top]:
+        run_dir = search_dir / "trials" / trial_id
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        measured = measured_cost(run_dir, config)
+        if measured is None:
+            break
+        per_image_s, refit_images, holdout_images = measured
+        views = len(config.get("tta") or ())
+        if final_need is None:  # the best screened configuration is the final model's likely choice
+            final_need = final_seconds(
+                per_image_s, refit_images, holdout_images, views, plan.max_final_epochs
+            )
+        seconds = promotion_seconds(per_image_s, left_folds(run_dir, config), int(config["epochs"]), views)
+        costs.append((trial_id, str(config["backbone"]), seconds))
+    if final_need is None:
+        return []
+    count = promotions_that_fit(budget.left_s, [seconds for *_, seconds in costs], final_need)
+    say(describe_promotions(costs[:count], len(ranked), final_need))
+    records = read_promoted(search_dir)  # a resumed search keeps what its last driver promoted
+    for (trial_id, _, planned_s), (_, screened_f1) in zip(costs[:count], ranked, strict=False):
+        started = time.monotonic()
+        with billed(budget):
+            result = promote_trial(data_root, search_dir, trial_id, space, cache_dir, progress)
+        records.append(
+            {
+                "trial_id": trial_id,
+                "screened_oof_f1_tta": screened_f1,
+                "planned_s": round(planned_s, 1),
+                "seconds": round(time.monotonic() - started, 1),
+                "status": result.status,
+                "oof_f1": result.oof_f1,
+                "oof_f1_tta": result.oof_f1_tta,
+            }
+        )
+        write_text_atomic(json.dumps(records, indent=2, default=float), search_dir / PROMOTED_RECORD)
+        budget.record()
+    return records
+
+
+def rank_screened(search_dir: Path) -> list[tuple[str, float]]:
+    """(trial id, out-of-fold macro F1 with TTA) of every finished screen (a trial that trained all its
+    epochs on fewer than k folds), best first; a screen cut by the budget or by ASHA is not promoted."""
+    from orchestrator.ensemble.candidates import discover, left_out_by_search, read_search_summary
+    from orchestrator.ensemble.selection import macro_f1
+    from trainers.config import folds_trained_of
+    from trainers.folds import HOLDOUT_FOLD
+    from trainers.screened import FINISHED
+
+    candidates, _ = discover(search_dir, *left_out_by_search(read_search_summary(search_dir)))
+    scored = []
+    for candidate in candidates:
+        try:
+            result = json.loads((search_dir / "trials" / candidate.trial_id / "result.json").read_text())
+        except (OSError, ValueError):
+            continue
+        config = result.get("config") or {}
+        if result.get("status") not in FINISHED or folds_trained_of(config) >= int(config.get("k", 0)):
+            continue
+        rows = candidate.fold != HOLDOUT_FOLD
+        scored.append((macro_f1(candidate.label[rows], candidate.probs_tta[rows]), candidate.trial_id))
+    return [(trial_id, score) for score, trial_id in sorted(scored, key=lambda pair: -pair[0])]
+
+
+def left_folds(run_dir: Path, config: dict) -> list[tuple[int, int]]:
+    """(training images, validation images) of each fold the screen in ``run_dir`` did not train."""
+    import pandas as pd
+
+    from trainers.config import folds_trained_of
+    from trainers.folds import HOLDOUT_FOLD
+
+    fold_of = pd.read_csv(run_dir / "folds.csv", usecols=["fold"])["fold"].to_numpy()
+    in_folds = fold_of != HOLDOUT_FOLD
+    return [
+        (int((in_folds & (fold_of != fold)).sum()), int((fold_of == fold).sum()))
+        for fold in range(folds_trained_of(config), int(config["k"]))
+    ]
+
+
+def promote_trial(
+    data_root: Path,
+    search_dir: Path,
+    trial_id: str,
+    space: SearchSpace,
+    cache_dir: Path | None,
+    progress: bool,
+):
+    """Train the folds the screen of ``trial_id`` left, in its own run folder (``trainers.fit``'s
+    ``promote``): the FitResult. A promotion killed halfway leaves the screened run as it was, and a
+    resumed search promotes it again from the resume state on this node's disk."""
+    from orchestrator.refit import _check_trial, _read_data, _resolve_weights
+    from trainers.cache import default_cache_dir
+    from trainers.fit import fit
+    from trainers.folds import read_folds
+    from trainers.resume import local_resume_dir
+
+    run_dir, cfg, _ = _check_trial(search_dir, trial_id, search_dir.name)
+    folds = read_folds(run_dir / "folds.csv")
+    data = _read_data(Path(data_root), search_dir, cfg, folds, trial_id)
+    use_the_search_threads(space)
+    result = fit(
+        dataclasses.replace(cfg, train_folds=0),
+        data.drop(columns=["fold"]),
+        folds,
+        run_dir,
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        resolved_weights=_resolve_weights(cfg),
+        log=print if progress else None,
+        resume_dir=local_resume_dir(run_dir),
+        promote=True,
+    )
+    if result.status == "diverged" and progress:  # the screened run stays as it was (fit keeps it)
+        print(f"promoting trial {trial_id} stopped: {result.message}; its screened fold model stays")
+    return result
+
+
+def read_promoted(search_dir: Path) -> list[dict[str, Any]]:
+    """``promoted.json``'s records ([] when the search promoted nothing)."""
+    try:
+        records = json.loads((Path(search_dir) / PROMOTED_RECORD).read_text())
+    except (OSError, ValueError):
+        return []
+    return records if isinstance(records, list) else []

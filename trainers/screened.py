@@ -1,0 +1,103 @@
+"""The folds a screened run already trained, reused when the run is promoted to all k folds.
+
+A planned search screens each configuration on its first ``train_folds`` fold(s) (a third of the compute
+at k=3); the configurations that screened best and that the budget can afford are then *promoted*: the
+same run folder trains its remaining folds (``fit(cfg, ..., promote=True)`` with ``train_folds`` 0), in
+lockstep as any k-fold run does, while the screened folds are kept exactly as they are: their best
+checkpoints, their validation probabilities and their epoch history. Nothing is trained twice, and the
+promoted run is an ordinary k-fold run afterwards (``config.yaml``, ``result.json``, ``oof.npz`` of all k
+folds), so the ensemble, refit and inspection read it like any other.
+
+Until the promotion ends the folder still reads as the screened run it was (``fit`` writes the promoted
+``config.yaml`` and ``result.json`` last): a promotion killed halfway never costs the screened model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from trainers.checkpoint import fold_checkpoint_path, read_checkpoint
+from trainers.config import TrainConfig, folds_trained_of, same_config
+from trainers.errors import FoldtuneError
+
+FINISHED = ("completed", "early_stopped")
+# columns of metrics/epochs.csv that are bookkeeping, not a fold's metrics
+_NOT_METRICS = ("epoch", "fold", "epoch_seconds", "timed_from")
+
+
+class PromotionError(FoldtuneError, ValueError):
+    """A run folder that holds no finished screen of this configuration: nothing to promote."""
+
+
+@dataclass(frozen=True)
+class ScreenedFolds:
+    """The first ``folds`` folds of a finished screen; each fold's metrics by epoch (``epochs.csv``)."""
+
+    folds: int
+    history: dict[int, dict[int, dict[str, float]]]
+
+    def metrics(self, fold: int, epoch: int) -> dict[str, float]:
+        """The fold's metrics at ``epoch``; past the epochs it trained (its screen stopped early), its last
+        epoch's: the fold is finished, and the promoted run's mean over k folds counts it as it ended."""
+        rows = self.history[fold]
+        known = [e for e in rows if e <= epoch]
+        return dict(rows[max(known) if known else min(rows)])
+
+
+def read_screened(run_dir: Path, cfg: TrainConfig) -> ScreenedFolds:
+    """The finished screen in ``run_dir`` that ``cfg`` (all k folds) promotes; PromotionError says why not."""
+    result_path = Path(run_dir) / "result.json"
+    try:
+        result = json.loads(result_path.read_text())
+    except (OSError, ValueError):
+        raise PromotionError(
+            f"{result_path} is missing or unreadable: no finished screen to promote"
+        ) from None
+    result = result if isinstance(result, dict) else {}
+    saved = result.get("config")
+    if result.get("status") not in FINISHED or not isinstance(saved, dict):
+        raise PromotionError(f"{run_dir} holds no finished screen (status {result.get('status')!r})")
+    if not same_config(saved, cfg, of_fold=True):
+        raise PromotionError(f"{run_dir} holds a screen of another configuration; promote with its own")
+    screened = folds_trained_of(saved)
+    if screened >= cfg.folds_trained:
+        raise PromotionError(
+            f"{run_dir} already trained {screened} of {cfg.k} folds: there is nothing left to promote"
+        )
+    history = pd.read_csv(Path(run_dir) / "metrics" / "epochs.csv", dtype={"fold": str})
+    by_fold: dict[int, dict[int, dict[str, float]]] = {}
+    for fold in range(screened):
+        rows = history[history["fold"] == str(fold)]
+        if rows.empty:
+            raise PromotionError(f"{run_dir}/metrics/epochs.csv has no epoch of fold {fold}")
+        by_fold[fold] = {
+            int(row["epoch"]): {k: float(v) for k, v in row.items() if k not in _NOT_METRICS and pd.notna(v)}
+            for row in rows.to_dict("records")
+        }
+    return ScreenedFolds(folds=screened, history=by_fold)
+
+
+def reuse_screened(fold_states: Sequence, screened: ScreenedFolds, run_dir: Path) -> None:
+    """The screened folds' best epoch, score and validation probabilities, from their checkpoints (the
+    models themselves are loaded from them when the run predicts its out-of-fold images)."""
+    for state in fold_states[: screened.folds]:
+        payload = read_checkpoint(fold_checkpoint_path(run_dir, state.index), mmap=True)
+        if "val_probs" not in payload:
+            path = fold_checkpoint_path(run_dir, state.index)
+            raise PromotionError(f"{path} has no validation probabilities: this screen cannot be promoted")
+        state.best_f1, state.best_epoch = float(payload["val_f1"]), int(payload["epoch"])
+        state.best_probs = payload["val_probs"].numpy().copy()
+
+
+def describe(screened: ScreenedFolds, cfg: TrainConfig) -> str:
+    """The line a promoted run prints when it starts."""
+    reused = ", ".join(str(f) for f in range(screened.folds))
+    return (
+        f"promoting to all {cfg.k} folds: fold(s) {reused} reused from the screen; folds "
+        f"{screened.folds}..{cfg.k - 1} train for up to {cfg.epochs} epochs"
+    )
