@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
 from orchestrator.ensemble.estimates import person_bootstrap
@@ -292,6 +293,20 @@ def test_a_planned_search_screens_on_one_fold_then_trains_the_best_to_the_end_of
             assert fold0["config"]["train_folds"] == 1  # the screen's model, not trained again
         else:
             assert config["train_folds"] == 1 and not fold1
+    # MLflow has each promotion: the trial's child run carries its k-fold figures beside the screen's
+    client = MlflowClient(tracking_uri)
+    children = {
+        r.data.tags["foldtune.trial_id"]: r
+        for r in client.search_runs([client.get_experiment_by_name("planned").experiment_id])
+        if r.data.tags.get("mlflow.parentRunId")
+    }
+    for trial_id, record in promoted.items():
+        run = children[trial_id]
+        assert run.data.tags["foldtune.promoted"] == "true" and run.data.tags["foldtune.folds_trained"] == "3"
+        assert run.data.metrics["final/oof_f1_tta"] == pytest.approx(record["oof_f1_tta"])
+        assert run.data.metrics["screen/oof_f1_tta"] == pytest.approx(record["screened_oof_f1_tta"])
+    screens = [children[d.name] for d in trials if d.name not in promoted]
+    assert screens and not any("foldtune.promoted" in run.data.tags for run in screens)
     # the final model: the chosen trial refit on every training person, epochs from the measured cost
     final = json.loads((search_dir / "final.json").read_text())
     refit = json.loads((search_dir / "refit" / final["trial_id"] / "refit.json").read_text())

@@ -89,22 +89,62 @@ def test_a_promoted_run_trains_only_the_folds_its_screen_left_and_keeps_the_scre
 
 
 def test_a_promotion_killed_halfway_leaves_the_screened_run_and_resumes(tmp_path, dataset_builder):
+    """Killed after its first epoch, a promotion leaves the folder reading as the screen it was, to the
+    planner too (its measured cost), and a search's pruning keeps its resume state; resumed, it ends with the
+    screen's epochs intact (the screened fold's rows are the screen's, not the first epoch's repeated)."""
+    from orchestrator.search import summary as summary_module
+    from orchestrator.search.final import measured_cost
+    from trainers.resume import RESUME_STATE, local_resume_dir
+    from trainers.screened import SCREEN_HISTORY, promotion_under_way, was_promoted
+
     cfg, table, folds, run_dir = _screen(tmp_path, dataset_builder)
     screened_result = (run_dir / "result.json").read_text()
+    screen_epochs = pd.read_csv(run_dir / "metrics" / "epochs.csv", dtype={"fold": str})
+    screen_config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cost = measured_cost(run_dir, screen_config)
     promoted = TrainConfig(**{**cfg.to_dict(), "train_folds": 0, "resume_every_epochs": 1})
+    resume_dir = local_resume_dir(run_dir)
 
     def killed(report):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(promoted, table, folds, run_dir, tmp_path / "cache", log=None, promote=True, callback=killed)
-    # until a promotion ends the folder is the screened run: its config, its result, its model
+        fit(
+            promoted, table, folds, run_dir, tmp_path / "cache", log=None, promote=True, callback=killed,
+            resume_dir=resume_dir,
+        )  # fmt: skip
+    # until a promotion ends the folder is the screened run: its config, its result, its model, its cost
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train_folds"] == 1
     assert (run_dir / "result.json").read_text() == screened_result
+    kept = pd.read_csv(run_dir / "metrics" / SCREEN_HISTORY, dtype={"fold": str})
+    pd.testing.assert_frame_equal(kept, screen_epochs)
+    assert measured_cost(run_dir, screen_config) == pytest.approx(cost)
+    assert promotion_under_way(run_dir) and not was_promoted(run_dir)
+
+    class QuietLog:
+        def checkpoints_deleted(self, trial_ids) -> None:
+            pass
+
+    row = {"trial_id": "run", "state": "completed", "run_dir": str(run_dir), "config": {}, "best_f1": 0.5}
+    summary_module._prune_checkpoints([row], 0, QuietLog())  # a resumed search's summary, before promoting
+    assert (resume_dir / RESUME_STATE).is_file() and (run_dir / "checkpoints" / "fold0.pt").is_file()
+
     lines = []
-    result = fit(promoted, table, folds, run_dir, tmp_path / "cache", log=lines.append, promote=True)
+    result = fit(
+        promoted, table, folds, run_dir, tmp_path / "cache", log=lines.append, promote=True,
+        resume_dir=resume_dir,
+    )  # fmt: skip
     assert result.status == "completed" and any("resuming run after epoch 1" in line for line in lines)
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train_folds"] == 0
+    assert was_promoted(run_dir) and not promotion_under_way(run_dir)
+    assert not (resume_dir / RESUME_STATE).exists()
+    promoted_epochs = pd.read_csv(run_dir / "metrics" / "epochs.csv", dtype={"fold": str})
+    for epochs in (promoted_epochs, screen_epochs):
+        epochs.set_index(["epoch", "fold"], inplace=True)
+    for epoch in (1, 2):  # the screened fold's rows, both epochs, as the screen wrote them
+        assert promoted_epochs.loc[(epoch, "0"), "val_f1"] == pytest.approx(
+            screen_epochs.loc[(epoch, "0"), "val_f1"]
+        )
 
 
 def test_only_a_finished_screen_of_the_same_configuration_is_promoted(tmp_path, dataset_builder):
@@ -136,3 +176,65 @@ def test_promote_top_is_part_of_the_plan():
     assert parse_plan({"promote_top": 0}, k=3).promote_top == 0  # 0: never promote
     with pytest.raises(PlanError, match="promote_top must be a whole number of at least 0"):
         parse_plan({"promote_top": -1}, k=3)
+
+
+def test_the_search_promotes_in_rank_order_goes_on_past_a_failure_and_never_promotes_twice(
+    tmp_path, dataset_builder, monkeypatch
+):
+    """``promote_screened`` on a search folder of two finished screens: a promotion that fails is recorded
+    and the next one goes on; a resumed driver promotes nothing again (the done, the failed), and a promotion
+    a killed driver finished without recording it is recorded from its run folder."""
+    import time
+
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.search import promote as promote_module
+    from orchestrator.search.budget import BUDGET_FILE, TimeBudget
+    from orchestrator.space import parse_space
+
+    root = tmp_path / "data"
+    dataset_builder(root, n_persons=12)
+    table = read_train(root).table
+    folds = make_folds(table, k=3, seed=0)
+    search_dir = tmp_path / "runs" / "s"
+    fixed = {"epochs": 1, "k": 3, "image_size": [32, 24], "batch_size": 16, "pretrained": False}
+    for trial_id, lr in (("weak", 1e-5), ("strong", 3e-3)):
+        cfg = TrainConfig(backbone="resnet10t", lr=lr, train_folds=1, patience=0, **fixed)
+        fit(cfg, table, folds, search_dir / "trials" / trial_id, tmp_path / "cache", log=None)
+    ranked = [trial_id for trial_id, _ in promote_module.rank_screened(search_dir)]
+    assert sorted(ranked) == ["strong", "weak"]
+    space = parse_space(
+        {
+            "name": "s",
+            "fixed": fixed,
+            "search": {"lr": {"loguniform": [1e-5, 1e-2]}},
+            "plan": {"screen_folds": 1, "max_final_epochs": 1, "promote_top": 3},
+        }
+    )
+    real = promote_module.promote_trial
+
+    def second_fails(data_root, search_dir, trial_id, *args):
+        if trial_id == ranked[1]:
+            raise OrchestratorError(f"trial {trial_id}: no space left on the disk")
+        return real(data_root, search_dir, trial_id, *args)
+
+    monkeypatch.setattr(promote_module, "promote_trial", second_fails)
+    budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=3600.0, used_before_s=0.0, started=time.time())
+    told = []
+    records = promote_module.promote_screened(
+        root, space, search_dir, budget, tmp_path / "cache", False, told.append
+    )
+    assert [r["trial_id"] for r in records] == ranked and told == records
+    assert records[0]["status"] == "completed" and records[0]["oof_f1_tta"] is not None
+    assert records[1]["status"] == "failed" and "no space left" in records[1]["error"]
+    assert json.loads((search_dir / "promoted.json").read_text()) == json.loads(json.dumps(records))
+    config = yaml.safe_load((search_dir / "trials" / ranked[0] / "config.yaml").read_text())
+    assert config["train_folds"] == 0  # confirmed on all folds
+    # a resumed driver: nothing promoted twice, the failed one not retried
+    again = promote_module.promote_screened(root, space, search_dir, budget, tmp_path / "cache", False)
+    assert again == json.loads(json.dumps(records))
+    # promoted, then killed before the record: the next driver records it from the run folder
+    (search_dir / "promoted.json").unlink()
+    told.clear()
+    recovered = promote_module.settled_promotions(search_dir, told.append)
+    assert [r["trial_id"] for r in recovered] == [ranked[0]] and told == recovered
+    assert recovered[0]["status"] == "completed" and "after a restart" in recovered[0]["recorded"]

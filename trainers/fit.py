@@ -215,12 +215,13 @@ def fit(
             write_out_of_fold(fold_states, data, cfg, cache, device, mean, std, run_dir, result)
         if screened is not None:
             write_text_atomic(yaml.safe_dump(cfg.to_dict(), sort_keys=False), run_dir / "config.yaml")
+    if not (status == "diverged" and screened is not None):  # a failed promotion keeps the screened run
+        write_result(result, cfg, run_dir)
+    if status != "diverged":  # last: a run killed before this resumes at its end, not at epoch 1
         resume_path.unlink(missing_ok=True)
         if resume_path.parent != run_dir:
             with contextlib.suppress(OSError):  # its own folder goes too, unless something else is in it
                 resume_path.parent.rmdir()
-    if not (status == "diverged" and screened is not None):  # a failed promotion keeps the screened run
-        write_result(result, cfg, run_dir)
     log(f"{status}: {message}; OOF macro F1 {result.oof_f1:.4f} (TTA {result.oof_f1_tta:.4f})")
     return result
 

@@ -9,7 +9,10 @@ promoted run is an ordinary k-fold run afterwards (``config.yaml``, ``result.jso
 folds), so the ensemble, refit and inspection read it like any other.
 
 Until the promotion ends the folder still reads as the screened run it was (``fit`` writes the promoted
-``config.yaml`` and ``result.json`` last): a promotion killed halfway never costs the screened model.
+``config.yaml`` and ``result.json`` last): a promotion killed halfway never costs the screened model. Its
+``metrics/epochs.csv`` is the one file rewritten from the first promoted epoch on, so the screen's history
+is copied to ``metrics/epochs.screen.csv`` before that (``screen_history``) and read from there: a resumed
+promotion, and the planner's measured cost while the folder is still the screen, see the screen's epochs.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from trainers.checkpoint import fold_checkpoint_path, read_checkpoint
 from trainers.config import TrainConfig, folds_trained_of, same_config
 from trainers.errors import FoldtuneError
+from trainers.io import atomic_write_bytes
 
 FINISHED = ("completed", "early_stopped")
+SCREEN_HISTORY = "epochs.screen.csv"  # in metrics/: the screen's epochs, kept when it is promoted
 # columns of metrics/epochs.csv that are bookkeeping, not a fold's metrics
 _NOT_METRICS = ("epoch", "fold", "epoch_seconds", "timed_from")
 
@@ -69,7 +75,7 @@ def read_screened(run_dir: Path, cfg: TrainConfig) -> ScreenedFolds:
         raise PromotionError(
             f"{run_dir} already trained {screened} of {cfg.k} folds: there is nothing left to promote"
         )
-    history = pd.read_csv(Path(run_dir) / "metrics" / "epochs.csv", dtype={"fold": str})
+    history = pd.read_csv(screen_history(Path(run_dir)), dtype={"fold": str})
     by_fold: dict[int, dict[int, dict[str, float]]] = {}
     for fold in range(screened):
         rows = history[history["fold"] == str(fold)]
@@ -80,6 +86,51 @@ def read_screened(run_dir: Path, cfg: TrainConfig) -> ScreenedFolds:
             for row in rows.to_dict("records")
         }
     return ScreenedFolds(folds=screened, history=by_fold)
+
+
+def screen_history(run_dir: Path) -> Path:
+    """The screen's ``epochs.csv`` kept as ``epochs.screen.csv`` (copied the first time a promotion of
+    ``run_dir`` starts, atomically; a resumed promotion finds the copy and reads the screen from it)."""
+    kept = run_dir / "metrics" / SCREEN_HISTORY
+    if not kept.is_file():
+        atomic_write_bytes((run_dir / "metrics" / "epochs.csv").read_bytes(), kept)
+    return kept
+
+
+def history_of(run_dir: Path, config: dict) -> Path:
+    """The epoch history that describes the run ``config`` (its ``config.yaml``) says: while a promotion
+    of it is under way or was cut, ``epochs.csv`` holds the promotion's epochs and the screen's are in the
+    copy; otherwise ``epochs.csv``."""
+    if promotion_under_way(run_dir, config):
+        return Path(run_dir) / "metrics" / SCREEN_HISTORY
+    return Path(run_dir) / "metrics" / "epochs.csv"
+
+
+def promotion_under_way(run_dir: Path, config: dict | None = None) -> bool:
+    """A promotion of the screen in ``run_dir`` started and has not ended (running, or cut by a kill:
+    its resume state is what a ``--resume`` continues from, not to be pruned). ``config``: the run's
+    ``config.yaml`` when the caller has read it."""
+    if not (Path(run_dir) / "metrics" / SCREEN_HISTORY).is_file():
+        return False
+    config = _config_of(run_dir) if config is None else config
+    return bool(config) and folds_trained_of(config) < int(config.get("k", 0))
+
+
+def _config_of(run_dir: Path) -> dict:
+    """The run's ``config.yaml`` ({} when it is missing or unreadable)."""
+    try:
+        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def was_promoted(run_dir: Path, config: dict | None = None) -> bool:
+    """A run folder that screened and was then promoted to all its folds (the screen's history kept)."""
+    if not (Path(run_dir) / "metrics" / SCREEN_HISTORY).is_file():
+        return False
+    config = _config_of(run_dir) if config is None else config
+    return bool(config) and folds_trained_of(config) >= int(config.get("k", 0))
 
 
 def reuse_screened(fold_states: Sequence, screened: ScreenedFolds, run_dir: Path) -> None:

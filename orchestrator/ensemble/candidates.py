@@ -234,8 +234,9 @@ def most_folds(
     In a planned search that promoted its best screens to all k folds (``search.promote``), the screens it
     did not promote lost that round of successive halving: the vote is among the promoted trials, judged
     on every person's out-of-fold prediction rather than one fold's (and one vote's fold models must be
-    of one count). Without promotion every candidate has the same count and nothing changes."""
-    most = max((len(c.checkpoints) for c in candidates), default=0)
+    of one count). Without promotion every candidate has the same count and nothing changes. The count is
+    the most among candidates that kept their checkpoints (a pruned one's OOF cannot vote)."""
+    most = max((len(c.checkpoints) for c in candidates if c.checkpoints_kept), default=0)
     kept = []
     for candidate in candidates:
         if len(candidate.checkpoints) < most:

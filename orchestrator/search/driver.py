@@ -182,15 +182,30 @@ def run_search(
             ray.shutdown()
     if phases is not None and summary.finished:  # not after Ctrl+C: --resume continues the screen
         try:
-            summary.promoted = promote_screened(data_root, space, search_dir, budget, cache_dir, progress)
+            summary.promoted = promote_screened(
+                data_root, space, search_dir, budget, cache_dir, progress, _log_promotion(log)
+            )
             summary.final = train_final(
                 data_root, space, search_dir, budget, cache_dir, tracking.tracking_uri, progress
             )
         finally:  # billed however it ends (a Ctrl+C in the final model too)
             budget.record()
+            log.finish()  # one line for promotion records still waiting for the store, if any
     if progress:
         print(summary.report())
     return summary
+
+
+def _log_promotion(log: SearchLog):
+    """What the driver does with each promotion's record: the trial's MLflow child run gets its k-fold
+    figures (a failed or diverged promotion left the screened run as it was: nothing new to log)."""
+    from trainers.screened import FINISHED
+
+    def logged(record: dict) -> None:
+        if record.get("status") in FINISHED:
+            log.record("trial_promoted", trial_id=record["trial_id"], record=record)
+
+    return logged
 
 
 def _send_what_waits(search_dir: Path, tracking, progress: bool) -> None:

@@ -132,8 +132,9 @@ def measured_cost(run_dir: Path, config: dict) -> tuple[float, int, int] | None:
     ``plan.VALIDATION_COST``); rows of ``drop_ages`` are counted on both sides alike, so they cancel."""
     from trainers.config import folds_trained_of
     from trainers.folds import HOLDOUT_FOLD
+    from trainers.screened import history_of
 
-    epochs_path = run_dir / "metrics" / "epochs.csv"
+    epochs_path = history_of(run_dir, config)  # a cut promotion's: the screen's epochs, as config.yaml says
     if not epochs_path.is_file():
         return None
     history = pd.read_csv(epochs_path, dtype={"fold": str})

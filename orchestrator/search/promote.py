@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from orchestrator.plan import describe_promotions, final_seconds, promotion_seco
 from orchestrator.search.budget import TimeBudget
 from orchestrator.search.final import billed, measured_cost, use_the_search_threads
 from orchestrator.space import SearchSpace
+from orchestrator.tracking.store import error_line
+from trainers.errors import FoldtuneError
 from trainers.io import write_text_atomic
 
 PROMOTED_RECORD = "promoted.json"
@@ -42,17 +45,27 @@ def promote_screened(
     budget: TimeBudget,
     cache_dir: Path | None,
     progress: bool,
+    on_promoted: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Promote the best screened configurations the time left affords, one after another; their records
-    (also in ``promoted.json``), [] when none is promoted (the line printed says why)."""
+    (also in ``promoted.json``; a resumed search's earlier ones first), [] when none is promoted (the line
+    printed says why). ``on_promoted`` gets each new record once ``promoted.json`` has it (the driver logs
+    it to MLflow). A promotion that fails is recorded as failed and the next one goes on: the final model
+    is owed its time whatever happens here."""
     say = print if progress else (lambda line: None)
     plan = space.plan
-    ranked = rank_screened(search_dir)
-    if plan is None or plan.promote_top < 1 or not ranked:
-        return []
+    records = settled_promotions(search_dir, on_promoted)  # a resumed search keeps what it promoted
+    if plan is None or plan.promote_top <= len(records):
+        return records
+    done = {str(record["trial_id"]) for record in records}
+    try:
+        ranked = [(t, f1) for t, f1 in rank_screened(search_dir) if t not in done]
+    except FoldtuneError as error:  # e.g. no screen kept its checkpoints: the final model says so too
+        say(f"promote: none ({error_line(error)})")
+        return records
     costs: list[tuple[str, str, float]] = []
-    final_need = None
-    for trial_id, _ in ranked[: plan.promote_top]:
+    final_need = 0.0  # the final model at its cap, of the slowest configuration it may choose
+    for trial_id, _ in ranked[: plan.promote_top - len(records)]:
         run_dir = search_dir / "trials" / trial_id
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         measured = measured_cost(run_dir, config)
@@ -60,34 +73,72 @@ def promote_screened(
             break
         per_image_s, refit_images, holdout_images = measured
         views = len(config.get("tta") or ())
-        if final_need is None:  # the best screened configuration is the final model's likely choice
-            final_need = final_seconds(
-                per_image_s, refit_images, holdout_images, views, plan.max_final_epochs
-            )
+        final_need = max(
+            final_need,
+            final_seconds(per_image_s, refit_images, holdout_images, views, plan.max_final_epochs),
+        )
         seconds = promotion_seconds(per_image_s, left_folds(run_dir, config), int(config["epochs"]), views)
         costs.append((trial_id, str(config["backbone"]), seconds))
-    if final_need is None:
-        return []
+    if not costs:
+        return records
     count = promotions_that_fit(budget.left_s, [seconds for *_, seconds in costs], final_need)
     say(describe_promotions(costs[:count], len(ranked), final_need))
-    records = read_promoted(search_dir)  # a resumed search keeps what its last driver promoted
-    for (trial_id, _, planned_s), (_, screened_f1) in zip(costs[:count], ranked, strict=False):
+    screened_f1 = dict(ranked)
+    for trial_id, _, planned_s in costs[:count]:
+        if promotions_that_fit(budget.left_s, [planned_s], final_need) < 1:  # an earlier one overran
+            say(f"promote: trial {trial_id} not started: its ~{planned_s / 60:.1f} min no longer fit")
+            break
         started = time.monotonic()
-        with billed(budget):
-            result = promote_trial(data_root, search_dir, trial_id, space, cache_dir, progress)
-        records.append(
-            {
-                "trial_id": trial_id,
-                "screened_oof_f1_tta": screened_f1,
-                "planned_s": round(planned_s, 1),
-                "seconds": round(time.monotonic() - started, 1),
-                "status": result.status,
-                "oof_f1": result.oof_f1,
-                "oof_f1_tta": result.oof_f1_tta,
-            }
-        )
+        record: dict[str, Any] = {"trial_id": trial_id, "screened_oof_f1_tta": screened_f1[trial_id]}
+        try:
+            with billed(budget):
+                result = promote_trial(data_root, search_dir, trial_id, space, cache_dir, progress)
+            record.update(status=result.status, oof_f1=result.oof_f1, oof_f1_tta=result.oof_f1_tta)
+        except FoldtuneError as error:  # its screened run is as it was; the next promotion goes on
+            say(f"promoting trial {trial_id} failed: {error_line(error)}; its screened fold model stays")
+            record.update(status="failed", error=error_line(error))
+        record.update(planned_s=round(planned_s, 1), seconds=round(time.monotonic() - started, 1))
+        records.append(record)
         write_text_atomic(json.dumps(records, indent=2, default=float), search_dir / PROMOTED_RECORD)
         budget.record()
+        if on_promoted is not None:
+            on_promoted(record)
+    return records
+
+
+def settled_promotions(
+    search_dir: Path, on_promoted: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    """``promoted.json``'s records, with any promotion a killed driver finished but did not record (its
+    run folder promoted, no record yet) added from its ``result.json`` and written back."""
+    from trainers.screened import was_promoted
+
+    records = read_promoted(search_dir)
+    known = {str(record.get("trial_id")) for record in records}
+    found = []
+    trials = search_dir / "trials"
+    for run_dir in sorted(d for d in trials.iterdir() if d.is_dir()) if trials.is_dir() else ():
+        if run_dir.name in known or not was_promoted(run_dir):
+            continue
+        try:
+            result = json.loads((run_dir / "result.json").read_text())
+        except (OSError, ValueError):
+            continue
+        found.append(
+            {
+                "trial_id": run_dir.name,
+                "status": result.get("status"),
+                "oof_f1": result.get("oof_f1"),
+                "oof_f1_tta": result.get("oof_f1_tta"),
+                "recorded": "after a restart (its driver was stopped before it wrote this record)",
+            }
+        )
+    if found:
+        records += found
+        write_text_atomic(json.dumps(records, indent=2, default=float), search_dir / PROMOTED_RECORD)
+        for record in found:
+            if on_promoted is not None:
+                on_promoted(record)
     return records
 
 

@@ -102,11 +102,7 @@ class SearchSummary:
             best = self.leaderboard.iloc[0]
             lines.append(f"best trial {self.best_trial_id}: mean val macro F1 {best['best_f1']:.4f}")
         for p in self.promoted or ():
-            lines.append(
-                f"promoted: trial {p['trial_id']} confirmed on all folds in {p['seconds'] / 60:.1f} min "
-                f"(screened OOF macro F1 {_figure(p['screened_oof_f1_tta'])}, on all folds "
-                f"{_figure(p.get('oof_f1_tta'))})"
-            )
+            lines.append(_promotion_line(p))
         if self.final is not None:
             f = self.final
             holdout = _figure(f.get("holdout_f1_tta"))
@@ -275,6 +271,20 @@ def _short_error(error: BaseException) -> str:
     return f"{type(cause).__name__}: {text[0] if text else ''}"
 
 
+def _promotion_line(record: dict) -> str:
+    """The report's line for one promotion (``promoted.json``'s record)."""
+    from trainers.screened import FINISHED
+
+    if record.get("status") not in FINISHED:
+        why = f" ({record['error']})" if record.get("error") else ""
+        return f"promotion of trial {record['trial_id']} {record.get('status')}{why}: its screen stays"
+    took = f" in {record['seconds'] / 60:.1f} min" if record.get("seconds") is not None else ""
+    return (
+        f"promoted: trial {record['trial_id']} confirmed on all folds{took} (screened OOF macro F1 "
+        f"{_figure(record.get('screened_oof_f1_tta'))}, on all folds {_figure(record.get('oof_f1_tta'))})"
+    )
+
+
 def _prune_checkpoints(rows: list[dict], keep_top: int, log: SearchLog) -> set[str]:
     """Bounded disk: trials outside the best ``keep_top`` lose their checkpoints; none keeps ``last.pt``.
 
@@ -284,17 +294,26 @@ def _prune_checkpoints(rows: list[dict], keep_top: int, log: SearchLog) -> set[s
     """
     from orchestrator.ensemble.candidates import selection_f1
     from trainers.resume import RESUME_STATE, local_resume_dir  # torch: only once the search is over
+    from trainers.screened import promotion_under_way, was_promoted
 
     scored = {  # a trial pruned by an earlier summary (on a resume) has no checkpoints left to keep
         r["trial_id"]: selection_f1(Path(r["run_dir"]))
         for r in rows
         if r["state"] in CANDIDATE_STATES and (Path(r["run_dir"]) / "checkpoints").is_dir()
     }
-    ranked = sorted((t for t, f1 in scored.items() if f1 is not None), key=lambda t: (-scored[t], t))
+    run_dirs = {r["trial_id"]: Path(r["run_dir"]) for r in rows}
+    # promoted trials first, as the ensemble takes them (``candidates.most_folds``): on a resumed planned
+    # search a screen's one-fold F1 never outranks a trial confirmed on all k folds
+    promoted = {t for t in scored if was_promoted(run_dirs[t])}
+    ranked = sorted(
+        (t for t, f1 in scored.items() if f1 is not None), key=lambda t: (t not in promoted, -scored[t], t)
+    )
     kept = set(ranked[:keep_top])
     deleted = []
     for row in rows:
         run_dir = Path(row["run_dir"])
+        if promotion_under_way(run_dir):  # a cut promotion: --resume continues it from its resume state
+            continue
         if row["state"] != "failed" and not (row["state"] == "cut" and row["trial_id"] in kept):
             # the resume state of a stopped trial: never resumed now (a kept cut one continues on a
             # --resume with a larger --time-budget; a pruned one would lack its best checkpoints)

@@ -319,6 +319,7 @@ WRITERS = {  # record kind -> its write; the one list of what a search records i
     "trial_started": _trial("started"),
     "trial_result": _trial("result"),
     "trial_completed": _trial("completed"),
+    "trial_promoted": _trial("promoted"),
     "trial_retried": _trial("retried"),
     "trial_failed": _trial("failed"),
     "runs_closed": _search(search_runs.close_runs),

@@ -18,6 +18,7 @@ import pandas as pd
 import yaml
 
 from orchestrator.tracking.store import TAG, SearchTracking
+from trainers.config import folds_trained_of
 
 RUN_FOLDER_ARTIFACTS = ("config.yaml", "folds.csv", "result.json", "metrics/*.csv", "plots/*.png")
 
@@ -133,6 +134,26 @@ class TrialRuns:
         self.tracking.set_tags(run_id, tags)
         self.tracking.log_files(run_id, run_dir, RUN_FOLDER_ARTIFACTS, "run")
         self.tracking.finish(run_id, "KILLED" if stopped else "FINISHED")
+
+    def promoted(self, parent_run_id: str, trial_id: str, record: Mapping[str, Any]) -> None:
+        """A planned search's screen, promoted to all its folds after it ended (``search.promote``):
+        its run gets the k-fold figures (``final/`` metrics of the promoted ``result.json``), the screen's
+        ones as ``screen/``, tags saying so, and the run folder's files again (every fold's metrics)."""
+        run_id = self.child(parent_run_id, trial_id)
+        result = json.loads((self.run_dir(trial_id) / "result.json").read_text())
+        final = {k: result.get(k) for k in ("best_f1", "best_epoch", "oof_f1", "oof_f1_tta")}
+        final["epochs"] = result.get("epochs_trained")
+        metrics = {f"final/{k}": v for k, v in final.items() if v is not None}
+        if record.get("screened_oof_f1_tta") is not None:
+            metrics["screen/oof_f1_tta"] = record["screened_oof_f1_tta"]
+        if record.get("seconds") is not None:
+            metrics["promotion/seconds"] = record["seconds"]
+        self.tracking.log_metrics(run_id, metrics)
+        folds = folds_trained_of(result.get("config") or {})
+        status = result.get("status")
+        tags = {f"{TAG}promoted": "true", f"{TAG}folds_trained": folds, f"{TAG}fit_status": status}
+        self.tracking.set_tags(run_id, tags)
+        self.tracking.log_files(run_id, self.run_dir(trial_id), RUN_FOLDER_ARTIFACTS, "run")
 
     def retried(self, parent_run_id: str, trial_id: str, failures: int, error: str) -> None:
         run_id = self.child(parent_run_id, trial_id)
