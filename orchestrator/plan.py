@@ -16,7 +16,9 @@ model unconverged, and one model trained on all persons with the same compute be
    the measured cost affords after the final model's share;
 3. **final**: the best configuration is refit on every training person for as many epochs as the
    rest of the budget holds, measured from the screen's own seconds per image (not a guess, not the
-   screen's few epochs), so the budget ends with a model trained to the end of its schedule.
+   screen's few epochs), so the budget ends with a model trained to the end of its schedule; when its
+   runs converged (``converged_epochs``: a long screen or a promoted run on a GPU node), for the epochs
+   that converged instead, from scratch, the time left training more seeds.
 
 ``make ensemble`` then votes the screened fold models with the final model where the holdout persons say
 it helps (``ensemble.refit_mix``). Without a time budget the plan is not used: every trial trains all k
@@ -39,6 +41,10 @@ VALIDATION_COST = 1 / 3
 # the time it has (on top of the predicted holdout pass), so the refit ends inside the budget.
 FINAL_MARGIN = 0.05
 MIN_FINAL_EPOCHS = 0.5  # less is not worth the final model's start-up and holdout pass
+# A run whose mean validation F1 has not gained for this many epochs after its best has converged: the final
+# model then trains its folds' mean best epoch from scratch (as ``foldtune refit`` does) rather than all the
+# budget holds. A two-epoch CPU screen never shows it (its best is at most one epoch before its end).
+CONVERGED_AFTER = 2
 PLAN_KEYS = ("screen_folds", "final_share", "max_final_epochs", "max_final_seeds", "promote_top")
 
 
@@ -143,6 +149,14 @@ def final_seeds(
     if not (one > 0 and math.isfinite(one)):
         return 1
     return max(1, min(int(max_seeds), math.floor(left_s * (1 - FINAL_MARGIN) / one)))
+
+
+def converged_epochs(best_epoch: int, epochs_trained: int, fold_best_epochs: Sequence[int]) -> int | None:
+    """The folds' rounded mean best epoch when the run converged (no mean F1 gain for ``CONVERGED_AFTER``
+    epochs after its best epoch); None when it may still gain (the final model trains what the time holds)."""
+    if not fold_best_epochs or epochs_trained - best_epoch < CONVERGED_AFTER:
+        return None
+    return max(1, math.floor(sum(fold_best_epochs) / len(fold_best_epochs) + 0.5))
 
 
 def final_seconds(

@@ -238,3 +238,54 @@ def test_the_search_promotes_in_rank_order_goes_on_past_a_failure_and_never_prom
     recovered = promote_module.settled_promotions(search_dir, told.append)
     assert [r["trial_id"] for r in recovered] == [ranked[0]] and told == recovered
     assert recovered[0]["status"] == "completed" and "after a restart" in recovered[0]["recorded"]
+
+
+def test_the_final_model_of_a_converged_trial_trains_the_epochs_that_converged_from_scratch(
+    tmp_path, dataset_builder, tracking_uri
+):
+    """The final phase sizes its model by convergence when the chosen trial shows it: the folds' mean best
+    epoch, from scratch, the time left on more seeds. Unconverged (a short screen), it continues the
+    screened fold model for what the time holds, at most ``max_final_epochs``."""
+    import time
+
+    from orchestrator.plan import converged_epochs
+    from orchestrator.search.budget import BUDGET_FILE, TimeBudget
+    from orchestrator.search.final import train_final
+    from orchestrator.space import parse_space
+
+    assert converged_epochs(best_epoch=2, epochs_trained=2, fold_best_epochs=[2]) is None  # still gaining
+    assert converged_epochs(best_epoch=11, epochs_trained=12, fold_best_epochs=[11, 12]) is None
+    assert converged_epochs(best_epoch=6, epochs_trained=8, fold_best_epochs=[5, 6, 8]) == 6
+    root = tmp_path / "data"
+    dataset_builder(root, n_persons=12)
+    table = read_train(root).table
+    search_dir = tmp_path / "runs" / "s"
+    fixed = {"epochs": 1, "k": 3, "image_size": [32, 24], "batch_size": 16, "pretrained": False}
+    run_dir = search_dir / "trials" / "t1"
+    cfg = TrainConfig(backbone="resnet10t", lr=3e-3, train_folds=1, patience=0, **fixed)
+    fit(cfg, table, make_folds(table, k=3, seed=0), run_dir, tmp_path / "cache", log=None)
+    space = parse_space(
+        {
+            "name": "s",
+            "fixed": fixed,
+            "search": {"lr": {"loguniform": [1e-5, 1e-2]}},
+            "plan": {"screen_folds": 1, "max_final_epochs": 3, "max_final_seeds": 2},
+        }
+    )
+
+    def final() -> tuple[dict, dict]:
+        budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=3600.0, used_before_s=0.0, started=time.time())
+        record = train_final(root, space, search_dir, budget, tmp_path / "cache", tracking_uri, False)
+        return record, json.loads((search_dir / "refit" / "t1" / "refit.json").read_text())
+
+    record, refit = final()  # one epoch trained, its best: may still gain
+    assert record["epochs"] == 3 and "time left" in record["epochs_from"] and record["seeds"] == 2
+    assert refit["continued_from"] == "fold0.pt" and refit["epochs"] == 3
+    # the same trial as a run that stopped gaining would record it: best epoch 1 of 3
+    result = json.loads((run_dir / "result.json").read_text())
+    result.update(best_epoch=1, epochs_trained=3)
+    result["extra"]["fold_best_epochs"] = [1]
+    (run_dir / "result.json").write_text(json.dumps(result))
+    record, refit = final()
+    assert record["epochs"] == 1 and record["epochs_from"].startswith("converged") and record["seeds"] == 2
+    assert refit["continued_from"] is None and refit["epochs"] == 1 and refit["seeds"] == 2

@@ -9,6 +9,10 @@ the images it trained and scored per epoch (``plan.seconds_per_image``), so a sl
 epochs and a fast one more, and the learning-rate schedule is built for exactly that many. The model
 starts from the screened fold model's weights (its best epoch), so the screen's epochs of the winner are
 reused rather than trained again; it then sees every training person under a fresh warmup-cosine schedule.
+When the chosen trial's runs converged (``plan.converged_epochs``: its mean F1 stopped gaining, which a
+long screen or a promoted run on a GPU node shows and a two-epoch CPU screen never does) and the time left
+holds it, the final model instead trains the folds' mean best epoch from scratch, as ``foldtune refit``
+does, and the time left trains more seeds of it: epochs that converged, not epochs that fit.
 
 ``final.json`` in the search folder says what was decided and why (read by ``foldtune ensemble``, which
 then votes the final model with the screened fold models when the holdout persons say it helps). A
@@ -31,7 +35,7 @@ import pandas as pd
 import yaml
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.plan import describe_final, final_epochs, final_seeds, seconds_per_image
+from orchestrator.plan import converged_epochs, describe_final, final_epochs, final_seeds, seconds_per_image
 from orchestrator.search.budget import BILL_EVERY_S, TimeBudget
 from orchestrator.space import SearchSpace
 from trainers.io import write_text_atomic
@@ -68,7 +72,13 @@ def train_final(
     per_image_s, refit_images, holdout_images = cost
     views = len(config.get("tta") or ())
     plan = space.plan
-    epochs = final_epochs(left_s, per_image_s, refit_images, holdout_images, views, plan.max_final_epochs)
+    converged = _converged(run_dir, plan.max_final_epochs)
+    epochs = final_epochs(
+        left_s, per_image_s, refit_images, holdout_images, views, converged or plan.max_final_epochs
+    )
+    if converged is not None and epochs < converged:  # not enough time to start over: continue, as before
+        converged = None
+        epochs = final_epochs(left_s, per_image_s, refit_images, holdout_images, views, plan.max_final_epochs)
     if epochs <= 0:
         epoch_s = per_image_s * refit_images
         say(
@@ -80,6 +90,12 @@ def train_final(
         left_s, per_image_s, refit_images, holdout_images, views, epochs, plan.max_final_seeds
     )
     say(describe_final(trial_id, str(config["backbone"]), epochs, per_image_s, refit_images, left_s, seeds))
+    epochs_from = (
+        f"converged: the folds' mean best epoch ({converged}), from scratch"
+        if converged is not None
+        else "the time left (at most max_final_epochs), continuing the screened fold model"
+    )
+    say(f"final: epochs from {epochs_from}")
     use_the_search_threads(space)
     started = time.monotonic()
     with billed(budget):
@@ -95,12 +111,14 @@ def train_final(
             cache_dir=Path(cache_dir) if cache_dir else None,
             log=say if progress else None,
             chosen_by=f"the screen: {why}",
-            continue_fold=0,  # the screened fold model goes on: its epochs are reused, not repeated
+            # unconverged, the screened fold model goes on: its epochs are reused, not repeated
+            continue_fold=None if converged is not None else 0,
         )
     record = {
         "trial_id": trial_id,
         "chosen_by": why,
         "epochs": epochs,
+        "epochs_from": epochs_from,
         "seeds": seeds,
         "seconds_per_image": per_image_s,
         "train_images": refit_images,
@@ -112,6 +130,18 @@ def train_final(
     write_text_atomic(json.dumps(record, indent=2), search_dir / FINAL_RECORD)
     budget.record()
     return record
+
+
+def _converged(run_dir: Path, cap: int) -> int | None:
+    """The epochs the trial's runs converged at (``plan.converged_epochs``, at most ``cap``), from its
+    ``result.json``; None when they may still gain or the record does not say."""
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+        best, trained = int(result["best_epoch"]), int(result["epochs_trained"])
+        converged = converged_epochs(best, trained, list(result["extra"]["fold_best_epochs"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None if converged is None else min(converged, cap)
 
 
 def read_final(search_dir: Path) -> dict[str, Any] | None:
