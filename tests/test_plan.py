@@ -298,7 +298,7 @@ def test_a_planned_search_screens_on_one_fold_then_trains_the_best_to_the_end_of
     children = {
         r.data.tags["foldtune.trial_id"]: r
         for r in client.search_runs([client.get_experiment_by_name("planned").experiment_id])
-        if r.data.tags.get("mlflow.parentRunId")
+        if "foldtune.trial_id" in r.data.tags  # the trials' runs (not the final model's refit run)
     }
     for trial_id, record in promoted.items():
         run = children[trial_id]
