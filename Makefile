@@ -127,7 +127,8 @@ bench-outage: .venv
 # no .venv prerequisite: on a GPU machine with its own python (torch + timm) that cannot install one
 bench-budget: .venv  # the planned search vs one model of the same compute, one core each (BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.equal_compute --data $(or $(strip $(BENCH_DATA)),/tmp/aafmask) \
-		--minutes $(or $(strip $(TIME)),30) --out $(or $(strip $(BENCH_OUT)),/tmp/foldtune-bench-budget)
+		--minutes $(or $(strip $(TIME)),30) --out $(or $(strip $(BENCH_OUT)),/tmp/foldtune-bench-budget) \
+		$(call opt,--seed,$(SEED))
 
 bench-gpu:
 	$(or $(wildcard $(BIN)/python),$(PYTHON)) -m benchmarks.gpu_device $(call opt,--out,$(BENCH_OUT))
