@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 
 import numpy as np
 import pandas as pd
@@ -289,3 +290,108 @@ def test_the_final_model_of_a_converged_trial_trains_the_epochs_that_converged_f
     record, refit = final()
     assert record["epochs"] == 1 and record["epochs_from"].startswith("converged") and record["seeds"] == 2
     assert refit["continued_from"] is None and refit["epochs"] == 1 and refit["seeds"] == 2
+
+
+HELD_PROMOTION_DRIVER = """
+import functools, sys, time
+import orchestrator.search
+import trainers.fit
+from orchestrator.cli import main
+
+real_fit = trainers.fit.fit
+
+
+def held_after_one_promoted_epoch(*args, **kwargs):  # a promotion that never ends: the driver is killed
+    if kwargs.get("promote"):
+        kwargs["callback"] = lambda report: time.sleep(3600) if report.epoch >= 1 else None
+    return real_fit(*args, **kwargs)
+
+
+trainers.fit.fit = held_after_one_promoted_epoch
+cache, *argv = sys.argv[1:]
+orchestrator.search.run_search = functools.partial(
+    orchestrator.search.run_search, cache_dir=cache, progress=False
+)
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_promotion_resumes_it_and_promotes_nothing_twice(
+    tmp_path, demo_root, tracking_uri, capsys
+):
+    """A planned search's driver SIGKILLed while it promotes a screen (after the promotion's first epoch,
+    its resume state saved). ``--resume`` with a larger budget finishes that promotion from its resume
+    state, its screened fold model untouched, records every promotion once, and trains the final model."""
+    import subprocess
+    import sys
+
+    import psutil
+    import ray
+    from test_faults_search import end_driver_processes, search_argv, wait_for
+    from test_plan import planned_space
+
+    from orchestrator.search import run_search
+    from trainers.resume import RESUME_STATE, local_resume_dir
+    from trainers.screened import SCREEN_HISTORY, promotion_under_way
+
+    space_file = planned_space(tmp_path)
+    search_dir = tmp_path / "runs" / "planned"
+    argv = [*search_argv(demo_root, space_file, tmp_path, tracking_uri), "--time-budget", "2"]
+    err = tmp_path / "driver.err"
+    with open(tmp_path / "driver.out", "w") as stdout, open(err, "w") as stderr:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", HELD_PROMOTION_DRIVER, str(tmp_path / "cache"), *argv],
+            stdout=stdout,
+            stderr=stderr,
+            cwd=tmp_path,
+        )
+
+    def held() -> list:
+        trials = search_dir / "trials"
+        kept = trials.glob(f"*/metrics/{SCREEN_HISTORY}") if trials.is_dir() else ()
+        return [p.parents[1] for p in kept if (local_resume_dir(p.parents[1]) / RESUME_STATE).is_file()]
+
+    try:
+        wait_for(lambda: held(), 400, "a promotion held after its first epoch", driver, err)
+        children = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    end_driver_processes(children)
+    (run_dir,) = held()
+    screened_fold0 = _digest(run_dir / "checkpoints" / "fold0.pt")
+    assert promotion_under_way(run_dir)  # the folder still reads as its screen
+    before = (
+        {r["trial_id"] for r in json.loads((search_dir / "promoted.json").read_text())}
+        if (search_dir / "promoted.json").is_file()
+        else set()
+    )
+    assert run_dir.name not in before
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_search(
+            demo_root,
+            space_file,
+            storage=tmp_path / "runs",
+            tracking_uri=tracking_uri,
+            cache_dir=tmp_path / "cache",
+            progress=True,
+            resume=True,
+            time_budget_minutes=4.0,
+        )
+    finally:
+        ray.shutdown()
+    printed = capsys.readouterr().out
+    assert f"resuming {run_dir.name} after epoch 1" in printed  # epoch 1 of the promotion not redone
+    records = json.loads((search_dir / "promoted.json").read_text())
+    ids = [r["trial_id"] for r in records]
+    assert len(ids) == len(set(ids)) and run_dir.name in ids and summary.final is not None
+    assert not promotion_under_way(run_dir) and not (local_resume_dir(run_dir) / RESUME_STATE).exists()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train_folds"] == 0
+    assert _digest(run_dir / "checkpoints" / "fold0.pt") == screened_fold0
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "completed" and len(result["extra"]["fold_best_epochs"]) == 3
