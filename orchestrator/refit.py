@@ -114,16 +114,17 @@ def choose_trial(search_dir: Path) -> tuple[str, str]:
                 "`foldtune ensemble`"
             ) from None
         return trial_id, f"the first member of the ensemble ({ensemble.name})"
-    from orchestrator.ensemble.candidates import discover, left_out_by_search, most_folds, read_search_summary
-    from orchestrator.ensemble.selection import macro_f1
-    from trainers.folds import HOLDOUT_FOLD
+    from orchestrator.ensemble.candidates import (
+        discover,
+        left_out_by_search,
+        most_folds,
+        oof_f1_tta,
+        read_search_summary,
+    )
 
     # a planned search's promoted trials, when it has them (``most_folds``)
     candidates, _ = most_folds(*discover(search_dir, *left_out_by_search(read_search_summary(search_dir))))
-    scores = []
-    for candidate in candidates:
-        rows = candidate.fold != HOLDOUT_FOLD  # holdout rows, if the OOF file lists them, are not OOF
-        scores.append((-macro_f1(candidate.label[rows], candidate.probs_tta[rows]), candidate.trial_id))
+    scores = [(-oof_f1_tta(candidate), candidate.trial_id) for candidate in candidates]
     score, trial_id = min(scores)
     return trial_id, f"the best OOF macro F1 with TTA ({-score:.4f}) of {len(candidates)} usable trial(s)"
 

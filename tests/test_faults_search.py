@@ -90,6 +90,14 @@ def assert_nothing_running(search_dir: Path, tracking_uri: str) -> None:
     assert [i for i, r in children.items() if r.info.status == "RUNNING"] == []
 
 
+def sigkill_driver(process: subprocess.Popen) -> None:
+    """SIGKILL the driver (no handler of its runs), then end what its local Ray leaves behind."""
+    ray_processes = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    end_driver_processes(ray_processes)
+
+
 def end_driver_processes(processes: list[psutil.Process]) -> None:
     """A killed driver's local Ray: its reaper takes the cluster down, idle agents linger; end those."""
     _, lingering = psutil.wait_procs(processes, timeout=20)
@@ -219,14 +227,17 @@ sys.exit(main(argv))
 """
 
 
-def start_driver(tmp_path: Path, trial_fn, argv: list[str]) -> tuple[subprocess.Popen, Path, Path]:
-    """``foldtune search ARGV`` in a subprocess whose trials run ``trial_fn``; (process, stdout, stderr)."""
+def start_driver(
+    tmp_path: Path, trial_fn, argv: list[str], script: str = SUBPROCESS_DRIVER
+) -> tuple[subprocess.Popen, Path, Path]:
+    """``foldtune search ARGV`` in a subprocess whose trials run ``trial_fn``; (process, stdout, stderr).
+    ``script``: the driver's program (given the pickled trial function, the cache folder and ARGV)."""
     trial_fn_file = tmp_path / "trial_fn.pkl"
     trial_fn_file.write_bytes(cloudpickle.dumps(trial_fn))
     out, err = tmp_path / "driver.out", tmp_path / "driver.err"
     with open(out, "w") as stdout, open(err, "w") as stderr:  # the child keeps its own handles
         process = subprocess.Popen(
-            [sys.executable, "-c", SUBPROCESS_DRIVER, str(trial_fn_file), str(tmp_path / "cache"), *argv],
+            [sys.executable, "-c", script, str(trial_fn_file), str(tmp_path / "cache"), *argv],
             stdout=stdout,
             stderr=stderr,
             cwd=tmp_path,
@@ -314,13 +325,10 @@ def test_a_resume_after_sigkill_settles_what_was_left(tmp_path, demo_root, track
     try:
         wait_for(third_midway, 300, "two ended trials and a third mid-way", driver_process, err)
         time.sleep(2.5)  # one more experiment snapshot (every 2 s) with the third trial's epoch in it
-        ray_processes = psutil.Process(driver_process.pid).children(recursive=True)
-        driver_process.send_signal(signal.SIGKILL)
-        driver_process.wait()
+        sigkill_driver(driver_process)
     finally:
         if driver_process.poll() is None:
             driver_process.kill()
-    end_driver_processes(ray_processes)
 
     study = load_study(search_dir)
     ids = {t.params["lr"]: t.user_attrs["ray_trial_id"] for t in study.trials}

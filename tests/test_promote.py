@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 
 import numpy as np
 import pandas as pd
@@ -294,6 +293,7 @@ def test_the_final_model_of_a_converged_trial_trains_the_epochs_that_converged_f
 
 HELD_PROMOTION_DRIVER = """
 import functools, sys, time
+from ray import cloudpickle
 import orchestrator.search
 import trainers.fit
 from orchestrator.cli import main
@@ -308,9 +308,11 @@ def held_after_one_promoted_epoch(*args, **kwargs):  # a promotion that never en
 
 
 trainers.fit.fit = held_after_one_promoted_epoch
-cache, *argv = sys.argv[1:]
+trial_fn_file, cache, *argv = sys.argv[1:]
+with open(trial_fn_file, "rb") as handle:
+    trial_fn = cloudpickle.load(handle)
 orchestrator.search.run_search = functools.partial(
-    orchestrator.search.run_search, cache_dir=cache, progress=False
+    orchestrator.search.run_search, trial_fn=trial_fn, cache_dir=cache, progress=False
 )
 sys.exit(main(argv))
 """
@@ -323,29 +325,19 @@ def test_a_driver_killed_mid_promotion_resumes_it_and_promotes_nothing_twice(
     """A planned search's driver SIGKILLed while it promotes a screen (after the promotion's first epoch,
     its resume state saved). ``--resume`` with a larger budget finishes that promotion from its resume
     state, its screened fold model untouched, records every promotion once, and trains the final model."""
-    import subprocess
-    import sys
-
-    import psutil
     import ray
-    from test_faults_search import end_driver_processes, search_argv, wait_for
+    from test_faults_search import search_argv, sigkill_driver, start_driver, wait_for
     from test_plan import planned_space
 
     from orchestrator.search import run_search
+    from orchestrator.search.trial import run_trial
     from trainers.resume import RESUME_STATE, local_resume_dir
     from trainers.screened import SCREEN_HISTORY, promotion_under_way
 
     space_file = planned_space(tmp_path)
     search_dir = tmp_path / "runs" / "planned"
     argv = [*search_argv(demo_root, space_file, tmp_path, tracking_uri), "--time-budget", "2"]
-    err = tmp_path / "driver.err"
-    with open(tmp_path / "driver.out", "w") as stdout, open(err, "w") as stderr:
-        driver = subprocess.Popen(
-            [sys.executable, "-c", HELD_PROMOTION_DRIVER, str(tmp_path / "cache"), *argv],
-            stdout=stdout,
-            stderr=stderr,
-            cwd=tmp_path,
-        )
+    driver, _, err = start_driver(tmp_path, run_trial, argv, script=HELD_PROMOTION_DRIVER)
 
     def held() -> list:
         trials = search_dir / "trials"
@@ -354,13 +346,10 @@ def test_a_driver_killed_mid_promotion_resumes_it_and_promotes_nothing_twice(
 
     try:
         wait_for(lambda: held(), 400, "a promotion held after its first epoch", driver, err)
-        children = psutil.Process(driver.pid).children(recursive=True)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        sigkill_driver(driver)
     finally:
         if driver.poll() is None:
             driver.kill()
-    end_driver_processes(children)
     (run_dir,) = held()
     screened_fold0 = _digest(run_dir / "checkpoints" / "fold0.pt")
     assert promotion_under_way(run_dir)  # the folder still reads as its screen

@@ -110,36 +110,36 @@ def promotion_under_way(run_dir: Path, config: dict | None = None) -> bool:
     """A promotion of the screen in ``run_dir`` started and has not ended (running, or cut by a kill:
     its resume state is what a ``--resume`` continues from, not to be pruned). ``config``: the run's
     ``config.yaml`` when the caller has read it."""
-    if not (Path(run_dir) / "metrics" / SCREEN_HISTORY).is_file():
-        return False
-    config = _config_of(run_dir) if config is None else config
-    return bool(config) and folds_trained_of(config) < int(config.get("k", 0))
-
-
-def _config_of(run_dir: Path) -> dict:
-    """The run's ``config.yaml`` ({} when it is missing or unreadable)."""
-    try:
-        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return config if isinstance(config, dict) else {}
+    return _promotion_ended(run_dir, config) is False
 
 
 def was_promoted(run_dir: Path, config: dict | None = None) -> bool:
     """A run folder that screened and was then promoted to all its folds (the screen's history kept)."""
+    return _promotion_ended(run_dir, config) is True
+
+
+def _promotion_ended(run_dir: Path, config: dict | None) -> bool | None:
+    """None: no promotion of ``run_dir`` ever started (no screen history kept) or its ``config.yaml`` is
+    unreadable; else whether ``config.yaml`` already says all k folds (a promotion writes it last)."""
     if not (Path(run_dir) / "metrics" / SCREEN_HISTORY).is_file():
-        return False
-    config = _config_of(run_dir) if config is None else config
-    return bool(config) and folds_trained_of(config) >= int(config.get("k", 0))
+        return None
+    if config is None:
+        try:
+            config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+    if not isinstance(config, dict) or not config:
+        return None
+    return folds_trained_of(config) >= int(config.get("k", 0))
 
 
 def reuse_screened(fold_states: Sequence, screened: ScreenedFolds, run_dir: Path) -> None:
     """The screened folds' best epoch, score and validation probabilities, from their checkpoints (the
     models themselves are loaded from them when the run predicts its out-of-fold images)."""
     for state in fold_states[: screened.folds]:
-        payload = read_checkpoint(fold_checkpoint_path(run_dir, state.index), mmap=True)
+        path = fold_checkpoint_path(run_dir, state.index)
+        payload = read_checkpoint(path, mmap=True)
         if "val_probs" not in payload:
-            path = fold_checkpoint_path(run_dir, state.index)
             raise PromotionError(f"{path} has no validation probabilities: this screen cannot be promoted")
         state.best_f1, state.best_epoch = float(payload["val_f1"]), int(payload["epoch"])
         state.best_probs = payload["val_probs"].numpy().copy()

@@ -290,6 +290,16 @@ def shared_class_names(candidates: list[Candidate]) -> list[str]:
     return class_names(AgeBands(age_edges[0]))
 
 
+def oof_f1_tta(candidate: Candidate) -> float:
+    """A candidate's out-of-fold macro F1 with its TTA, on its out-of-fold rows only (holdout rows, if its
+    OOF file lists them, are not out-of-fold): what the planned search ranks trials by."""
+    from orchestrator.ensemble.selection import macro_f1
+    from trainers.folds import HOLDOUT_FOLD
+
+    rows = candidate.fold != HOLDOUT_FOLD
+    return macro_f1(candidate.label[rows], candidate.probs_tta[rows])
+
+
 def selection_f1(run_dir: Path) -> float | None:
     """What the ensemble ranks a trial by: the macro F1 of its stored OOF probabilities (with its own TTA
     when it finished), or None when it cannot be a candidate."""

@@ -27,7 +27,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,11 +180,19 @@ def measured_cost(run_dir: Path, config: dict) -> tuple[float, int, int] | None:
     in_folds = fold_of != HOLDOUT_FOLD
     # a promoted run timed only the folds it trained (``timed_from`` on); its screened ones were reused
     first = int(history["timed_from"].dropna().max()) if "timed_from" in history.columns else 0
-    timed = range(first, folds_trained_of(config))
-    train_images = sum(int((in_folds & (fold_of != f)).sum()) for f in timed)
-    val_images = sum(int((fold_of == f).sum()) for f in timed)
+    timed = fold_images(fold_of, range(first, folds_trained_of(config)))
+    train_images, val_images = sum(train for train, _ in timed), sum(val for _, val in timed)
     per_image = seconds_per_image(float(seconds.median()), train_images, val_images)
     return per_image, int(in_folds.sum()), int((~in_folds).sum())
+
+
+def fold_images(fold_of, folds: Iterable[int]) -> list[tuple[int, int]]:
+    """(training images, validation images) of each of ``folds``, from a fold file's ``fold`` column
+    (``fold_of``): a fold validates on its own rows and trains on every other non-holdout row."""
+    from trainers.folds import HOLDOUT_FOLD
+
+    in_folds = fold_of != HOLDOUT_FOLD
+    return [(int((in_folds & (fold_of != fold)).sum()), int((fold_of == fold).sum())) for fold in folds]
 
 
 @contextlib.contextmanager

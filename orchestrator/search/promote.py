@@ -29,7 +29,7 @@ import yaml
 
 from orchestrator.plan import describe_promotions, final_seconds, promotion_seconds, promotions_that_fit
 from orchestrator.search.budget import TimeBudget
-from orchestrator.search.final import billed, measured_cost, use_the_search_threads
+from orchestrator.search.final import billed, fold_images, measured_cost, use_the_search_threads
 from orchestrator.space import SearchSpace
 from orchestrator.tracking.store import error_line
 from trainers.errors import FoldtuneError
@@ -145,10 +145,8 @@ def settled_promotions(
 def rank_screened(search_dir: Path) -> list[tuple[str, float]]:
     """(trial id, out-of-fold macro F1 with TTA) of every finished screen (a trial that trained all its
     epochs on fewer than k folds), best first; a screen cut by the budget or by ASHA is not promoted."""
-    from orchestrator.ensemble.candidates import discover, left_out_by_search, read_search_summary
-    from orchestrator.ensemble.selection import macro_f1
+    from orchestrator.ensemble.candidates import discover, left_out_by_search, oof_f1_tta, read_search_summary
     from trainers.config import folds_trained_of
-    from trainers.folds import HOLDOUT_FOLD
     from trainers.screened import FINISHED
 
     candidates, _ = discover(search_dir, *left_out_by_search(read_search_summary(search_dir)))
@@ -161,8 +159,7 @@ def rank_screened(search_dir: Path) -> list[tuple[str, float]]:
         config = result.get("config") or {}
         if result.get("status") not in FINISHED or folds_trained_of(config) >= int(config.get("k", 0)):
             continue
-        rows = candidate.fold != HOLDOUT_FOLD
-        scored.append((macro_f1(candidate.label[rows], candidate.probs_tta[rows]), candidate.trial_id))
+        scored.append((oof_f1_tta(candidate), candidate.trial_id))
     return [(trial_id, score) for score, trial_id in sorted(scored, key=lambda pair: -pair[0])]
 
 
@@ -171,14 +168,9 @@ def left_folds(run_dir: Path, config: dict) -> list[tuple[int, int]]:
     import pandas as pd
 
     from trainers.config import folds_trained_of
-    from trainers.folds import HOLDOUT_FOLD
 
     fold_of = pd.read_csv(run_dir / "folds.csv", usecols=["fold"])["fold"].to_numpy()
-    in_folds = fold_of != HOLDOUT_FOLD
-    return [
-        (int((in_folds & (fold_of != fold)).sum()), int((fold_of == fold).sum()))
-        for fold in range(folds_trained_of(config), int(config["k"]))
-    ]
+    return fold_images(fold_of, range(folds_trained_of(config), int(config["k"])))
 
 
 def promote_trial(

@@ -125,8 +125,7 @@ class TrialRuns:
         result_file = run_dir / "result.json"
         if result_file.exists():
             fit_result = json.loads(result_file.read_text())
-            final.update({k: fit_result.get(k) for k in ("best_f1", "best_epoch", "oof_f1", "oof_f1_tta")})
-            final["epochs"] = fit_result.get("epochs_trained")
+            final.update(_fit_figures(fit_result))
             tags.update(
                 {f"{TAG}fit_status": fit_result.get("status"), f"{TAG}fit_message": fit_result.get("message")}
             )
@@ -141,9 +140,7 @@ class TrialRuns:
         ones as ``screen/``, tags saying so, and the run folder's files again (every fold's metrics)."""
         run_id = self.child(parent_run_id, trial_id)
         result = json.loads((self.run_dir(trial_id) / "result.json").read_text())
-        final = {k: result.get(k) for k in ("best_f1", "best_epoch", "oof_f1", "oof_f1_tta")}
-        final["epochs"] = result.get("epochs_trained")
-        metrics = {f"final/{k}": v for k, v in final.items() if v is not None}
+        metrics = {f"final/{k}": v for k, v in _fit_figures(result).items() if v is not None}
         if record.get("screened_oof_f1_tta") is not None:
             metrics["screen/oof_f1_tta"] = record["screened_oof_f1_tta"]
         if record.get("seconds") is not None:
@@ -165,3 +162,10 @@ class TrialRuns:
         self.tracking.client.log_text(run_id, text, "error.txt")
         self.tracking.log_files(run_id, self.run_dir(trial_id), RUN_FOLDER_ARTIFACTS, "run")
         self.tracking.finish(run_id, "FAILED")
+
+
+def _fit_figures(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's final figures from fit's ``result.json`` (logged as ``final/<name>``)."""
+    figures = {k: result.get(k) for k in ("best_f1", "best_epoch", "oof_f1", "oof_f1_tta")}
+    figures["epochs"] = result.get("epochs_trained")
+    return figures
