@@ -291,12 +291,9 @@ def test_the_final_model_of_a_converged_trial_trains_the_epochs_that_converged_f
     assert refit["continued_from"] is None and refit["epochs"] == 1 and refit["seeds"] == 2
 
 
-HELD_PROMOTION_DRIVER = """
-import functools, sys, time
-from ray import cloudpickle
-import orchestrator.search
+HOLD_PROMOTIONS = """
+import time
 import trainers.fit
-from orchestrator.cli import main
 
 real_fit = trainers.fit.fit
 
@@ -308,14 +305,7 @@ def held_after_one_promoted_epoch(*args, **kwargs):  # a promotion that never en
 
 
 trainers.fit.fit = held_after_one_promoted_epoch
-trial_fn_file, cache, *argv = sys.argv[1:]
-with open(trial_fn_file, "rb") as handle:
-    trial_fn = cloudpickle.load(handle)
-orchestrator.search.run_search = functools.partial(
-    orchestrator.search.run_search, trial_fn=trial_fn, cache_dir=cache, progress=False
-)
-sys.exit(main(argv))
-"""
+"""  # put before test_faults_search's driver program: its promotions wait after their first epoch
 
 
 @pytest.mark.slow
@@ -326,7 +316,7 @@ def test_a_driver_killed_mid_promotion_resumes_it_and_promotes_nothing_twice(
     its resume state saved). ``--resume`` with a larger budget finishes that promotion from its resume
     state, its screened fold model untouched, records every promotion once, and trains the final model."""
     import ray
-    from test_faults_search import search_argv, sigkill_driver, start_driver, wait_for
+    from test_faults_search import SUBPROCESS_DRIVER, search_argv, sigkill_driver, start_driver, wait_for
     from test_plan import planned_space
 
     from orchestrator.search import run_search
@@ -337,7 +327,7 @@ def test_a_driver_killed_mid_promotion_resumes_it_and_promotes_nothing_twice(
     space_file = planned_space(tmp_path)
     search_dir = tmp_path / "runs" / "planned"
     argv = [*search_argv(demo_root, space_file, tmp_path, tracking_uri), "--time-budget", "2"]
-    driver, _, err = start_driver(tmp_path, run_trial, argv, script=HELD_PROMOTION_DRIVER)
+    driver, _, err = start_driver(tmp_path, run_trial, argv, script=HOLD_PROMOTIONS + SUBPROCESS_DRIVER)
 
     def held() -> list:
         trials = search_dir / "trials"
