@@ -47,7 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "cpu.yaml")
     parser.add_argument("--seed", type=int, default=42, help="the search's and the single model's seed")
-    parser.add_argument("--single", choices=("middle", "best"), default="middle")
+    parser.add_argument(
+        "--single",
+        choices=("middle", "best", "none"),
+        default="middle",
+        help="the single-model arm beside the search (none: the search arm alone, e.g. after a change to "
+        "the search when the single-model rows of that T and seed are already measured)",
+    )
+    parser.add_argument(
+        "--core", type=int, default=0, help="the search arm's core (the single model: the other)"
+    )
     parser.add_argument("--epoch-seconds", type=float, default=LITE0_EPOCH_S)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         space = _one_at_a_time(args.space, args.out / "space.yaml", args.seed)
         started = time.time()
         search = _pinned(
-            0,
+            args.core,
             [
                 *foldtune,
                 "search",
@@ -83,12 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             ],
             args.out / "search.log",
         )
-        single = _single_process(python, args, MIDDLE, args.epoch_seconds, "single_middle")
+        single = (
+            None
+            if args.single == "none"
+            else _single_process(python, args, MIDDLE, args.epoch_seconds, "single_middle")
+        )
         search.wait()
         row["search_s"] = round(time.time() - started, 1)
         began = time.time()
         _pinned(
-            0,
+            args.core,
             [
                 *foldtune,
                 "ensemble",
@@ -103,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         ).wait()
         row["ensemble_s"] = round(time.time() - began, 1)
         row["search"] = _score(args.out / "search" / "cpu" / "submission.csv", args.data)
-        single.wait()
-        row["single_middle"] = json.loads((args.out / "single_middle" / "single_model.json").read_text())
+        if single is not None:
+            single.wait()
+            row["single_middle"] = json.loads((args.out / "single_middle" / "single_model.json").read_text())
     (args.out / "row.json").write_text(json.dumps(row, indent=2, default=float))
     print(json.dumps(row, indent=2, default=float))
     return 0
@@ -154,7 +168,7 @@ def _single_process(python: str, args, params: dict, epoch_s: float, name: str) 
         "--out",
         str(args.out / name),
     ]
-    return _pinned(1, command, args.out / f"{name}.log")
+    return _pinned(1 - args.core, command, args.out / f"{name}.log")
 
 
 def _single(python: str, args, params: dict, epoch_s: float, name: str) -> dict:

@@ -151,6 +151,17 @@ def final_seeds(
     return max(1, min(int(max_seeds), math.floor(left_s * (1 - FINAL_MARGIN) / one)))
 
 
+def final_models(fit_epochs: float, max_epochs: int, max_models: int = Plan.max_final_seeds) -> int:
+    """How many final models share the final phase when the runs do not show convergence: one while the
+    time left holds at most ``max_epochs`` of it; past that cap the time is split evenly among
+    ``ceil(fit_epochs / max_epochs)`` models (at most ``max_models``), each continuing a screened fold model,
+    rather than spend it all on epochs of one model that no run showed to pay (BENCHMARKS.md: at equal
+    compute past the cap, models of more configurations in the vote beat more epochs of one)."""
+    if not (math.isfinite(fit_epochs) and fit_epochs > max_epochs > 0):
+        return 1
+    return max(1, min(int(max_models), math.ceil(fit_epochs / max_epochs)))
+
+
 def converged_epochs(best_epoch: int, epochs_trained: int, fold_best_epochs: Sequence[int]) -> int | None:
     """The folds' rounded mean best epoch when the run converged (no mean F1 gain for ``CONVERGED_AFTER``
     epochs after its best epoch); None when it may still gain (the final model trains what the time holds)."""

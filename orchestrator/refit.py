@@ -114,6 +114,17 @@ def choose_trial(search_dir: Path) -> tuple[str, str]:
                 "`foldtune ensemble`"
             ) from None
         return trial_id, f"the first member of the ensemble ({ensemble.name})"
+    ranked = ranked_trials(search_dir)
+    if not ranked:
+        raise OrchestratorError(f"{search_dir}: no trial has all its checkpoints and OOF predictions")
+    trial_id, score, _ = ranked[0]
+    return trial_id, f"the best OOF macro F1 with TTA ({score:.4f}) of {len(ranked)} usable trial(s)"
+
+
+def ranked_trials(search_dir: Path) -> list[tuple[str, float, bool]]:
+    """(trial id, OOF macro F1 with TTA, whether it trained all its epochs) of every usable trial (all its
+    checkpoints and OOF predictions; a planned search's promoted trials when it has them: ``most_folds``),
+    best first (ties: trial id). Raises what ``discover`` raises when there is none."""
     from orchestrator.ensemble.candidates import (
         discover,
         left_out_by_search,
@@ -121,12 +132,11 @@ def choose_trial(search_dir: Path) -> tuple[str, str]:
         oof_f1_tta,
         read_search_summary,
     )
+    from trainers.screened import FINISHED
 
-    # a planned search's promoted trials, when it has them (``most_folds``)
     candidates, _ = most_folds(*discover(search_dir, *left_out_by_search(read_search_summary(search_dir))))
-    scores = [(-oof_f1_tta(candidate), candidate.trial_id) for candidate in candidates]
-    score, trial_id = min(scores)
-    return trial_id, f"the best OOF macro F1 with TTA ({-score:.4f}) of {len(candidates)} usable trial(s)"
+    scored = sorted((-oof_f1_tta(c), c.trial_id, c.status in FINISHED and not c.partial) for c in candidates)
+    return [(trial_id, -negative, finished) for negative, trial_id, finished in scored]
 
 
 def _check_trial(search_dir: Path, trial_id: str, search: str):

@@ -291,6 +291,65 @@ def test_the_final_model_of_a_converged_trial_trains_the_epochs_that_converged_f
     assert refit["continued_from"] is None and refit["epochs"] == 1 and refit["seeds"] == 2
 
 
+def test_past_max_final_epochs_the_final_time_is_shared_by_the_best_finished_screens(
+    tmp_path, dataset_builder, tracking_uri, monkeypatch
+):
+    """Unconverged, a final phase that holds more than ``max_final_epochs`` of the chosen trial is shared
+    evenly by ``final_models`` models: the chosen trial's and the next finished screen's, each continued
+    from its own screened fold model, the chosen one taking the seeds no other finished screen can; a
+    screen the budget cut (not finished) is never a final model."""
+    import time
+
+    from orchestrator.plan import final_models
+    from orchestrator.search.budget import BUDGET_FILE, TimeBudget
+    from orchestrator.search.final import train_final
+    from orchestrator.space import parse_space
+
+    assert final_models(3.9, max_epochs=4, max_models=3) == 1  # within the cap: one model, as before
+    assert final_models(7.5, max_epochs=4, max_models=3) == 2  # T=60 on one core: two of ~3.6 epochs
+    assert final_models(1e6, max_epochs=4, max_models=3) == 3
+    assert final_models(float("nan"), max_epochs=4) == 1
+    root = tmp_path / "data"
+    dataset_builder(root, n_persons=12)
+    table = read_train(root).table
+    folds = make_folds(table, k=3, seed=0)
+    search_dir = tmp_path / "runs" / "s"
+    fixed = {"epochs": 1, "k": 3, "image_size": [32, 24], "batch_size": 16, "pretrained": False}
+    for trial_id, lr in (("t1", 3e-3), ("t2", 1e-3), ("t3", 2e-3)):
+        cfg = TrainConfig(backbone="resnet10t", lr=lr, train_folds=1, patience=0, **fixed)
+        fit(cfg, table, folds, search_dir / "trials" / trial_id, tmp_path / "cache", log=None)
+    (search_dir / "trials" / "t3" / "result.json").unlink()  # as a screen the budget cut is: unfinished
+    import orchestrator.refit
+
+    ranked = orchestrator.refit.ranked_trials(search_dir)
+    assert [finished for trial, _, finished in ranked if trial == "t3"] == [False]
+    finished = [entry for entry in ranked if entry[0] != "t3"]
+    cut = next(entry for entry in ranked if entry[0] == "t3")
+    # the cut screen ranked second (its rebuilt OOF may rank anywhere): it must be passed over
+    monkeypatch.setattr(orchestrator.refit, "ranked_trials", lambda _: [finished[0], cut, finished[1]])
+    space = parse_space(
+        {
+            "name": "s",
+            "fixed": fixed,
+            "search": {"lr": {"loguniform": [1e-5, 1e-2]}},
+            "plan": {"screen_folds": 1, "max_final_epochs": 1, "max_final_seeds": 3, "promote_top": 0},
+        }
+    )
+    budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=3600.0, used_before_s=0.0, started=time.time())
+    record = train_final(root, space, search_dir, budget, tmp_path / "cache", tracking_uri, False)
+
+    models = {model["trial_id"]: model for model in record["models"]}
+    assert set(models) == {"t1", "t2"}, "the two finished screens; the cut one is not a final model"
+    assert record["trial_id"] == record["models"][0]["trial_id"] == finished[0][0]  # the chosen one first
+    assert models[record["trial_id"]]["seeds"] == 2 and sum(m["seeds"] for m in models.values()) == 3
+    for trial_id, model in models.items():
+        refit = json.loads((search_dir / "refit" / trial_id / "refit.json").read_text())
+        assert refit["continued_from"] == "fold0.pt" and refit["epochs"] == model["epochs"] == 1
+        assert refit["seeds"] == model["seeds"] and "share" in model["epochs_from"]
+    assert not (search_dir / "refit" / "t3").exists()
+    assert record["seconds"] == pytest.approx(sum(m["seconds"] for m in models.values()), abs=0.2)
+
+
 HOLD_PROMOTIONS = """
 import time
 import trainers.fit
