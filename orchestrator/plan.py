@@ -18,7 +18,10 @@ model unconverged, and one model trained on all persons with the same compute be
    rest of the budget holds, measured from the screen's own seconds per image (not a guess, not the
    screen's few epochs), so the budget ends with a model trained to the end of its schedule; when its
    runs converged (``converged_epochs``: a long screen or a promoted run on a GPU node), for the epochs
-   that converged instead, from scratch, the time left training more seeds.
+   that converged instead, from scratch, the time left training more seeds. Unconverged, one model trains
+   at most ``max_final_epochs``; a final phase that holds more is shared evenly by ``final_models``
+   models, the next best finished screens' each continued from its screened fold model (more
+   configurations in the vote rather than epochs of one that no run showed to pay).
 
 ``make ensemble`` then votes the screened fold models with the final model where the holdout persons say
 it helps (``ensemble.refit_mix``). Without a time budget the plan is not used: every trial trains all k
@@ -59,8 +62,9 @@ class Plan:
 
     screen_folds: int = 1
     final_share: float = 0.5
-    # a budget larger than the final model needs (a GPU node's night) is not spent on epochs past
-    # convergence: the final model trains at most this many, and the time left trains more seeds of it
+    # a budget larger than the final model needs is not spent on epochs no run showed to pay: the final
+    # model trains at most this many; past them the time is shared by up to max_final_seeds final models
+    # (converged: seeds of the chosen one, from scratch; else the best finished screens, each continued)
     max_final_epochs: int = 30
     max_final_seeds: int = 3
     # when the final phase holds more than the final model at max_final_epochs, the best screened
@@ -211,7 +215,8 @@ def describe_plan(plan: Plan, phases: Phases, k: int) -> str:
     return (
         f"plan: screen configurations on {plan.screen_folds} {fold_word} of {k} for "
         f"{phases.screen_s / 60:.1f} min, then train the best one on every training person for the last "
-        f"{phases.final_s / 60:.1f} min (epochs from the screen's measured seconds per image)"
+        f"{phases.final_s / 60:.1f} min (epochs from the screen's measured seconds per image; past "
+        f"{plan.max_final_epochs} epochs the next best finished screens share that time)"
     )
 
 

@@ -95,7 +95,7 @@ def test_the_final_epochs_are_what_the_time_left_holds_at_the_measured_cost():
         parse_plan({"max_final_seeds": 0}, 3)
     assert final_epochs(1000, float("nan"), 2000, 0, views=0) == 0
     line = describe_plan(Plan(1, 0.6), phases, k=3)
-    assert "1 fold of 3 for 12.0 min" in line and "last 18.0 min" in line
+    assert "1 fold of 3 for 12.0 min" in line and "last 18.0 min" in line and "past 30 epochs" in line
 
 
 # --- the screen's end -----------------------------------------------------------------------------------
@@ -226,6 +226,31 @@ def test_mixing_refit_and_fold_models_is_decided_on_the_holdout():
     assert mix == "folds"  # a tie: the simpler vote
 
 
+def test_a_trial_with_refit_models_that_greedy_left_out_joins_the_vote(tmp_path):
+    """A planned search's final models of a runner-up are most of its compute: greedy selection, which
+    judged only its screened fold model, does not get to leave them out (but --top and --without-refit do)."""
+    from orchestrator.ensemble.refit_mix import join_refit_trials
+    from orchestrator.ensemble.selection import Selection
+
+    search_dir = tmp_path / "s"
+    for trial_id in ("b", "c"):  # b: a finished refit; c: a killed one (no refit.json), not a model
+        folder = search_dir / "refit" / trial_id
+        folder.mkdir(parents=True)
+        (folder / "seed0.pt").write_bytes(b"model")
+    (search_dir / "refit" / "b" / "refit.json").write_text(
+        json.dumps({"models": [{"index": 0, "file": "seed0.pt"}]})
+    )
+    candidates = [type("C", (), {"trial_id": t})() for t in ("a", "b", "c")]
+    selection = Selection(candidates, [], [True] * 3, [0.6, 0.5, 0.4], "greedy", counts=[3, 0, 0])
+    lines: list[str] = []
+    joined = join_refit_trials(search_dir, selection, None, lines.append)
+    assert joined.counts == [3, 1, 0] and joined.chosen == [0, 1] and selection.counts == [3, 0, 0]
+    assert len(lines) == 1 and "trial b joins the vote" in lines[0]
+    assert join_refit_trials(search_dir, selection, False, lines.append).counts == [3, 0, 0]
+    top = Selection(candidates, [], [True] * 3, [0.6, 0.5, 0.4], "top", counts=[1, 0, 0])
+    assert join_refit_trials(search_dir, top, None, lines.append).counts == [1, 0, 0]
+
+
 def test_the_holdout_figure_comes_with_an_interval_from_resampling_its_persons():
     rng = np.random.default_rng(0)
     person = np.repeat(np.arange(60).astype(str), 7)
@@ -305,6 +330,14 @@ def test_a_planned_search_screens_on_one_fold_then_trains_the_best_to_the_end_of
         assert run.data.tags["foldtune.promoted"] == "true" and run.data.tags["foldtune.folds_trained"] == "3"
         assert run.data.metrics["final/oof_f1_tta"] == pytest.approx(record["oof_f1_tta"])
         assert run.data.metrics["screen/oof_f1_tta"] == pytest.approx(record["screened_oof_f1_tta"])
+        # and each new fold's per-epoch series, the k-fold mean beside the screen's own val_f1
+        epochs = pd.read_csv(search_dir / "trials" / trial_id / "metrics" / "epochs.csv", dtype={"fold": str})
+        for series in ("fold1/val_f1", "fold2/val_f1", "kfold/val_f1"):
+            fold = series.split("/")[0].removeprefix("fold").replace("k", "mean")
+            rows = epochs[epochs["fold"] == fold]
+            logged = client.get_metric_history(run.info.run_id, series)
+            assert [m.step for m in logged] == rows["epoch"].tolist() and rows["epoch"].tolist()
+            assert [m.value for m in logged] == pytest.approx(rows["val_f1"].tolist())
     screens = [children[d.name] for d in trials if d.name not in promoted]
     assert screens and not any("foldtune.promoted" in run.data.tags for run in screens)
     # the final model: the chosen trial refit on every training person, epochs from the measured cost

@@ -18,6 +18,7 @@ member has refit models; ``--without-refit`` leaves them out.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -50,6 +51,28 @@ def find_refit(search_dir: Path, selection: Selection, with_refit: bool | None) 
             f"--search {search_dir.name} --trial {first}` first, or leave --with-refit out"
         )
     return {trial: paths for trial, paths in found.items() if paths}
+
+
+def join_refit_trials(
+    search_dir: Path, selection: Selection, with_refit: bool | None, log: Callable[[str], None]
+) -> Selection:
+    """Greedy selection's members plus, with one vote each, the candidates it left out that have refit
+    models (a planned search's final models: ``search.final``): they are where most of the search's
+    compute went, and greedy selection judged only their screened fold model. Not with ``--top`` (the
+    members are then what was asked for) nor ``--without-refit``."""
+    if with_refit is False or selection.method != "greedy":
+        return selection
+    from orchestrator.refit import refit_models
+
+    counts = list(selection.counts)
+    for i, candidate in enumerate(selection.candidates):
+        if counts[i] == 0 and refit_models(search_dir, candidate.trial_id):
+            counts[i] = 1
+            log(
+                f"trial {candidate.trial_id} joins the vote (one vote): it has refit models, which greedy "
+                "selection on the screened out-of-fold predictions never saw"
+            )
+    return dataclasses.replace(selection, counts=counts)
 
 
 def mixed(kfold: np.ndarray, refit: np.ndarray | None, n_folds: int, n_refit: int, mix: str) -> np.ndarray:

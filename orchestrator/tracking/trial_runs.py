@@ -146,11 +146,39 @@ class TrialRuns:
         if record.get("seconds") is not None:
             metrics["promotion/seconds"] = record["seconds"]
         self.tracking.log_metrics(run_id, metrics)
+        self._promoted_epochs(run_id, trial_id)
         folds = folds_trained_of(result.get("config") or {})
         status = result.get("status")
         tags = {f"{TAG}promoted": "true", f"{TAG}folds_trained": folds, f"{TAG}fit_status": status}
         self.tracking.set_tags(run_id, tags)
         self.tracking.log_files(run_id, self.run_dir(trial_id), RUN_FOLDER_ARTIFACTS, "run")
+
+    def _promoted_epochs(self, run_id: str, trial_id: str) -> None:
+        """A promotion's per-epoch series (step = epoch), from its ``metrics/epochs.csv``: each new fold's
+        metrics as ``fold{i}/...`` beside the screened fold's, and the mean over all k folds as ``kfold/...``
+        (``val_f1`` and the other unprefixed series stay the screen's, so no step has two values)."""
+        path = self.run_dir(trial_id) / "metrics" / "epochs.csv"
+        if not path.is_file():
+            return
+        history = pd.read_csv(path, dtype={"fold": str})
+        if "timed_from" not in history.columns:
+            return
+        reused = int(history["timed_from"].dropna().max())  # the screened folds, logged by the screen
+        for epoch in sorted(history["epoch"].unique()):
+            metrics: dict[str, float] = {}
+            for row in history[history["epoch"] == epoch].to_dict("records"):
+                if row["fold"] != "mean" and int(row["fold"]) < reused:
+                    continue
+                prefix = "kfold/" if row["fold"] == "mean" else f"fold{row['fold']}/"
+                metrics.update(
+                    {
+                        f"{prefix}{k}": float(v)
+                        for k, v in row.items()
+                        if k not in ("epoch", "fold", "timed_from") and pd.notna(v)
+                    }
+                )
+            if metrics:
+                self.tracking.log_metrics(run_id, metrics, step=int(epoch))
 
     def retried(self, parent_run_id: str, trial_id: str, failures: int, error: str) -> None:
         run_id = self.child(parent_run_id, trial_id)
