@@ -332,8 +332,7 @@ def test_a_planned_search_screens_on_one_fold_then_trains_the_best_to_the_end_of
         assert run.data.metrics["screen/oof_f1_tta"] == pytest.approx(record["screened_oof_f1_tta"])
         # and each new fold's per-epoch series, the k-fold mean beside the screen's own val_f1
         epochs = pd.read_csv(search_dir / "trials" / trial_id / "metrics" / "epochs.csv", dtype={"fold": str})
-        for series in ("fold1/val_f1", "fold2/val_f1", "kfold/val_f1"):
-            fold = series.split("/")[0].removeprefix("fold").replace("k", "mean")
+        for series, fold in (("fold1/val_f1", "1"), ("fold2/val_f1", "2"), ("kfold/val_f1", "mean")):
             rows = epochs[epochs["fold"] == fold]
             logged = client.get_metric_history(run.info.run_id, series)
             assert [m.step for m in logged] == rows["epoch"].tolist() and rows["epoch"].tolist()
@@ -344,8 +343,11 @@ def test_a_planned_search_screens_on_one_fold_then_trains_the_best_to_the_end_of
     final = json.loads((search_dir / "final.json").read_text())
     refit = json.loads((search_dir / "refit" / final["trial_id"] / "refit.json").read_text())
     assert refit["epochs"] == final["epochs"] > 0 and refit["epochs_from"] == "--epochs"
-    # tiny models: the epochs reach max_final_epochs and the time left trains more seeds of the final model
-    assert refit["seeds"] == final["seeds"] and 1 <= final["seeds"] <= 3
+    # tiny models: the epochs reach max_final_epochs, so the time left is shared by up to max_final_seeds
+    # final models: the chosen trial's and the next finished (here promoted) trials', or more seeds
+    assert refit["seeds"] == final["seeds"] and 1 <= sum(m["seeds"] for m in final["models"]) <= 3
+    assert final["models"][0]["trial_id"] == final["trial_id"]
+    assert {m["trial_id"] for m in final["models"]} <= set(promoted)
     assert refit["chosen_by"].startswith("the screen: the best OOF macro F1")
     assert refit["continued_from"] == "fold0.pt"  # the screened model goes on, its epochs reused
     assert refit["holdout_rows"] > 0 and refit["rows_trained"] == final["train_images"]
@@ -364,7 +366,7 @@ def test_a_planned_search_screens_on_one_fold_then_trains_the_best_to_the_end_of
     )
     report = json.loads(result.report_path.read_text())
     settings = report  # the selection's settings are top-level fields of ensemble.json
-    assert settings["with_refit"] == {final["trial_id"]: final["seeds"]}
+    assert settings["with_refit"] == {m["trial_id"]: m["seeds"] for m in final["models"]}  # each votes
     scores = settings["refit_mix_holdout_f1"]
     assert set(scores) == {"folds", "folds+refit", "refit"}
     assert settings["refit_mix"] == max(scores, key=lambda m: (scores[m], -list(scores).index(m)))

@@ -33,6 +33,15 @@ MIXES = ("folds", "folds+refit", "refit")
 FORCED = "folds+refit"  # --with-refit
 
 
+def refit_members(
+    search_dir: Path, selection: Selection, with_refit: bool | None, log: Callable[[str], None]
+) -> tuple[Selection, dict[str, list[Path]]]:
+    """The members with any left-out trial that has refit models joined (``join_refit_trials``), and each
+    member's refit models (``find_refit``)."""
+    selection = join_refit_trials(search_dir, selection, with_refit, log)
+    return selection, find_refit(search_dir, selection, with_refit)
+
+
 def find_refit(search_dir: Path, selection: Selection, with_refit: bool | None) -> dict[str, list[Path]]:
     """Each member's refit models: none with ``with_refit`` False; those on disk with None (auto); with
     True, an error naming the command to run when no member has any."""

@@ -55,7 +55,7 @@ from orchestrator.ensemble.members import (
     select_again,
 )
 from orchestrator.ensemble.recording import record_in_mlflow
-from orchestrator.ensemble.refit_mix import FORCED, find_refit, join_refit_trials, mixed, weigh_refit
+from orchestrator.ensemble.refit_mix import FORCED, mixed, refit_members, weigh_refit
 from orchestrator.ensemble.result import (
     EnsembleMember,
     EnsembleResult,
@@ -133,8 +133,7 @@ def run_ensemble(
     if top is not None and top > len(pool.candidates):
         log(f"--top {top}: only {len(pool.candidates)} usable trials, taking all of them")
     estimates = _selection_estimates(pool, selection, tta, top, greedy_steps)
-    selection = join_refit_trials(search_dir, selection, with_refit, log)
-    refit = find_refit(search_dir, selection, with_refit)
+    selection, refit = refit_members(search_dir, selection, with_refit, log)
     holdout = holdout_of(search_dir, pool.candidates, log)
     holdout_paths = train_paths(data_root, holdout.rel_path) if len(holdout) else []
 
