@@ -104,12 +104,16 @@ class SearchSummary:
         for p in self.promoted or ():
             lines.append(_promotion_line(p))
         if self.final is not None:
-            f = self.final
-            holdout = _figure(f.get("holdout_f1_tta"))
+            for f in self.final.get("models") or [self.final]:  # a final.json before "models": one
+                holdout = _figure(f.get("holdout_f1_tta"))
+                seeds = f" x{f['seeds']} seeds" if f.get("seeds", 1) > 1 else ""
+                lines.append(
+                    f"final model: trial {f['trial_id']}{seeds} refit on {f['train_images']} images for "
+                    f"{f['epochs']} epoch(s) in {f['seconds'] / 60:.1f} min (holdout macro F1 {holdout})"
+                )
             lines.append(
-                f"final model: trial {f['trial_id']} refit on {f['train_images']} images for {f['epochs']} "
-                f"epoch(s) in {f['seconds'] / 60:.1f} min (holdout macro F1 {holdout}); `foldtune "
-                "ensemble` votes it with the screened fold models where the holdout says it helps"
+                "`foldtune ensemble` votes the final model(s) with the screened fold models where the "
+                "holdout says it helps"
             )
         lines.append(f"disk used by the search: {human_bytes(self.disk_bytes)}")
         lines.append(f"MLflow: experiment '{self.experiment_name}' in {self.tracking_uri} (foldtune ui)")
