@@ -338,3 +338,35 @@ def test_a_search_writes_its_ui_view_and_the_ui_links_to_it(tmp_path, tracking_u
         "&viewStateShareKey=foldtune"
     )
     assert search_links(tracking_uri, "http://h:1") == [("viewed", link)]
+
+
+OPEN_STORE = """
+import sys, time
+from orchestrator.tracking.store import SearchTracking
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # every process opens at the same moment
+SearchTracking(sys.argv[1], "x").open()
+"""
+
+
+def test_searches_started_at_once_on_a_new_sqlite_store_all_open_it(tmp_path):
+    """Two searches started together on a fresh SQLite store used to race creating its tables (the
+    second: "table runs already exists", and it stopped); the first open now holds a lock beside it."""
+    import subprocess
+    import sys
+
+    for attempt in range(2):
+        uri = f"sqlite:///{tmp_path / f'store{attempt}' / 'mlflow.db'}"
+        start = f"{time.time() + 4:.3f}"  # after every interpreter has imported MLflow
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPEN_STORE, uri, start],
+                cwd=Path(__file__).resolve().parents[1],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        errors = [p.communicate(timeout=120)[1] for p in processes]
+        assert [p.returncode for p in processes] == [0, 0, 0], errors
+        assert (tmp_path / f"store{attempt}" / "mlflow.db.lock").is_file()
+        assert MlflowClient(uri).search_experiments()  # one store, its tables made once

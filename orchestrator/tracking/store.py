@@ -215,6 +215,25 @@ def finite_metrics(values: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def first_open_lock(store: Path | None) -> Iterator[None]:
+    """Held while a search opens a SQLite store: two searches started at once on a new store would both
+    create its tables, and the second would fail ("table runs already exists"). With the lock (an
+    advisory ``flock`` on ``<store>.lock`` beside it) the second waits and opens the created store."""
+    if store is None:
+        yield
+        return
+    import fcntl
+
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_name(store.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class SearchTracking:
     """The MLflow side of one search: its experiment, parent run and child runs (found by trial id).
 
@@ -247,7 +266,7 @@ class SearchTracking:
         """Open the store once (creating a new SQLite store), so a store that cannot be reached fails the
         search before anything starts, with one message naming it."""
         try:
-            with fail_fast_http():
+            with fail_fast_http(), first_open_lock(sqlite_path(self.tracking_uri)):
                 self.client.search_experiments(max_results=1)
         except Exception as error:
             self._client = None
