@@ -49,6 +49,23 @@ def _screen(tmp_path, dataset_builder, epochs=2):
     return cfg, table, folds, run_dir
 
 
+SCREENED = {"epochs": 1, "k": 3, "image_size": [32, 24], "batch_size": 16, "pretrained": False}
+
+
+def screened_trials(tmp_path, dataset_builder, lrs: dict[str, float]):
+    """(data root, search folder) with one finished one-fold screen (``SCREENED``) per trial id of ``lrs``
+    (its learning rate), as a planned search's screen leaves them in ``<search>/trials/``."""
+    root = tmp_path / "data"
+    dataset_builder(root, n_persons=12)
+    table = read_train(root).table
+    folds = make_folds(table, k=3, seed=0)
+    search_dir = tmp_path / "runs" / "s"
+    for trial_id, lr in lrs.items():
+        cfg = TrainConfig(backbone="resnet10t", lr=lr, train_folds=1, patience=0, **SCREENED)
+        fit(cfg, table, folds, search_dir / "trials" / trial_id, tmp_path / "cache", log=None)
+    return root, search_dir
+
+
 def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -191,21 +208,13 @@ def test_the_search_promotes_in_rank_order_goes_on_past_a_failure_and_never_prom
     from orchestrator.search.budget import BUDGET_FILE, TimeBudget
     from orchestrator.space import parse_space
 
-    root = tmp_path / "data"
-    dataset_builder(root, n_persons=12)
-    table = read_train(root).table
-    folds = make_folds(table, k=3, seed=0)
-    search_dir = tmp_path / "runs" / "s"
-    fixed = {"epochs": 1, "k": 3, "image_size": [32, 24], "batch_size": 16, "pretrained": False}
-    for trial_id, lr in (("weak", 1e-5), ("strong", 3e-3)):
-        cfg = TrainConfig(backbone="resnet10t", lr=lr, train_folds=1, patience=0, **fixed)
-        fit(cfg, table, folds, search_dir / "trials" / trial_id, tmp_path / "cache", log=None)
+    root, search_dir = screened_trials(tmp_path, dataset_builder, {"weak": 1e-5, "strong": 3e-3})
     ranked = [trial_id for trial_id, _ in promote_module.rank_screened(search_dir)]
     assert sorted(ranked) == ["strong", "weak"]
     space = parse_space(
         {
             "name": "s",
-            "fixed": fixed,
+            "fixed": SCREENED,
             "search": {"lr": {"loguniform": [1e-5, 1e-2]}},
             "plan": {"screen_folds": 1, "max_final_epochs": 1, "promote_top": 3},
         }
@@ -256,18 +265,12 @@ def test_the_final_model_of_a_converged_trial_trains_the_epochs_that_converged_f
     assert converged_epochs(best_epoch=2, epochs_trained=2, fold_best_epochs=[2]) is None  # still gaining
     assert converged_epochs(best_epoch=11, epochs_trained=12, fold_best_epochs=[11, 12]) is None
     assert converged_epochs(best_epoch=6, epochs_trained=8, fold_best_epochs=[5, 6, 8]) == 6
-    root = tmp_path / "data"
-    dataset_builder(root, n_persons=12)
-    table = read_train(root).table
-    search_dir = tmp_path / "runs" / "s"
-    fixed = {"epochs": 1, "k": 3, "image_size": [32, 24], "batch_size": 16, "pretrained": False}
+    root, search_dir = screened_trials(tmp_path, dataset_builder, {"t1": 3e-3})
     run_dir = search_dir / "trials" / "t1"
-    cfg = TrainConfig(backbone="resnet10t", lr=3e-3, train_folds=1, patience=0, **fixed)
-    fit(cfg, table, make_folds(table, k=3, seed=0), run_dir, tmp_path / "cache", log=None)
     space = parse_space(
         {
             "name": "s",
-            "fixed": fixed,
+            "fixed": SCREENED,
             "search": {"lr": {"loguniform": [1e-5, 1e-2]}},
             "plan": {"screen_folds": 1, "max_final_epochs": 3, "max_final_seeds": 2},
         }
@@ -309,15 +312,7 @@ def test_past_max_final_epochs_the_final_time_is_shared_by_the_best_finished_scr
     assert final_models(7.5, max_epochs=4, max_models=3) == 2  # T=60 on one core: two of ~3.6 epochs
     assert final_models(1e6, max_epochs=4, max_models=3) == 3
     assert final_models(float("nan"), max_epochs=4) == 1
-    root = tmp_path / "data"
-    dataset_builder(root, n_persons=12)
-    table = read_train(root).table
-    folds = make_folds(table, k=3, seed=0)
-    search_dir = tmp_path / "runs" / "s"
-    fixed = {"epochs": 1, "k": 3, "image_size": [32, 24], "batch_size": 16, "pretrained": False}
-    for trial_id, lr in (("t1", 3e-3), ("t2", 1e-3), ("t3", 2e-3)):
-        cfg = TrainConfig(backbone="resnet10t", lr=lr, train_folds=1, patience=0, **fixed)
-        fit(cfg, table, folds, search_dir / "trials" / trial_id, tmp_path / "cache", log=None)
+    root, search_dir = screened_trials(tmp_path, dataset_builder, {"t1": 3e-3, "t2": 1e-3, "t3": 2e-3})
     (search_dir / "trials" / "t3" / "result.json").unlink()  # as a screen the budget cut is: unfinished
     import orchestrator.refit
 
@@ -330,7 +325,7 @@ def test_past_max_final_epochs_the_final_time_is_shared_by_the_best_finished_scr
     space = parse_space(
         {
             "name": "s",
-            "fixed": fixed,
+            "fixed": SCREENED,
             "search": {"lr": {"loguniform": [1e-5, 1e-2]}},
             "plan": {"screen_folds": 1, "max_final_epochs": 1, "max_final_seeds": 3, "promote_top": 0},
         }

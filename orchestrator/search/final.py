@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def train_final(
     when there is nothing to refit or no time for one epoch."""
     from orchestrator.refit import ranked_trials
 
-    say = print if progress else (lambda line: None)
+    phase = _Phase(data_root, space, search_dir, budget, cache_dir, tracking_uri, progress)
+    say = phase.say
     try:
         ranked = ranked_trials(search_dir)
         if not ranked:
@@ -102,9 +104,7 @@ def train_final(
         fit_epochs = final_epochs(left_s, per_image_s, refit_images, holdout_images, views, UNCAPPED)
         count = final_models(fit_epochs, plan.max_final_epochs, plan.max_final_seeds)
         if count > 1:  # past the cap: the time is shared by the best finished screens, each continued
-            return _train_shared(
-                data_root, space, search_dir, budget, cache_dir, tracking_uri, progress, ranked, count, why
-            )
+            return _train_shared(phase, ranked, count, why)
     seeds = final_seeds(
         left_s, per_image_s, refit_images, holdout_images, views, epochs, plan.max_final_seeds
     )
@@ -116,64 +116,114 @@ def train_final(
     )
     say(f"final: epochs from {epochs_from}")
     use_the_search_threads(space)
-    model = _refit_one(
-        data_root,
-        search_dir,
-        budget,
-        cache_dir,
-        tracking_uri,
-        progress,
+    model = phase.refit(
         trial_id,
         why,
         epochs,
         seeds,
         continue_fold=None if converged is not None else 0,
+        figures={"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images},
+        left_s=left_s,
     )
-    model.update(
-        epochs_from=epochs_from,
-        seconds_per_image=per_image_s,
-        train_images=refit_images,
-        left_s=round(left_s, 1),
-    )
-    return _write_record(search_dir, budget, [model], why, left_s)
+    return phase.write_record([model], why, left_s)
 
 
 UNCAPPED = 10**6  # epochs: what the time left holds, before any cap
 
 
+@dataclass(frozen=True)
+class _Phase:
+    """What every final model of one search's final phase is trained with, and where it is recorded."""
+
+    data_root: Path
+    space: SearchSpace
+    search_dir: Path
+    budget: TimeBudget
+    cache_dir: Path | None
+    tracking_uri: str | None
+    progress: bool
+
+    def say(self, line: str) -> None:
+        if self.progress:
+            print(line)
+
+    def refit(
+        self,
+        trial_id: str,
+        why: str,
+        epochs: float,
+        seeds: int,
+        continue_fold: int | None,
+        figures: dict[str, Any],
+        left_s: float,
+    ) -> dict[str, Any]:
+        """One trial's final model(s): ``foldtune refit``'s run, billed to the budget while it trains;
+        its record with ``figures`` (how its epochs were chosen, its measured cost) and its ``left_s``."""
+        from orchestrator.refit import run_refit
+
+        config = yaml.safe_load((self.search_dir / "trials" / trial_id / "config.yaml").read_text())
+        started = time.monotonic()
+        with billed(self.budget):
+            refit = run_refit(
+                self.data_root,
+                self.search_dir.name,
+                storage=self.search_dir.parent,
+                trial=trial_id,
+                epochs=epochs,
+                seeds=seeds,
+                device=str(config.get("device", "auto")),
+                tracking_uri=self.tracking_uri,
+                cache_dir=Path(self.cache_dir) if self.cache_dir else None,
+                log=self.say if self.progress else None,
+                chosen_by=f"the screen: {why}",
+                continue_fold=continue_fold,  # unconverged, the screened fold model goes on: epochs reused
+            )
+        return {
+            "trial_id": trial_id,
+            "chosen_by": why,
+            "epochs": epochs,
+            "seeds": seeds,
+            "seconds": round(time.monotonic() - started, 1),
+            "holdout_f1": refit.get("holdout_f1"),
+            "holdout_f1_tta": refit.get("holdout_f1_tta"),
+            **figures,
+            "left_s": round(left_s, 1),
+        }
+
+    def write_record(self, models: list[dict[str, Any]], why: str, left_s: float) -> dict:
+        """``final.json``: the chosen trial's model at the top (as a single final model's record always
+        was), every final model in ``models``, the whole phase's seconds and the time it started with."""
+        record = {**models[0], "chosen_by": why, "models": models}
+        record["seconds"] = round(sum(m["seconds"] for m in models), 1)
+        record["left_s"] = round(left_s, 1)
+        write_text_atomic(json.dumps(record, indent=2), self.search_dir / FINAL_RECORD)
+        self.budget.record()
+        return record
+
+
 def _train_shared(
-    data_root: Path,
-    space: SearchSpace,
-    search_dir: Path,
-    budget: TimeBudget,
-    cache_dir: Path | None,
-    tracking_uri: str | None,
-    progress: bool,
-    ranked: list[tuple[str, float, bool]],
-    count: int,
-    why: str,
+    phase: _Phase, ranked: list[tuple[str, float, bool]], count: int, why: str
 ) -> dict[str, Any] | None:
     """``count`` final models share the time left evenly (``plan.final_models``): the chosen trial's and
     the next best finished screens' (a screen ASHA stopped or the budget cut is not one), each continuing
     its own screened fold model; fewer finished screens than ``count``, and the chosen trial trains the
     rest as more seeds. Each share is re-planned from the time really left when it starts, so an overrun
     of one model is taken from the next, and each model's epochs come from its own measured cost."""
-    say = print if progress else (lambda line: None)
+    say, plan = phase.say, phase.space.plan
     chosen = ranked[0][0]
     runners_up = [trial for trial, _, finished in ranked[1:] if finished][: count - 1]
     jobs = [(chosen, count - len(runners_up))] + [(trial, 1) for trial in runners_up]
-    plan = space.plan
     say(
         f"final: the time left holds more than {plan.max_final_epochs} epochs (max_final_epochs) of trial "
         f"{chosen}, and no run showed more pays: {count} final models share it "
         f"({', '.join(f'{t}' + (f' x{s} seeds' if s > 1 else '') for t, s in jobs)}), each continuing its "
         "screened fold model"
     )
-    use_the_search_threads(space)
+    use_the_search_threads(phase.space)
     models: list[dict[str, Any]] = []
-    phase_left_s = budget.left_s
+    phase_left_s = phase.budget.left_s
     for index, (trial_id, seeds) in enumerate(jobs):
-        run_dir = search_dir / "trials" / trial_id
+        run_dir = phase.search_dir / "trials" / trial_id
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         cost = measured_cost(run_dir, config)
         if cost is None:
@@ -181,9 +231,7 @@ def _train_shared(
             continue
         per_image_s, refit_images, holdout_images = cost
         views = len(config.get("tta") or ())
-        left_s = budget.left_s
-        models_left = sum(s for _, s in jobs[index:])
-        share_s = left_s * seeds / models_left
+        share_s = phase.budget.left_s * seeds / sum(s for _, s in jobs[index:])
         epochs = final_epochs(
             share_s / seeds, per_image_s, refit_images, holdout_images, views, plan.max_final_epochs
         )
@@ -193,92 +241,16 @@ def _train_shared(
                 f"({share_s / 60:.1f} min)"
             )
             continue
-        say(
-            describe_final(
-                trial_id, str(config["backbone"]), epochs, per_image_s, refit_images, share_s, seeds
-            )
-        )
+        backbone = str(config["backbone"])
+        say(describe_final(trial_id, backbone, epochs, per_image_s, refit_images, share_s, seeds))
         reason = why if index == 0 else f"a runner-up of the screen (#{index + 1} on OOF macro F1 with TTA)"
-        model = _refit_one(
-            data_root,
-            search_dir,
-            budget,
-            cache_dir,
-            tracking_uri,
-            progress,
-            trial_id,
-            reason,
-            epochs,
-            seeds,
-            continue_fold=0,
+        epochs_from = (
+            f"an even share of the time left among {count} final models (at most max_final_epochs), "
+            "continuing the screened fold model"
         )
-        model.update(
-            epochs_from=f"an even share of the time left among {count} final models (at most "
-            "max_final_epochs), continuing the screened fold model",
-            seconds_per_image=per_image_s,
-            train_images=refit_images,
-            left_s=round(share_s, 1),
-        )
-        models.append(model)
-    return _write_record(search_dir, budget, models, why, phase_left_s) if models else None
-
-
-def _refit_one(
-    data_root: Path,
-    search_dir: Path,
-    budget: TimeBudget,
-    cache_dir: Path | None,
-    tracking_uri: str | None,
-    progress: bool,
-    trial_id: str,
-    why: str,
-    epochs: float,
-    seeds: int,
-    continue_fold: int | None,
-) -> dict[str, Any]:
-    """One trial's final model(s): ``foldtune refit``'s run, billed to the budget while it trains."""
-    from orchestrator.refit import run_refit
-
-    say = print if progress else (lambda line: None)
-    config = yaml.safe_load((search_dir / "trials" / trial_id / "config.yaml").read_text())
-    started = time.monotonic()
-    with billed(budget):
-        refit = run_refit(
-            data_root,
-            search_dir.name,
-            storage=search_dir.parent,
-            trial=trial_id,
-            epochs=epochs,
-            seeds=seeds,
-            device=str(config.get("device", "auto")),
-            tracking_uri=tracking_uri,
-            cache_dir=Path(cache_dir) if cache_dir else None,
-            log=say if progress else None,
-            chosen_by=f"the screen: {why}",
-            continue_fold=continue_fold,  # unconverged, the screened fold model goes on: epochs reused
-        )
-    return {
-        "trial_id": trial_id,
-        "chosen_by": why,
-        "epochs": epochs,
-        "seeds": seeds,
-        "seconds": round(time.monotonic() - started, 1),
-        "holdout_f1": refit.get("holdout_f1"),
-        "holdout_f1_tta": refit.get("holdout_f1_tta"),
-    }
-
-
-def _write_record(
-    search_dir: Path, budget: TimeBudget, models: list[dict[str, Any]], why: str, left_s: float
-) -> dict:
-    """``final.json``: the chosen trial's model at the top (as a single final model's record always was),
-    every final model in ``models``, the whole phase's seconds and the time it started with."""
-    record = {**models[0], "chosen_by": why, "models": models}
-    record["seconds"] = round(sum(m["seconds"] for m in models), 1)
-    record["left_s"] = round(left_s, 1)
-    write_text_atomic(json.dumps(record, indent=2), search_dir / FINAL_RECORD)
-    budget.record()
-    return record
+        figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
+        models.append(phase.refit(trial_id, reason, epochs, seeds, 0, figures, share_s))
+    return phase.write_record(models, why, phase_left_s) if models else None
 
 
 def _converged(run_dir: Path, cap: int) -> int | None:
