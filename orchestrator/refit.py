@@ -115,8 +115,6 @@ def choose_trial(search_dir: Path) -> tuple[str, str]:
             ) from None
         return trial_id, f"the first member of the ensemble ({ensemble.name})"
     ranked = ranked_trials(search_dir)
-    if not ranked:
-        raise OrchestratorError(f"{search_dir}: no trial has all its checkpoints and OOF predictions")
     trial_id, score, _ = ranked[0]
     return trial_id, f"the best OOF macro F1 with TTA ({score:.4f}) of {len(ranked)} usable trial(s)"
 
@@ -124,7 +122,7 @@ def choose_trial(search_dir: Path) -> tuple[str, str]:
 def ranked_trials(search_dir: Path) -> list[tuple[str, float, bool]]:
     """(trial id, OOF macro F1 with TTA, whether it trained all its epochs) of every usable trial (all its
     checkpoints and OOF predictions; a planned search's promoted trials when it has them: ``most_folds``),
-    best first (ties: trial id). Raises what ``discover`` raises when there is none."""
+    best first (ties: trial id). Raises what ``discover`` raises, or OrchestratorError when none is usable."""
     from orchestrator.ensemble.candidates import (
         discover,
         left_out_by_search,
@@ -135,6 +133,8 @@ def ranked_trials(search_dir: Path) -> list[tuple[str, float, bool]]:
     from trainers.screened import FINISHED
 
     candidates, _ = most_folds(*discover(search_dir, *left_out_by_search(read_search_summary(search_dir))))
+    if not candidates:
+        raise OrchestratorError(f"{search_dir}: no trial has all its checkpoints and OOF predictions")
     scored = sorted((-oof_f1_tta(c), c.trial_id, c.status in FINISHED and not c.partial) for c in candidates)
     return [(trial_id, -negative, finished) for negative, trial_id, finished in scored]
 

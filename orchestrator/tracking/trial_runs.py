@@ -163,20 +163,17 @@ class TrialRuns:
         history = pd.read_csv(path, dtype={"fold": str})
         if "timed_from" not in history.columns:
             return
+        from trainers.run_outputs import epoch_metrics  # (trainers.run_outputs brings torch: only here)
+
         reused = int(history["timed_from"].dropna().max())  # the screened folds, logged by the screen
-        for epoch in sorted(history["epoch"].unique()):
-            metrics: dict[str, float] = {}
-            for row in history[history["epoch"] == epoch].to_dict("records"):
-                if row["fold"] != "mean" and int(row["fold"]) < reused:
-                    continue
-                prefix = "kfold/" if row["fold"] == "mean" else f"fold{row['fold']}/"
-                metrics.update(
-                    {
-                        f"{prefix}{k}": float(v)
-                        for k, v in row.items()
-                        if k not in ("epoch", "fold", "timed_from") and pd.notna(v)
-                    }
-                )
+        fold = history["fold"]
+        promoted = history[(fold == "mean") | (pd.to_numeric(fold, errors="coerce") >= reused)]
+        promoted = promoted.drop(columns="timed_from")
+        for epoch in sorted(promoted["epoch"].unique()):
+            metrics = {  # the mean row's unprefixed names are the screen's: the k-fold mean as kfold/
+                (name if "/" in name else f"kfold/{name}"): value
+                for name, value in epoch_metrics(promoted, epoch).items()
+            }
             if metrics:
                 self.tracking.log_metrics(run_id, metrics, step=int(epoch))
 
