@@ -19,6 +19,18 @@ from trainers.errors import FoldtuneError
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
+def holdout_arg(text: str) -> float | str:
+    """``--holdout``: a share of persons, or ``auto`` (``trainers.folds.holdout_share``)."""
+    from trainers.folds import HOLDOUT_AUTO
+
+    if text == HOLDOUT_AUTO:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a share of persons such as 0.1, or auto") from None
+
+
 def _age_edges(text: str) -> tuple[int, int]:
     try:
         low, high = (int(v) for v in text.split(","))
@@ -270,9 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="fold file path (default: DATA/folds_k{K}_seed{SEED}.csv)")
     p.add_argument(
         "--holdout",
-        type=float,
+        type=holdout_arg,
         default=0.0,
-        help="share of persons held out of every fold (fold -1), e.g. 0.1",
+        help="share of persons held out of every fold (fold -1), e.g. 0.1, or auto (500 persons, at most "
+        "a fifth)",
     )
     p.set_defaults(func=cmd_folds)
 
@@ -330,9 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--holdout",
-        type=float,
-        help="share of persons kept out of every fold (e.g. 0.1) so the ensemble can score the submission "
-        "itself on them (default: the space's holdout, else none)",
+        type=holdout_arg,
+        help="share of persons kept out of every fold (e.g. 0.1, or auto: 500 persons, at most a fifth) so "
+        "the ensemble can score the submission itself on them (default: the space's holdout, else none)",
     )
     p.add_argument(
         "--time-budget",

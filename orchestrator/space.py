@@ -104,7 +104,7 @@ class SearchSpace:
     max_failures: int = 0
     description: str = ""
     points_to_evaluate: tuple[dict[str, Any], ...] = ()  # full parameter sets tried first, in order
-    holdout: float = 0.0  # share of persons kept out of every fold, to score the submission itself
+    holdout: float | str = 0.0  # share of persons kept out of every fold (or auto), to score the submission
     plan: Plan | None = None  # with a time budget: screen on few folds, then the final model (``plan``)
     source: str = "<mapping>"
 
@@ -146,7 +146,7 @@ class SearchSpace:
         name: str | None = None,
         cpus_per_trial: float | None = None,
         gpus_per_trial: float | None = None,
-        holdout: float | None = None,
+        holdout: float | str | None = None,
     ) -> SearchSpace:
         """A copy with command-line overrides applied, validated like the file itself."""
         raw = self.to_dict()
@@ -468,6 +468,14 @@ def _number(value: Any, where: str, fail, low: float | None = None, low_open: bo
     return float(value) if isinstance(value, float) else value
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _whole(value: Any, where: str, fail, low: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise fail(where, f"must be a whole number, got {value!r}")
@@ -492,9 +500,17 @@ def _plan(value: Any, fixed: Mapping[str, Any], search: Mapping[str, Param], fai
         raise fail("plan", str(error)) from None
 
 
-def _holdout(value: Any, fail) -> float:
-    """``holdout``: the share of persons held out of every fold (0 = none), at most half of them."""
+def _holdout(value: Any, fail) -> float | str:
+    """``holdout``: the share of persons held out of every fold (0 = none), at most half of them, or
+    ``auto``: enough persons for a precise holdout figure (``trainers.folds.holdout_share``)."""
+    from trainers.folds import HOLDOUT_AUTO
+
+    if value == HOLDOUT_AUTO:
+        return HOLDOUT_AUTO
+    wanted = f"must be a share of persons from 0 to 0.5 (e.g. 0.1) or {HOLDOUT_AUTO}, got {value!r}"
+    if isinstance(value, str) and not _is_float(value):
+        raise fail("holdout", wanted)
     share = _number(value, "holdout", fail, low=0)
     if share > 0.5:
-        raise fail("holdout", f"must be a share of persons from 0 to 0.5 (e.g. 0.1), got {value!r}")
+        raise fail("holdout", wanted)
     return float(share)

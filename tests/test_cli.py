@@ -55,6 +55,17 @@ def test_folds_writes_a_person_level_fold_file(capsys, make_dataset, tmp_path):
     assert folds["person_id"].nunique() == 12 and len(folds) == 12 * 7
     assert folds.groupby("person_id")["fold"].nunique().max() == 1  # a person never spans two folds
     assert sorted(folds["fold"].unique()) == ["0", "1", "2"]
+    code, printed, _ = run(
+        capsys, "folds", "--data", str(data.root), "--k", "3", "--holdout", "auto", "--out", str(out)
+    )
+    fifth = tmp_path / "fifth.csv"
+    run(capsys, "folds", "--data", str(data.root), "--k", "3", "--holdout", "0.2", "--out", str(fifth))
+    held = pd.read_csv(out, dtype=str).query("fold == '-1'")
+    assert code == 0 and held["person_id"].nunique() >= 2  # auto: so few persons hold out the most, a fifth
+    assert pd.read_csv(out, dtype=str).equals(pd.read_csv(fifth, dtype=str))
+    with pytest.raises(SystemExit):  # argparse's usage error: exit 2, one line naming the value
+        run(capsys, "folds", "--data", str(data.root), "--holdout", "most")
+    assert "'most': use a share of persons such as 0.1, or auto" in capsys.readouterr().err
 
 
 def test_train_with_a_bad_config_is_a_clear_error(capsys, tiny_dataset, tmp_path):

@@ -10,9 +10,12 @@ import pytest
 
 from trainers.data import DataError, read_train
 from trainers.folds import (
+    HOLDOUT_AUTO,
+    HOLDOUT_FOLD,
     FoldWarning,
     assert_no_leak,
     fold_summary,
+    holdout_share,
     make_folds,
     read_folds,
     write_folds,
@@ -221,3 +224,22 @@ def test_folds_depend_only_on_the_person_strata_not_the_images(table60):
     relabelled = table60.copy()
     relabelled.loc[relabelled["stem"] == "normal", "mask"] = 1
     assert make_folds(relabelled, k=5, seed=3).equals(make_folds(table60, k=5, seed=3))
+
+
+@pytest.mark.parametrize(
+    ("persons", "share", "held"),
+    [(2730, 1 / 5, 546), (4500, 1 / 9, 500), (20000, 1 / 40, 500), (200, 1 / 5, 40), (60, 1 / 5, 12)],
+)
+def test_an_auto_holdout_holds_enough_persons_for_its_figure_and_at_most_a_fifth(persons, share, held):
+    assert holdout_share(HOLDOUT_AUTO, persons) == pytest.approx(share)
+    assert round(persons * holdout_share(HOLDOUT_AUTO, persons)) == held
+    assert holdout_share(0.1, persons) == 0.1  # a share is kept as given
+
+
+def test_make_folds_with_an_auto_holdout_sets_aside_a_stratified_fifth_of_few_persons(table60):
+    folds = make_folds(table60, k=3, seed=0, holdout=HOLDOUT_AUTO)
+    held = folds.loc[folds["fold"] == HOLDOUT_FOLD, "person_id"].unique()
+    assert len(held) == 12  # 60 persons < 5 x 500: the largest share, 1/5
+    assert folds.equals(make_folds(table60, k=3, seed=0, holdout=0.2))  # the same split as the share
+    with pytest.raises(DataError, match=r"holdout='most' must be a fraction in 0..0.5 or auto"):
+        make_folds(table60, k=3, seed=0, holdout="most")

@@ -345,6 +345,52 @@ def test_past_max_final_epochs_the_final_time_is_shared_by_the_best_finished_scr
     assert record["seconds"] == pytest.approx(sum(m["seconds"] for m in models.values()), abs=0.2)
 
 
+def test_a_shared_final_phase_trains_first_the_models_its_cap_stops_so_their_time_goes_on(
+    tmp_path, dataset_builder, tracking_uri, monkeypatch
+):
+    """The final model an even share would take past ``max_final_epochs`` (a cheaper backbone) trains
+    first: its cap leaves time that the re-planned share of the next one takes, rather than idle at the
+    end (T=60 on one core left 4.6 min); the record still lists the chosen trial first."""
+    import time
+
+    import orchestrator.refit
+    import orchestrator.search.final as final_module
+    from orchestrator.search.budget import BUDGET_FILE, TimeBudget
+    from orchestrator.space import parse_space
+
+    root, search_dir = screened_trials(tmp_path, dataset_builder, {"t1": 3e-3, "t2": 1e-3})
+    ranked = [("t1", 0.5, True), ("t2", 0.4, True)]  # t1 is chosen
+    monkeypatch.setattr(orchestrator.refit, "ranked_trials", lambda _: ranked)
+    # seconds per image, training images, holdout images: t1 fits ~3 epochs in half of 3600 s, t2 ~36
+    costs = {"t1": (0.5, 1000, 0), "t2": (0.05, 1000, 0)}
+    monkeypatch.setattr(final_module, "measured_cost", lambda run_dir, config: costs[run_dir.name])
+    trained: list[tuple[str, float, float]] = []
+
+    def refit(self, trial_id, why, epochs, seeds, continue_fold, figures, left_s):
+        trained.append((trial_id, epochs, left_s))
+        self.budget.used_before_s += 600.0  # t2 stops at its cap after 4 x 50 s; say it took 10 min
+        return {"trial_id": trial_id, "seeds": seeds, "epochs": epochs, "seconds": 600.0}
+
+    monkeypatch.setattr(final_module._Phase, "refit", refit)
+    space = parse_space(
+        {
+            "name": "s",
+            "fixed": SCREENED,
+            "search": {"lr": {"loguniform": [1e-5, 1e-2]}},
+            "plan": {"screen_folds": 1, "max_final_epochs": 4, "max_final_seeds": 2, "promote_top": 0},
+        }
+    )
+    budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=3600.0, used_before_s=0.0, started=time.time())
+    record = final_module.train_final(root, space, search_dir, budget, None, tracking_uri, False)
+
+    assert [trial for trial, _, _ in trained] == ["t2", "t1"], "the capped model first"
+    (_, t2_epochs, t2_share), (_, t1_epochs, t1_share) = trained
+    assert t2_epochs == 4 and t2_share == pytest.approx(1800, abs=5)  # an even half, stopped by the cap
+    assert t1_share == pytest.approx(3000, abs=5)  # all that is left: t2's unused share goes on to t1
+    assert t1_epochs > final_module.final_epochs(1800, *costs["t1"], 0, 4)  # more than its even half held
+    assert [model["trial_id"] for model in record["models"]] == ["t1", "t2"] and record["trial_id"] == "t1"
+
+
 HOLD_PROMOTIONS = """
 import time
 import trainers.fit

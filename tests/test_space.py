@@ -200,6 +200,11 @@ def test_overrides_are_validated():
         (variant(max_concurrent=0), r"'max_concurrent': must be >= 1"),
         (variant(search=None), r"'search': must map at least one TrainConfig field"),
         (variant(name="has space"), r"'name': must be a folder-safe name"),
+        (
+            variant(holdout="half"),
+            r"'holdout': must be a share of persons from 0 to 0.5 \(e.g. 0.1\) or auto",
+        ),
+        (variant(holdout=0.6), r"'holdout': must be a share of persons from 0 to 0.5"),
     ],
 )
 def test_mistakes_name_the_key_and_what_is_allowed(raw, pattern):

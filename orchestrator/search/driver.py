@@ -95,7 +95,7 @@ def run_search(
     folds_file: str | os.PathLike | None = None,
     trial_fn: Callable[[dict[str, Any], TrialContext], None] | None = None,
     hash_images: bool = False,
-    holdout: float | None = None,
+    holdout: float | str | None = None,
     time_budget_minutes: float | None = None,
 ) -> SearchSummary:
     """Run (or with ``resume``, continue) a search; see the package docstring for what is written where.

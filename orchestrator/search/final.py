@@ -204,24 +204,40 @@ def _train_shared(
     the next best finished screens' (a screen ASHA stopped or the budget cut is not one), each continuing
     its own screened fold model; fewer finished screens than ``count``, and the chosen trial trains the
     rest as more seeds. Each share is re-planned from the time really left when it starts, so an overrun
-    of one model is taken from the next, and each model's epochs come from its own measured cost."""
+    of one model is taken from the next, and each model's epochs come from its own measured cost. The
+    models an even share would take past ``max_final_epochs`` (the cheaper backbones) train first, so the
+    time their cap leaves goes to the ones that can use it rather than idle at the end."""
     say, plan = phase.say, phase.space.plan
     chosen = ranked[0][0]
     runners_up = [trial for trial, _, finished in ranked[1:] if finished][: count - 1]
     jobs = [(chosen, count - len(runners_up))] + [(trial, 1) for trial in runners_up]
+    configs = {
+        trial: yaml.safe_load((phase.search_dir / "trials" / trial / "config.yaml").read_text())
+        for trial, _ in jobs
+    }
+    costs = {trial: measured_cost(phase.search_dir / "trials" / trial, configs[trial]) for trial, _ in jobs}
+    even_s = phase.budget.left_s / count
+
+    def capped(job: tuple[str, int]) -> bool:
+        cost = costs[job[0]]
+        if cost is None:
+            return False
+        views = len(configs[job[0]].get("tta") or ())
+        return final_epochs(even_s, *cost, views, UNCAPPED) > plan.max_final_epochs
+
+    jobs.sort(key=lambda job: not capped(job))  # stable: the rank order otherwise
     say(
         f"final: the time left holds more than {plan.max_final_epochs} epochs (max_final_epochs) of trial "
         f"{chosen}, and no run showed more pays: {count} final models share it "
-        f"({', '.join(f'{t}' + (f' x{s} seeds' if s > 1 else '') for t, s in jobs)}), each continuing its "
-        "screened fold model"
+        f"({', '.join(f'{t}' + (f' x{s} seeds' if s > 1 else '') for t, s in jobs)}, the ones the cap "
+        "stops first), each continuing its screened fold model"
     )
     use_the_search_threads(phase.space)
+    order = [trial for trial, _, _ in ranked]
     models: list[dict[str, Any]] = []
     phase_left_s = phase.budget.left_s
     for index, (trial_id, seeds) in enumerate(jobs):
-        run_dir = phase.search_dir / "trials" / trial_id
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        cost = measured_cost(run_dir, config)
+        config, cost = configs[trial_id], costs[trial_id]
         if cost is None:
             say(f"final: trial {trial_id} has no measured epoch; skipped")
             continue
@@ -239,13 +255,17 @@ def _train_shared(
             continue
         backbone = str(config["backbone"])
         say(describe_final(trial_id, backbone, epochs, per_image_s, refit_images, share_s, seeds))
-        reason = why if index == 0 else f"a runner-up of the screen (#{index + 1} on OOF macro F1 with TTA)"
+        rank = 1 + order.index(trial_id)
+        reason = (
+            why if trial_id == chosen else f"a runner-up of the screen (#{rank} on OOF macro F1 with TTA)"
+        )
         epochs_from = (
             f"an even share of the time left among {count} final models (at most max_final_epochs), "
             "continuing the screened fold model"
         )
         figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
         models.append(phase.refit(trial_id, reason, epochs, seeds, 0, figures, share_s))
+    models.sort(key=lambda model: order.index(model["trial_id"]))  # the record in rank order, chosen first
     return phase.write_record(models, why, phase_left_s) if models else None
 
 

@@ -90,7 +90,7 @@ def settle_folds(
     data_root: Path,
     folds_file: str | os.PathLike | None = None,
     resuming: bool = False,
-    holdout: float = 0.0,
+    holdout: float | str = 0.0,
 ) -> pd.DataFrame:
     """The search's fold file at ``folds_path``: the saved one, the user's ``folds_file``, or a new split.
 
@@ -125,7 +125,7 @@ def settle_folds(
             return folds
         print(
             f"note: {folds_path} of the abandoned start was made with other settings (holdout or "
-            f"folds_seed); split again with holdout {holdout:g}, folds_seed {seed}",
+            f"folds_seed); split again with holdout {holdout}, folds_seed {seed}",
             flush=True,
         )
         write_folds(wanted, folds_path)
@@ -134,8 +134,8 @@ def settle_folds(
         folds = make_folds(table, k=k, seed=seed, holdout=holdout)
     elif holdout:
         raise OrchestratorError(
-            f"--folds {folds_file} and holdout {holdout:g}: a fold file holds its own holdout persons; write "
-            f"one with `foldtune folds --holdout {holdout:g}` or drop holdout from the space/command"
+            f"--folds {folds_file} and holdout {holdout}: a fold file holds its own holdout persons; write "
+            f"one with `foldtune folds --holdout {holdout}` or drop holdout from the space/command"
         )
     else:
         folds = _given_folds(Path(folds_file).expanduser(), table, k, data_root)
