@@ -33,7 +33,7 @@ from orchestrator.search import run_search
 from orchestrator.search.console import progress_table
 from orchestrator.search.constants import ASHA_STATE, EXPERIMENT_DIRNAME
 from orchestrator.search.optuna_adapter import make_searcher, study_storage
-from orchestrator.search.prepare import settle_folds
+from orchestrator.search.prepare import describe_holdout, settle_folds
 from orchestrator.search.settle import settle_space
 from orchestrator.search.stopping import EarlyStops, FinishingASHA, make_scheduler
 from orchestrator.search.summary import trial_rows
@@ -345,6 +345,17 @@ def test_without_a_fold_file_the_search_splits_the_data_or_keeps_its_split(
     assert "of the abandoned start was made with other settings" in out and "folds_seed 42" in out
     held = settle_folds(folds_path, demo_table, 2, 42, demo_root, holdout=0.25)
     assert (held["fold"] == -1).any() and read_folds(folds_path).equals(held)
+    persons = demo_table["person_id"].nunique()
+    assert (
+        describe_holdout(held, 0.25) == f"holdout: {persons // 4} of {persons} persons kept out of every fold"
+    )
+    auto = settle_folds(folds_path, demo_table, 2, 42, demo_root, holdout="auto")  # few persons: a fifth
+    held_auto = auto.loc[auto["fold"] == -1, "person_id"].nunique()
+    assert auto.equals(settle_folds(tmp_path / "fifth.csv", demo_table, 2, 42, demo_root, holdout=0.2))
+    assert describe_holdout(auto, "auto") == (
+        f"holdout: {held_auto} of {persons} persons kept out of every fold (auto: 500 persons, at most 20%)"
+    )
+    assert describe_holdout(made, 0.0).startswith("holdout: none")
     write_folds(split(demo_table, 2, 9), folds_path)  # on resume the saved split stays, whatever it is
     assert settle_folds(folds_path, demo_table, 2, 42, demo_root, resuming=True).equals(
         read_folds(folds_path)

@@ -58,6 +58,7 @@ def prepare(
         resuming=resuming,
         holdout=space.holdout,
     )
+    say(describe_holdout(folds, space.holdout))
     if cache_dir is None:
         from trainers.cache import default_cache_dir
 
@@ -80,6 +81,22 @@ def prepare(
         weights=weights,
         log_epochs=progress,
     )
+
+
+def describe_holdout(folds: pd.DataFrame, holdout: float | str) -> str:
+    """The search log's line on the persons no fold trains or validates on (what the holdout figure and
+    its precision rest on)."""
+    from trainers.folds import HOLDOUT_AUTO, HOLDOUT_FOLD, HOLDOUT_MAX_SHARE, HOLDOUT_PERSONS
+
+    held = folds.loc[folds["fold"] == HOLDOUT_FOLD, "person_id"].nunique()
+    if not held:
+        return "holdout: none (the ensemble's figures are in-sample and nested only)"
+    why = (
+        f" (auto: {HOLDOUT_PERSONS} persons, at most {HOLDOUT_MAX_SHARE:.0%})"
+        if holdout == HOLDOUT_AUTO
+        else ""
+    )
+    return f"holdout: {held} of {folds['person_id'].nunique()} persons kept out of every fold{why}"
 
 
 def settle_folds(
