@@ -503,3 +503,40 @@ def test_search_sections(toy_root, tmp_path):
     assert 1 <= asha["epochs_with"]["median"] <= 4
     assert asha["epoch_share"]["median"] == pytest.approx(asha["epochs_with"]["median"] / 4)
     assert 0 <= asha["best_f1_without"]["median"] <= 1 and 0 <= asha["best_f1_with"]["median"] <= 1
+
+
+def test_holdout_precision_shrinks_with_persons_and_bounds_the_chance_of_matching_eval(tmp_path, capsys):
+    """``benchmarks.holdout_precision`` on a real fold file and holdout vote: the standard error falls
+    as persons are added (about 1/sqrt(n)), and no holdout size beats an error-free figure's chance."""
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.holdout_precision import main as precision_main
+    from benchmarks.holdout_precision import within
+    from trainers.folds import write_folds
+
+    rng = np.random.default_rng(0)
+    persons = [f"{n:06d}" for n in range(200)]
+    rel_path = [f"train/images/{p}_male_Asian_30/mask{i}.jpg" for p in persons for i in range(7)]
+    labels = rng.integers(0, 18, len(rel_path))
+    probs = np.eye(18)[np.where(rng.random(len(rel_path)) < 0.6, labels, rng.integers(0, 18, len(rel_path)))]
+    trained = [f"{n:06d}" for n in range(200, 204)]  # a fold file needs its folds: four trained persons
+    folds = pd.DataFrame(
+        {
+            "rel_path": rel_path + [f"train/images/{p}_male_Asian_30/normal.jpg" for p in trained],
+            "person_id": list(np.repeat(persons, 7)) + trained,
+            "fold": [-1] * len(rel_path) + [0, 0, 1, 1],
+        }
+    )
+    write_folds(folds, tmp_path / "folds.csv")
+    np.savez(tmp_path / "holdout_probs.npz", rel_path=np.array(rel_path), label=labels, probs=probs)
+
+    assert precision_main([str(tmp_path), "--eval-persons", "870"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split(" | ")
+    assert row[1] == "200"
+    se_half, se_all, se_double = (float(v) for v in row[3].split(", "))
+    assert se_half > se_all > se_double > 0
+    assert se_half / se_all == pytest.approx(math.sqrt(2), rel=0.25)
+    chances = [float(v) for v in row[4].split(", ")]
+    assert chances == sorted(chances) and chances[-1] <= 1
+    assert within(0.0, 0.015) == pytest.approx(0.954, abs=0.01)  # +-0.03 is two standard errors of 0.015
