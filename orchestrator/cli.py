@@ -21,14 +21,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 def holdout_arg(text: str) -> float | str:
     """``--holdout``: a share of persons, or ``auto`` (``trainers.folds.holdout_share``)."""
-    from trainers.folds import HOLDOUT_AUTO
+    from trainers.folds import HOLDOUT_WANTED, holdout_value
 
-    if text == HOLDOUT_AUTO:
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use a share of persons such as 0.1, or auto") from None
+    if (parsed := holdout_value(text)) is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: use {HOLDOUT_WANTED}")
+    return parsed
 
 
 def _age_edges(text: str) -> tuple[int, int]:

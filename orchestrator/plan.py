@@ -191,16 +191,19 @@ def promotion_seconds(
     return per_image_s * ((train + VALIDATION_COST * val) * epochs + VALIDATION_COST * val * (1 + views))
 
 
-def promotions_that_fit(left_s: float, costs: Sequence[float], final_need_s: float) -> int:
+def promotions_that_fit(left_s: float, costs: Sequence[float], final_need_s: float, at_once: int = 1) -> int:
     """How many of the best screened configurations, in rank order (``costs``: each one's promotion),
-    are promoted one after another and still leave ``final_need_s`` for the final model at its cap: the
-    final model is where the compute pays first (BENCHMARKS.md), promotion gets only what it leaves."""
+    are promoted, ``at_once`` at a time (one per GPU; each starts when the earliest running one ends), and
+    still leave ``final_need_s`` for the final model at its cap: the final model is where the compute pays
+    first (BENCHMARKS.md), promotion gets only what it leaves."""
     spare = left_s * (1 - FINAL_MARGIN) - final_need_s
+    ends = [0.0] * max(1, at_once)  # when each slot is free again
     count = 0
     for cost in costs:
-        if not (math.isfinite(cost) and cost > 0) or cost > spare:
+        slot = ends.index(min(ends))
+        if not (math.isfinite(cost) and cost > 0) or ends[slot] + cost > spare:
             break
-        spare -= cost
+        ends[slot] += cost
         count += 1
     return count
 

@@ -23,6 +23,7 @@ import yaml
 from orchestrator.errors import OrchestratorError
 from orchestrator.plan import Plan, PlanError, parse_plan
 from trainers.config import ConfigError, TrainConfig, field_names
+from trainers.folds import HOLDOUT_WANTED, holdout_value
 
 SEARCH_KINDS = ("choice", "loguniform", "uniform", "int")
 TOP_LEVEL_KEYS = (
@@ -468,14 +469,6 @@ def _number(value: Any, where: str, fail, low: float | None = None, low_open: bo
     return float(value) if isinstance(value, float) else value
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _whole(value: Any, where: str, fail, low: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise fail(where, f"must be a whole number, got {value!r}")
@@ -501,16 +494,7 @@ def _plan(value: Any, fixed: Mapping[str, Any], search: Mapping[str, Param], fai
 
 
 def _holdout(value: Any, fail) -> float | str:
-    """``holdout``: the share of persons held out of every fold (0 = none), at most half of them, or
-    ``auto``: enough persons for a precise holdout figure (``trainers.folds.holdout_share``)."""
-    from trainers.folds import HOLDOUT_AUTO
-
-    if value == HOLDOUT_AUTO:
-        return HOLDOUT_AUTO
-    wanted = f"must be a share of persons from 0 to 0.5 (e.g. 0.1) or {HOLDOUT_AUTO}, got {value!r}"
-    if isinstance(value, str) and not _is_float(value):
-        raise fail("holdout", wanted)
-    share = _number(value, "holdout", fail, low=0)
-    if share > 0.5:
-        raise fail("holdout", wanted)
-    return float(share)
+    """``holdout``: persons kept out of every fold, a share (0 = none) or ``auto`` (``holdout_share``)."""
+    if (parsed := holdout_value(value)) is None:
+        raise fail("holdout", f"must be {HOLDOUT_WANTED}, got {value!r}")
+    return parsed

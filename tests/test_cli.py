@@ -65,7 +65,7 @@ def test_folds_writes_a_person_level_fold_file(capsys, make_dataset, tmp_path):
     assert pd.read_csv(out, dtype=str).equals(pd.read_csv(fifth, dtype=str))
     with pytest.raises(SystemExit):  # argparse's usage error: exit 2, one line naming the value
         run(capsys, "folds", "--data", str(data.root), "--holdout", "most")
-    assert "'most': use a share of persons such as 0.1, or auto" in capsys.readouterr().err
+    assert "'most': use a share of persons from 0 to 0.5 (e.g. 0.1) or auto" in capsys.readouterr().err
 
 
 def test_train_with_a_bad_config_is_a_clear_error(capsys, tiny_dataset, tmp_path):

@@ -241,5 +241,7 @@ def test_make_folds_with_an_auto_holdout_sets_aside_a_stratified_fifth_of_few_pe
     held = folds.loc[folds["fold"] == HOLDOUT_FOLD, "person_id"].unique()
     assert len(held) == 12  # 60 persons < 5 x 500: the largest share, 1/5
     assert folds.equals(make_folds(table60, k=3, seed=0, holdout=0.2))  # the same split as the share
-    with pytest.raises(DataError, match=r"holdout='most' must be a fraction in 0..0.5 or auto"):
+    with pytest.raises(
+        DataError, match=r"holdout='most' must be a share of persons from 0 to 0.5 \(e.g. 0.1\) or auto"
+    ):
         make_folds(table60, k=3, seed=0, holdout="most")

@@ -366,12 +366,15 @@ def test_a_shared_final_phase_trains_first_the_models_its_cap_stops_so_their_tim
     monkeypatch.setattr(final_module, "measured_cost", lambda run_dir, config: costs[run_dir.name])
     trained: list[tuple[str, float, float]] = []
 
-    def refit(self, trial_id, why, epochs, seeds, continue_fold, figures, left_s):
-        trained.append((trial_id, epochs, left_s))
-        self.budget.used_before_s += 600.0  # t2 stops at its cap after 4 x 50 s; say it took 10 min
-        return {"trial_id": trial_id, "seeds": seeds, "epochs": epochs, "seconds": 600.0}
+    def refit_job(self, model):
+        def took_ten_minutes():  # t2 stops at its cap after 4 x 50 s; say it took 10 min
+            trained.append((model.trial_id, model.epochs, model.left_s))
+            self.budget.used_before_s += 600.0
+            return {"holdout_f1": 0.5}
 
-    monkeypatch.setattr(final_module._Phase, "refit", refit)
+        return final_module.Job(took_ten_minutes)
+
+    monkeypatch.setattr(final_module._Phase, "_job", refit_job)
     space = parse_space(
         {
             "name": "s",

@@ -34,6 +34,7 @@ HOLDOUT_AUTO = "auto"  # a holdout sized by persons (holdout_share), not by a fi
 # error of about 0.034, of 546 about 0.025 (BENCHMARKS.md, "How precise is the holdout figure")
 HOLDOUT_PERSONS = 500
 HOLDOUT_MAX_SHARE = 0.2  # ... but never more than a fifth of the persons out of training
+HOLDOUT_WANTED = f"a share of persons from 0 to 0.5 (e.g. 0.1) or {HOLDOUT_AUTO}"  # what a holdout can be
 
 
 class FoldWarning(UserWarning):
@@ -75,6 +76,20 @@ def _persons(table: pd.DataFrame) -> pd.DataFrame:
     return persons.assign(stratum=persons["gender"].astype(int) * NUM_AGE + persons["age_band"].astype(int))
 
 
+def holdout_value(value: object) -> float | str | None:
+    """A ``holdout`` setting as a space, a command line or a caller gives it: a share from 0 to 0.5, or
+    ``HOLDOUT_AUTO``; None when it is neither (the caller says so in its own words)."""
+    if value == HOLDOUT_AUTO:
+        return HOLDOUT_AUTO
+    if isinstance(value, bool):
+        return None
+    try:
+        share = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return share if 0 <= share <= 0.5 else None
+
+
 def holdout_share(holdout: float | str, persons: int) -> float:
     """The share of ``persons`` to hold out: ``holdout`` itself, or for ``HOLDOUT_AUTO`` the share 1/n
     (the only shares a stratified person split makes exactly) that holds at least ``HOLDOUT_PERSONS``
@@ -98,10 +113,8 @@ def make_folds(table: pd.DataFrame, k: int, seed: int, holdout: float | str = 0.
         raise DataError(Problem("error", "k", f"k={k!r} folds is not possible; use an integer of at least 2"))
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise DataError(Problem("error", "seed", f"seed={seed!r} must be an integer 0..2**32-1"))
-    if not (holdout == HOLDOUT_AUTO or _is_share(holdout)):
-        raise DataError(
-            Problem("error", "holdout", f"holdout={holdout!r} must be a fraction in 0..0.5 or {HOLDOUT_AUTO}")
-        )
+    if holdout_value(holdout) is None:
+        raise DataError(Problem("error", "holdout", f"holdout={holdout!r} must be {HOLDOUT_WANTED}"))
     persons = _persons(table)
     holdout = holdout_share(holdout, len(persons))
     person_fold = np.full(len(persons), HOLDOUT_FOLD, dtype=np.int64)
@@ -137,10 +150,6 @@ def make_folds(table: pd.DataFrame, k: int, seed: int, holdout: float | str = 0.
     folds["fold"] = folds["fold"].astype(np.int64)
     assert_no_leak(folds)
     return folds
-
-
-def _is_share(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 0.5
 
 
 def _split_holdout(persons: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:

@@ -51,6 +51,7 @@ from orchestrator.search.constants import (
 from orchestrator.search.disk_full import DiskFull, DiskFullStop, guard_trial, stopped_line
 from orchestrator.search.disk_notices import full_disk_path, open_notices, read_notices
 from orchestrator.search.final import train_final
+from orchestrator.search.gpu_jobs import workers_for
 from orchestrator.search.optuna_adapter import make_searcher
 from orchestrator.search.prepare import prepare
 from orchestrator.search.promote import promote_screened
@@ -175,22 +176,23 @@ def run_search(
                 progress,
                 budget,
             )
+        if phases is not None and summary.finished:  # not after Ctrl+C: --resume continues the screen
+            try:  # with Ray still up: on GPUs the promotions and final models are Ray tasks (gpu_jobs)
+                on_promoted = _log_promotion(log)
+                summary.promoted = promote_screened(
+                    data_root, space, search_dir, budget, cache_dir, progress, on_promoted, workers_for(space)
+                )
+                summary.final = train_final(
+                    data_root, space, search_dir, budget, cache_dir, tracking.tracking_uri, progress
+                )
+            finally:  # billed however it ends (a Ctrl+C in the final model too)
+                budget.record()
+                log.finish()  # one line for promotion records still waiting for the store, if any
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    if phases is not None and summary.finished:  # not after Ctrl+C: --resume continues the screen
-        try:
-            summary.promoted = promote_screened(
-                data_root, space, search_dir, budget, cache_dir, progress, _log_promotion(log)
-            )
-            summary.final = train_final(
-                data_root, space, search_dir, budget, cache_dir, tracking.tracking_uri, progress
-            )
-        finally:  # billed however it ends (a Ctrl+C in the final model too)
-            budget.record()
-            log.finish()  # one line for promotion records still waiting for the store, if any
     if progress:
         print(summary.report())
     return summary

@@ -27,7 +27,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from orchestrator.plan import (
     seconds_per_image,
 )
 from orchestrator.search.budget import BILL_EVERY_S, TimeBudget
+from orchestrator.search.gpu_jobs import Job, JobFailed, run_jobs, workers_for
 from orchestrator.space import SearchSpace
 from trainers.io import write_text_atomic
 
@@ -101,7 +102,9 @@ def train_final(
         return None
     if converged is None:
         fit_epochs = final_epochs(left_s, per_image_s, refit_images, holdout_images, views, UNCAPPED)
-        count = final_models(fit_epochs, plan.max_final_epochs, plan.max_final_seeds)
+        # on GPUs the models train at once, one per GPU: each has the whole time left
+        at_once = workers_for(space).at_once
+        count = final_models(fit_epochs * at_once, plan.max_final_epochs, plan.max_final_seeds)
         if count > 1:  # past the cap: the time is shared by the best finished screens, each continued
             return _train_shared(phase, ranked, count, why)
     seeds = final_seeds(
@@ -114,17 +117,38 @@ def train_final(
         else "the time left (at most max_final_epochs), continuing the screened fold model"
     )
     say(f"final: epochs from {epochs_from}")
-    use_the_search_threads(space)
-    model = phase.refit(
-        trial_id,
-        why,
-        epochs,
-        seeds,
-        continue_fold=None if converged is not None else 0,
-        figures={"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images},
-        left_s=left_s,
-    )
-    return phase.write_record([model], why, left_s)
+    figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
+    model = _Model(trial_id, why, epochs, seeds, None if converged is not None else 0, figures, left_s)
+    return phase.write_record(phase.train(1, lambda _: model), why, left_s)
+
+
+@dataclass(frozen=True)
+class _Model:
+    """One final model as planned: the trial it continues (``continue_fold``: from that fold model's
+    weights; None: from scratch), why, its epochs and seeds, how they were chosen (``figures``) and the
+    time it was planned in (``left_s``)."""
+
+    trial_id: str
+    why: str
+    epochs: float
+    seeds: int
+    continue_fold: int | None
+    figures: dict[str, Any]
+    left_s: float
+
+    def record(self, refit: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Its entry in ``final.json``, from ``foldtune refit``'s record of it."""
+        return {
+            "trial_id": self.trial_id,
+            "chosen_by": self.why,
+            "epochs": self.epochs,
+            "seeds": self.seeds,
+            "seconds": round(seconds, 1),
+            "holdout_f1": refit.get("holdout_f1"),
+            "holdout_f1_tta": refit.get("holdout_f1_tta"),
+            **self.figures,
+            "left_s": round(self.left_s, 1),
+        }
 
 
 @dataclass(frozen=True)
@@ -143,48 +167,54 @@ class _Phase:
         if self.progress:
             print(line)
 
-    def refit(
-        self,
-        trial_id: str,
-        why: str,
-        epochs: float,
-        seeds: int,
-        continue_fold: int | None,
-        figures: dict[str, Any],
-        left_s: float,
-    ) -> dict[str, Any]:
-        """One trial's final model(s): ``foldtune refit``'s run, billed to the budget while it trains;
-        its record with ``figures`` (how its epochs were chosen, its measured cost) and its ``left_s``."""
+    def train(self, count: int, plan_model: Callable[[int], _Model | None]) -> list[dict[str, Any]]:
+        """Train ``count`` final models where the search's workers are (``gpu_jobs.workers_for``: one per
+        GPU at once, or one after another in the driver), billed to the budget while they train; each is
+        planned by ``plan_model(index)`` when it starts (None skips it), so from the time left then. Their
+        records, in the order they ended."""
+        workers = workers_for(self.space)
+        if workers.on_gpus:
+            self.say(f"final: {workers.describe()}")
+        else:
+            use_the_search_threads(self.space)
+        planned: dict[int, tuple[_Model, float]] = {}
+        models: list[dict[str, Any]] = []
+
+        def start(index: int) -> Job | None:
+            model = plan_model(index)
+            if model is None:
+                return None
+            planned[index] = (model, time.monotonic())
+            return self._job(model)
+
+        def done(index: int, outcome: Any) -> None:
+            model, started = planned[index]
+            if isinstance(outcome, JobFailed):
+                raise OrchestratorError(f"the final model of trial {model.trial_id} failed: {outcome.line}")
+            models.append(model.record(outcome, time.monotonic() - started))
+
+        with billed(self.budget):
+            run_jobs(workers, count, start, done)
+        return models
+
+    def _job(self, model: _Model) -> Job:
+        """``foldtune refit``'s run of ``model`` (its record, holdout predictions and MLflow run)."""
         from orchestrator.refit import run_refit
 
-        config = yaml.safe_load((self.search_dir / "trials" / trial_id / "config.yaml").read_text())
-        started = time.monotonic()
-        with billed(self.budget):
-            refit = run_refit(
-                self.data_root,
-                self.search_dir.name,
-                storage=self.search_dir.parent,
-                trial=trial_id,
-                epochs=epochs,
-                seeds=seeds,
-                device=str(config.get("device", "auto")),
-                tracking_uri=self.tracking_uri,
-                cache_dir=Path(self.cache_dir) if self.cache_dir else None,
-                log=self.say if self.progress else None,
-                chosen_by=f"the screen: {why}",
-                continue_fold=continue_fold,  # unconverged, the screened fold model goes on: epochs reused
-            )
-        return {
-            "trial_id": trial_id,
-            "chosen_by": why,
-            "epochs": epochs,
-            "seeds": seeds,
-            "seconds": round(time.monotonic() - started, 1),
-            "holdout_f1": refit.get("holdout_f1"),
-            "holdout_f1_tta": refit.get("holdout_f1_tta"),
-            **figures,
-            "left_s": round(left_s, 1),
+        config = yaml.safe_load((self.search_dir / "trials" / model.trial_id / "config.yaml").read_text())
+        kwargs = {
+            "storage": self.search_dir.parent,
+            "trial": model.trial_id,
+            "epochs": model.epochs,
+            "seeds": model.seeds,
+            "device": str(config.get("device", "auto")),
+            "tracking_uri": self.tracking_uri,
+            "cache_dir": Path(self.cache_dir) if self.cache_dir else None,
+            "log": print if self.progress else None,
+            "chosen_by": f"the screen: {model.why}",
+            "continue_fold": model.continue_fold,  # unconverged, the screened fold model goes on
         }
+        return Job(run_refit, (self.data_root, self.search_dir.name), kwargs, device=kwargs["device"])
 
     def write_record(self, models: list[dict[str, Any]], why: str, left_s: float) -> dict:
         """``final.json``: the chosen trial's model at the top (as a single final model's record always
@@ -226,24 +256,32 @@ def _train_shared(
         return final_epochs(even_s, *cost, views, UNCAPPED) > plan.max_final_epochs
 
     jobs.sort(key=lambda job: not capped(job))  # stable: the rank order otherwise
-    say(
-        f"final: the time left holds more than {plan.max_final_epochs} epochs (max_final_epochs) of trial "
-        f"{chosen}, and no run showed more pays: {count} final models share it "
-        f"({', '.join(f'{t}' + (f' x{s} seeds' if s > 1 else '') for t, s in jobs)}, the ones the cap "
-        "stops first), each continuing its screened fold model"
-    )
-    use_the_search_threads(phase.space)
+    at_once = workers_for(phase.space).at_once
+    listed = ", ".join(f"{t}" + (f" x{s} seeds" if s > 1 else "") for t, s in jobs)
+    if at_once == 1:
+        say(
+            f"final: the time left holds more than {plan.max_final_epochs} epochs (max_final_epochs) of "
+            f"trial {chosen}, and no run showed more pays: {count} final models share it ({listed}, the "
+            "ones the cap stops first), each continuing its screened fold model"
+        )
+    else:
+        say(
+            f"final: {count} final models on {at_once} GPUs at once ({listed}), each continuing its "
+            "screened fold model for what the time left holds (at most max_final_epochs)"
+        )
     order = [trial for trial, _, _ in ranked]
-    models: list[dict[str, Any]] = []
     phase_left_s = phase.budget.left_s
-    for index, (trial_id, seeds) in enumerate(jobs):
+
+    def plan_model(index: int) -> _Model | None:
+        trial_id, seeds = jobs[index]
         config, cost = configs[trial_id], costs[trial_id]
         if cost is None:
             say(f"final: trial {trial_id} has no measured epoch; skipped")
-            continue
+            return None
         per_image_s, refit_images, holdout_images = cost
         views = len(config.get("tta") or ())
-        share_s = phase.budget.left_s * seeds / sum(s for _, s in jobs[index:])
+        waiting = sum(s for _, s in jobs[index:])  # this model's seeds and those of the ones after it
+        share_s = phase.budget.left_s * seeds / max(seeds, waiting / at_once)  # at_once share the rest
         epochs = final_epochs(
             share_s / seeds, per_image_s, refit_images, holdout_images, views, plan.max_final_epochs
         )
@@ -252,7 +290,7 @@ def _train_shared(
                 f"final: trial {trial_id} not started: half an epoch does not fit in its share "
                 f"({share_s / 60:.1f} min)"
             )
-            continue
+            return None
         backbone = str(config["backbone"])
         say(describe_final(trial_id, backbone, epochs, per_image_s, refit_images, share_s, seeds))
         rank = 1 + order.index(trial_id)
@@ -264,7 +302,9 @@ def _train_shared(
             "continuing the screened fold model"
         )
         figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
-        models.append(phase.refit(trial_id, reason, epochs, seeds, 0, figures, share_s))
+        return _Model(trial_id, reason, epochs, seeds, 0, figures, share_s)
+
+    models = phase.train(len(jobs), plan_model)
     models.sort(key=lambda model: order.index(model["trial_id"]))  # the record in rank order, chosen first
     return phase.write_record(models, why, phase_left_s) if models else None
 

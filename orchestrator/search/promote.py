@@ -12,8 +12,9 @@ person instead of one fold's, and the final model is chosen among all trials aft
 Promotion is rung two of successive halving over folds × epochs: Tune's ASHA already halved over epochs
 within the screen; this rung halves over folds, sized by the cost the screen measured on this hardware
 (``plan.promotion_seconds``) and by what the final model is owed first (``plan.promotions_that_fit``).
-It runs in the driver, one configuration after another, like the final model (``search.final``), billed
-to the budget while it trains. ``promoted.json`` in the search folder records what was promoted and why.
+It runs where the final models do (``search.gpu_jobs``): one per GPU at once as Ray tasks, or in the
+driver one configuration after another on a cluster without GPUs, billed to the budget while it trains.
+``promoted.json`` in the search folder records what was promoted and why.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import yaml
 from orchestrator.plan import describe_promotions, final_seconds, promotion_seconds, promotions_that_fit
 from orchestrator.search.budget import TimeBudget
 from orchestrator.search.final import billed, fold_images, measured_cost, use_the_search_threads
+from orchestrator.search.gpu_jobs import Job, JobFailed, Workers, run_jobs
 from orchestrator.space import SearchSpace
 from orchestrator.tracking.store import error_line
 from trainers.errors import FoldtuneError
@@ -46,8 +48,10 @@ def promote_screened(
     cache_dir: Path | None,
     progress: bool,
     on_promoted: Callable[[dict[str, Any]], None] | None = None,
+    workers: Workers | None = None,
 ) -> list[dict[str, Any]]:
-    """Promote the best screened configurations the time left affords, one after another; their records
+    """Promote the best screened configurations the time left affords, ``workers`` at a time (default: in
+    the driver, one after another; ``gpu_jobs``); their records
     (also in ``promoted.json``; a resumed search's earlier ones first), [] when none is promoted (the line
     printed says why). ``on_promoted`` gets each new record once ``promoted.json`` has it (the driver logs
     it to MLflow). A promotion that fails is recorded as failed and the next one goes on: the final model
@@ -81,28 +85,52 @@ def promote_screened(
         costs.append((trial_id, str(config["backbone"]), seconds))
     if not costs:
         return records
-    count = promotions_that_fit(budget.left_s, [seconds for *_, seconds in costs], final_need)
-    say(describe_promotions(costs[:count], len(ranked), final_need))
+    workers = workers or Workers()
+    count = promotions_that_fit(
+        budget.left_s, [seconds for *_, seconds in costs], final_need, workers.at_once
+    )
+    where = f" ({workers.describe()})" if workers.on_gpus and count else ""
+    say(describe_promotions(costs[:count], len(ranked), final_need) + where)
     screened_f1 = dict(ranked)
-    for trial_id, _, planned_s in costs[:count]:
-        if promotions_that_fit(budget.left_s, [planned_s], final_need) < 1:  # an earlier one overran
+    chosen = costs[:count]
+    started: dict[int, float] = {}
+    stopped = False
+
+    def start(index: int) -> Job | None:
+        nonlocal stopped
+        trial_id, _, planned_s = chosen[index]
+        if not stopped and promotions_that_fit(budget.left_s, [planned_s], final_need) < 1:
             say(f"promote: trial {trial_id} not started: its ~{planned_s / 60:.1f} min no longer fit")
-            break
-        started = time.monotonic()
+            stopped = True  # an earlier one overran: the final model's time is not given away
+        if stopped:
+            return None
+        started[index] = time.monotonic()
+        config = yaml.safe_load((search_dir / "trials" / trial_id / "config.yaml").read_text())
+        return Job(
+            promote_trial,
+            (data_root, search_dir, trial_id, space, cache_dir, progress),
+            device=str(config.get("device", "auto")),
+        )
+
+    def done(index: int, outcome: Any) -> None:
+        trial_id, _, planned_s = chosen[index]
         record: dict[str, Any] = {"trial_id": trial_id, "screened_oof_f1_tta": screened_f1[trial_id]}
-        try:
-            with billed(budget):
-                result = promote_trial(data_root, search_dir, trial_id, space, cache_dir, progress)
-            record.update(status=result.status, oof_f1=result.oof_f1, oof_f1_tta=result.oof_f1_tta)
-        except FoldtuneError as error:  # its screened run is as it was; the next promotion goes on
-            say(f"promoting trial {trial_id} failed: {error_line(error)}; its screened fold model stays")
-            record.update(status="failed", error=error_line(error))
-        record.update(planned_s=round(planned_s, 1), seconds=round(time.monotonic() - started, 1))
+        if isinstance(outcome, JobFailed):  # its screened run is as it was; the next promotion goes on
+            say(f"promoting trial {trial_id} failed: {outcome.line}; its screened fold model stays")
+            record.update(status="failed", error=outcome.line)
+        else:
+            record.update(status=outcome.status, oof_f1=outcome.oof_f1, oof_f1_tta=outcome.oof_f1_tta)
+        record.update(planned_s=round(planned_s, 1), seconds=round(time.monotonic() - started[index], 1))
         records.append(record)
         write_text_atomic(json.dumps(records, indent=2, default=float), search_dir / PROMOTED_RECORD)
         budget.record()
         if on_promoted is not None:
             on_promoted(record)
+
+    if not workers.on_gpus:
+        use_the_search_threads(space)
+    with billed(budget):
+        run_jobs(workers, len(chosen), start, done)
     return records
 
 
@@ -193,7 +221,6 @@ def promote_trial(
     run_dir, cfg, _ = _check_trial(search_dir, trial_id, search_dir.name)
     folds = read_folds(run_dir / "folds.csv")
     data = _read_data(Path(data_root), search_dir, cfg, folds, trial_id)
-    use_the_search_threads(space)
     result = fit(
         dataclasses.replace(cfg, train_folds=0),
         data.drop(columns=["fold"]),

@@ -1,0 +1,138 @@
+"""Where a planned search's promotions and final models train: on the cluster's GPUs, one whole GPU each and
+as many at once as there are GPUs (Ray tasks), or, on a cluster without GPUs, one after another in the
+driver's own process with every core the trials had (the CPU presets, as measured).
+
+Why: after the screen the trials are done and the GPUs free. Trained in the driver, the promotions and
+final models would use one GPU of eight (the other seven idle for the whole final phase) or, on a cluster
+whose head node has none, the head node's CPU. As Ray tasks they get a GPU each, wherever it is.
+
+``run_jobs`` runs numbered jobs in order, ``Workers.at_once`` at a time. It asks for each job only when a
+slot frees (``start(index)``), so the caller plans the job from the time really left then, and hands each
+outcome (the result, or the ``FoldtuneError`` the job raised) to ``done(index, outcome)`` as it ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.search.capacity import cluster_nodes
+from orchestrator.space import SearchSpace
+from trainers.errors import FoldtuneError
+
+
+@dataclass(frozen=True)
+class Workers:
+    """``at_once`` jobs at a time, each a Ray task on one whole GPU and ``cpus`` CPUs (``on_gpus``), or,
+    the default, one at a time in the driver's process."""
+
+    at_once: int = 1
+    cpus: int = 1
+    on_gpus: bool = False
+
+    def describe(self) -> str:
+        if not self.on_gpus:
+            return "in the driver, one after another"
+        return f"{self.at_once} at once, one GPU and {self.cpus} CPU(s) each"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A call to run: ``fn(*args, **kwargs)`` (module-level, so a Ray worker can import it) on ``device``
+    (the run's ``device`` setting: a GPU the task holds but torch cannot use fails at once, naming why)."""
+
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+
+
+def workers_for(space: SearchSpace) -> Workers:
+    """GPU trials on a running Ray cluster with whole GPUs: a job per GPU, with the GPU's share of its
+    node's CPUs (at most what a trial's GPU share came with, per GPU); anything else: the driver."""
+    if space.gpus_per_trial <= 0:
+        return Workers()
+    import ray
+
+    if not ray.is_initialized():
+        return Workers()
+    nodes = [node for node in cluster_nodes() if node.gpus >= 1]
+    if not nodes:
+        return Workers()
+    gpus = sum(math.floor(node.gpus) for node in nodes)
+    per_gpu = min(math.floor(node.cpus / math.floor(node.gpus)) for node in nodes)
+    trial_share = math.floor(space.cpus_per_trial / space.gpus_per_trial)
+    return Workers(at_once=gpus, cpus=max(1, min(per_gpu, trial_share)), on_gpus=True)
+
+
+def run_jobs(
+    workers: Workers,
+    count: int,
+    start: Callable[[int], Job | None],
+    done: Callable[[int, Any], None],
+) -> None:
+    """Jobs ``0..count-1`` in order, ``workers.at_once`` at a time: ``start(index)`` (called when a slot
+    frees; None skips that job) gives the call, ``done(index, outcome)`` gets its result or, when it raised
+    a ``FoldtuneError``, a ``JobFailed`` with that error's line. An interrupt cancels the jobs still running
+    (their runs keep what their own checkpoints kept: a resumed search goes on from there)."""
+    if not workers.on_gpus:
+        for index in range(count):
+            job = start(index)
+            if job is not None:
+                done(index, _call(job))
+        return
+    import ray
+
+    remote = ray.remote(_on_the_gpu).options(num_gpus=1, num_cpus=workers.cpus, max_retries=0)
+    running: dict[Any, int] = {}
+    next_index = 0
+    try:
+        while next_index < count or running:
+            while next_index < count and len(running) < workers.at_once:
+                job = start(next_index)
+                if job is not None:
+                    running[remote.remote(job, workers.cpus)] = next_index
+                next_index += 1
+            if running:
+                (ready,), _ = ray.wait(list(running), num_returns=1)
+                done(running.pop(ready), ray.get(ready))
+    finally:
+        for ref in running:
+            ray.cancel(ref, force=True)
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """What a job that raised a ``FoldtuneError`` returns instead: its one line (the error object itself
+    need not survive the trip back from a Ray worker)."""
+
+    line: str
+
+
+def _call(job: Job) -> Any:
+    try:
+        return job.fn(*job.args, **job.kwargs)
+    except FoldtuneError as error:
+        return JobFailed(_one_line(error))
+
+
+def _one_line(error: FoldtuneError) -> str:
+    """The error's message on one line (a ``DataError`` lists its problems on lines of their own)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:500]
+
+
+def _on_the_gpu(job: Job, cpus: int) -> Any:
+    """In the Ray task: the torch threads of its CPUs, the device checked (``pick_device`` with the GPU
+    held: a torch that cannot use it is a ``DeviceError`` naming the build and the fix), then the call."""
+    import torch
+
+    from trainers.device import pick_device
+
+    torch.set_num_threads(cpus)
+    try:
+        pick_device(job.device, holds_gpu=True)
+    except FoldtuneError as error:
+        return JobFailed(_one_line(error))
+    return _call(job)
