@@ -143,11 +143,10 @@ def test_promotions_that_fit_count_the_gpus_they_run_on():
 def test_on_two_gpus_the_final_models_train_at_once_each_with_the_whole_time_left(
     tmp_path, dataset_builder, tracking_uri, monkeypatch, two_gpu_ray
 ):
-    from test_promote import SCREENED, screened_trials
+    from test_promote import an_hour, final_phase_space, screened_trials
 
     import orchestrator.refit
     import orchestrator.search.final as final_module
-    from orchestrator.search.budget import BUDGET_FILE, TimeBudget
 
     root, search_dir = screened_trials(tmp_path, dataset_builder, {"t1": 3e-3, "t2": 1e-3})
     monkeypatch.setattr(orchestrator.refit, "ranked_trials", lambda _: [("t1", 0.5, True), ("t2", 0.4, True)])
@@ -167,8 +166,8 @@ def test_on_two_gpus_the_final_models_train_at_once_each_with_the_whole_time_lef
         return final_module.Job(refit, device="cpu")
 
     monkeypatch.setattr(final_module._Phase, "_job", job)
-    space = parse_space({**SPACE, "fixed": SCREENED})
-    budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=3600.0, used_before_s=0.0, started=time.time())
+    space = final_phase_space(max_final_epochs=4, max_final_seeds=2, resources={"cpu": 1, "gpu": 0.5})
+    budget = an_hour(tmp_path)
     record = final_module.train_final(root, space, search_dir, budget, None, tracking_uri, False)
 
     ran = {name: json.loads((records / f"{name}.json").read_text()) for name in ("t1", "t2")}

@@ -66,6 +66,32 @@ def screened_trials(tmp_path, dataset_builder, lrs: dict[str, float]):
     return root, search_dir
 
 
+def final_phase_space(max_final_epochs: int, max_final_seeds: int, **raw):
+    """A planned space over ``SCREENED`` trials (one fold screened, no promotion) with the final phase's
+    caps; ``raw`` adds or replaces keys (e.g. ``resources``)."""
+    from orchestrator.space import parse_space
+
+    plan = {"max_final_epochs": max_final_epochs, "max_final_seeds": max_final_seeds}
+    return parse_space(
+        {
+            "name": "s",
+            "fixed": SCREENED,
+            "search": {"lr": {"loguniform": [1e-5, 1e-2]}},
+            "plan": {"screen_folds": 1, "promote_top": 0, **plan},
+            **raw,
+        }
+    )
+
+
+def an_hour(tmp_path):
+    """A fresh one-hour budget, its record in ``tmp_path``."""
+    import time
+
+    from orchestrator.search.budget import BUDGET_FILE, TimeBudget
+
+    return TimeBudget(tmp_path / BUDGET_FILE, total_s=3600.0, used_before_s=0.0, started=time.time())
+
+
 def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -301,12 +327,9 @@ def test_past_max_final_epochs_the_final_time_is_shared_by_the_best_finished_scr
     evenly by ``final_models`` models: the chosen trial's and the next finished screen's, each continued
     from its own screened fold model, the chosen one taking the seeds no other finished screen can; a
     screen the budget cut (not finished) is never a final model."""
-    import time
 
     from orchestrator.plan import final_models
-    from orchestrator.search.budget import BUDGET_FILE, TimeBudget
     from orchestrator.search.final import train_final
-    from orchestrator.space import parse_space
 
     assert final_models(3.9, max_epochs=4, max_models=3) == 1  # within the cap: one model, as before
     assert final_models(7.5, max_epochs=4, max_models=3) == 2  # T=60 on one core: two of ~3.6 epochs
@@ -322,15 +345,7 @@ def test_past_max_final_epochs_the_final_time_is_shared_by_the_best_finished_scr
     cut = next(entry for entry in ranked if entry[0] == "t3")
     # the cut screen ranked second (its rebuilt OOF may rank anywhere): it must be passed over
     monkeypatch.setattr(orchestrator.refit, "ranked_trials", lambda _: [finished[0], cut, finished[1]])
-    space = parse_space(
-        {
-            "name": "s",
-            "fixed": SCREENED,
-            "search": {"lr": {"loguniform": [1e-5, 1e-2]}},
-            "plan": {"screen_folds": 1, "max_final_epochs": 1, "max_final_seeds": 3, "promote_top": 0},
-        }
-    )
-    budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=3600.0, used_before_s=0.0, started=time.time())
+    space, budget = final_phase_space(max_final_epochs=1, max_final_seeds=3), an_hour(tmp_path)
     record = train_final(root, space, search_dir, budget, tmp_path / "cache", tracking_uri, False)
 
     models = {model["trial_id"]: model for model in record["models"]}
@@ -351,12 +366,9 @@ def test_a_shared_final_phase_trains_first_the_models_its_cap_stops_so_their_tim
     """The final model an even share would take past ``max_final_epochs`` (a cheaper backbone) trains
     first: its cap leaves time that the re-planned share of the next one takes, rather than idle at the
     end (T=60 on one core left 4.6 min); the record still lists the chosen trial first."""
-    import time
 
     import orchestrator.refit
     import orchestrator.search.final as final_module
-    from orchestrator.search.budget import BUDGET_FILE, TimeBudget
-    from orchestrator.space import parse_space
 
     root, search_dir = screened_trials(tmp_path, dataset_builder, {"t1": 3e-3, "t2": 1e-3})
     ranked = [("t1", 0.5, True), ("t2", 0.4, True)]  # t1 is chosen
@@ -375,15 +387,7 @@ def test_a_shared_final_phase_trains_first_the_models_its_cap_stops_so_their_tim
         return final_module.Job(took_ten_minutes)
 
     monkeypatch.setattr(final_module._Phase, "_job", refit_job)
-    space = parse_space(
-        {
-            "name": "s",
-            "fixed": SCREENED,
-            "search": {"lr": {"loguniform": [1e-5, 1e-2]}},
-            "plan": {"screen_folds": 1, "max_final_epochs": 4, "max_final_seeds": 2, "promote_top": 0},
-        }
-    )
-    budget = TimeBudget(tmp_path / BUDGET_FILE, total_s=3600.0, used_before_s=0.0, started=time.time())
+    space, budget = final_phase_space(max_final_epochs=4, max_final_seeds=2), an_hour(tmp_path)
     record = final_module.train_final(root, space, search_dir, budget, None, tracking_uri, False)
 
     assert [trial for trial, _, _ in trained] == ["t2", "t1"], "the capped model first"
