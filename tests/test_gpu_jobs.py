@@ -112,6 +112,25 @@ def test_on_two_gpus_two_jobs_run_at_once_each_on_its_own_gpu_and_the_third_is_p
         assert result["cuda_visible_devices"] == result["gpu_ids"][0] and result["threads"] == 2
 
 
+@pytest.mark.parametrize(
+    ("nodes", "expected"),
+    [
+        ([(16, 8)], Workers(8, 2, True)),  # 2 CPUs per GPU (a 0.5-GPU trial had 1, so 2 per GPU at most)
+        ([(4, 8)], Workers(8, 0.5, True)),  # fewer CPUs than GPUs: half a CPU each, all 8 start at once
+        ([(64, 8), (8, 0)], Workers(8, 2, True)),  # the trial's share caps it; a CPU-only node adds nothing
+        ([(8, 0.5)], Workers()),  # no whole GPU: the driver
+    ],
+)
+def test_workers_get_one_whole_gpu_each_and_a_share_of_its_nodes_cpus(
+    nodes, expected, two_gpu_ray, monkeypatch
+):
+    import orchestrator.search.gpu_jobs as gpu_jobs
+    from orchestrator.search.capacity import Node
+
+    monkeypatch.setattr(gpu_jobs, "cluster_nodes", lambda: [Node(float(c), float(g)) for c, g in nodes])
+    assert workers_for(parse_space(SPACE)) == expected
+
+
 def failing_job():
     """A job raising foldtune's error (a closure: Ray ships it by value, the test module is not importable
     in its workers)."""

@@ -29,13 +29,13 @@ class Workers:
     the default, one at a time in the driver's process."""
 
     at_once: int = 1
-    cpus: int = 1
+    cpus: float = 1  # a share of a node's CPUs may be a fraction (8 GPUs, 4 CPUs: half a CPU each)
     on_gpus: bool = False
 
     def describe(self) -> str:
         if not self.on_gpus:
             return "in the driver, one after another"
-        return f"{self.at_once} at once, one GPU and {self.cpus} CPU(s) each"
+        return f"{self.at_once} at once, one GPU and {self.cpus:g} CPU(s) each"
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class Job:
 
 def workers_for(space: SearchSpace) -> Workers:
     """GPU trials on a running Ray cluster with whole GPUs: a job per GPU, with the GPU's share of its
-    node's CPUs (at most what a trial's GPU share came with, per GPU); anything else: the driver."""
+    node's CPUs (whole CPUs where the node has at least one per GPU; at most what a trial's GPU share came
+    with, per GPU), so every GPU's job can start at once; anything else: the driver."""
     if space.gpus_per_trial <= 0:
         return Workers()
     import ray
@@ -62,9 +63,14 @@ def workers_for(space: SearchSpace) -> Workers:
     if not nodes:
         return Workers()
     gpus = sum(math.floor(node.gpus) for node in nodes)
-    per_gpu = min(math.floor(node.cpus / math.floor(node.gpus)) for node in nodes)
-    trial_share = math.floor(space.cpus_per_trial / space.gpus_per_trial)
-    return Workers(at_once=gpus, cpus=max(1, min(per_gpu, trial_share)), on_gpus=True)
+    per_gpu = min(_cpus_per_gpu(node.cpus, math.floor(node.gpus)) for node in nodes)
+    trial_share = max(1, math.floor(space.cpus_per_trial / space.gpus_per_trial))
+    return Workers(at_once=gpus, cpus=min(per_gpu, trial_share), on_gpus=True)
+
+
+def _cpus_per_gpu(cpus: float, gpus: int) -> float:
+    share = cpus / gpus
+    return math.floor(share) if share >= 1 else share
 
 
 def run_jobs(
@@ -123,14 +129,14 @@ def _one_line(error: FoldtuneError) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:500]
 
 
-def _on_the_gpu(job: Job, cpus: int) -> Any:
+def _on_the_gpu(job: Job, cpus: float) -> Any:
     """In the Ray task: the torch threads of its CPUs, the device checked (``pick_device`` with the GPU
     held: a torch that cannot use it is a ``DeviceError`` naming the build and the fix), then the call."""
     import torch
 
     from trainers.device import pick_device
 
-    torch.set_num_threads(cpus)
+    torch.set_num_threads(max(1, int(cpus)))
     try:
         pick_device(job.device, holds_gpu=True)
     except FoldtuneError as error:
