@@ -101,7 +101,7 @@ class Estimates:
             )
         else:
             lines.append(
-                "  holdout F1       -       (no holdout persons: search with `holdout: 0.1` or --holdout "
+                "  holdout F1       -       (no holdout persons: search with `holdout: auto` or --holdout "
                 "to score the submission itself)"
             )
         if self.pruned_would_pick:
