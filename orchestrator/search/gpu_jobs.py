@@ -8,7 +8,8 @@ whose head node has none, the head node's CPU. As Ray tasks they get a GPU each,
 
 ``run_jobs`` runs numbered jobs in order, ``Workers.at_once`` at a time. It asks for each job only when a
 slot frees (``start(index)``), so the caller plans the job from the time really left then, and hands each
-outcome (the result, or the ``FoldtuneError`` the job raised) to ``done(index, outcome)`` as it ends.
+outcome (the result, or a ``JobFailed`` with the line of the ``FoldtuneError`` the job raised) to
+``done(index, outcome)`` as it ends.
 """
 
 from __future__ import annotations
