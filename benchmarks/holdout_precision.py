@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from orchestrator.ensemble.estimates import resampled_f1
 from orchestrator.ensemble.selection import macro_f1
 from trainers.folds import read_folds
 
@@ -30,17 +30,9 @@ TOLERANCE = 0.03
 def bootstrap_se(
     labels: np.ndarray, probs: np.ndarray, person: np.ndarray, persons: int, seed: int = 0
 ) -> float:
-    """Macro F1's standard deviation over ``DRAWS`` draws of ``persons`` persons with replacement."""
-    groups = pd.factorize(person)[0]
-    rows_of = [np.flatnonzero(groups == g) for g in range(groups.max() + 1)]
-    rng = np.random.default_rng(seed)
-    scores = [
-        macro_f1(labels[rows], probs[rows])
-        for rows in (
-            np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), persons)]) for _ in range(DRAWS)
-        )
-    ]
-    return float(np.std(scores))
+    """Macro F1's standard deviation over ``DRAWS`` draws of ``persons`` persons with replacement
+    (``resampled_f1``, which the ensemble's holdout interval is made of)."""
+    return float(np.std(resampled_f1(labels, probs, person, DRAWS, seed, persons)))
 
 
 def within(se_holdout: float, se_eval: float, tolerance: float = TOLERANCE) -> float:

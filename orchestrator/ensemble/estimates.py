@@ -144,6 +144,23 @@ def person_bootstrap(
     """The 95% percentile interval of macro F1 when the holdout persons are drawn again with replacement
     (all of a person's images together: they are not independent). A 273-person holdout is noisy; the
     interval says how much, so it is not trusted blindly. None without at least two persons."""
+    scores = resampled_f1(labels, probs, person, draws, seed)
+    if scores is None:
+        return None
+    low, high = np.percentile(scores, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def resampled_f1(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    person: np.ndarray,
+    draws: int,
+    seed: int = 0,
+    persons: int | None = None,
+) -> list[float] | None:
+    """Macro F1 of ``draws`` samples of ``persons`` persons (default: as many as there are) drawn with
+    replacement, each with all of its images; None without at least two persons."""
     from orchestrator.ensemble.selection import macro_f1
 
     groups = pd.factorize(np.asarray(person))[0]
@@ -153,10 +170,9 @@ def person_bootstrap(
     rng = np.random.default_rng(seed)
     scores = []
     for _ in range(draws):
-        rows = np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), len(rows_of))])
+        rows = np.concatenate([rows_of[g] for g in rng.integers(0, len(rows_of), persons or len(rows_of))])
         scores.append(macro_f1(labels[rows], probs[rows]))
-    low, high = np.percentile(scores, [2.5, 97.5])
-    return float(low), float(high)
+    return scores
 
 
 @dataclass

@@ -178,12 +178,12 @@ def run_search(
             )
         if phases is not None and summary.finished:  # not after Ctrl+C: --resume continues the screen
             try:  # with Ray still up: on GPUs the promotions and final models are Ray tasks (gpu_jobs)
-                on_promoted = _log_promotion(log)
+                on_promoted, workers = _log_promotion(log), workers_for(space)
                 summary.promoted = promote_screened(
-                    data_root, space, search_dir, budget, cache_dir, progress, on_promoted, workers_for(space)
+                    data_root, space, search_dir, budget, cache_dir, progress, on_promoted, workers
                 )
                 summary.final = train_final(
-                    data_root, space, search_dir, budget, cache_dir, tracking.tracking_uri, progress
+                    data_root, space, search_dir, budget, cache_dir, tracking.tracking_uri, progress, workers
                 )
             finally:  # billed however it ends (a Ctrl+C in the final model too)
                 budget.record()

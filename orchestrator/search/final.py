@@ -45,7 +45,7 @@ from orchestrator.plan import (
     seconds_per_image,
 )
 from orchestrator.search.budget import BILL_EVERY_S, TimeBudget
-from orchestrator.search.gpu_jobs import Job, JobFailed, run_jobs, workers_for
+from orchestrator.search.gpu_jobs import Job, JobFailed, Workers, run_jobs, workers_for
 from orchestrator.space import SearchSpace
 from trainers.io import write_text_atomic
 
@@ -61,13 +61,15 @@ def train_final(
     cache_dir: Path | None,
     tracking_uri: str | None,
     progress: bool,
+    workers: Workers | None = None,
 ) -> dict[str, Any] | None:
     """Refit the best screened configuration (and, past ``max_final_epochs`` unconverged, the next finished
     ones) for the epochs the budget has left; ``final.json``'s record, or None (with the line saying why)
     when there is nothing to refit or no time for one epoch."""
     from orchestrator.refit import ranked_trials
 
-    phase = _Phase(data_root, space, search_dir, budget, cache_dir, tracking_uri, progress)
+    workers = workers or workers_for(space)  # where the final models train (``gpu_jobs``)
+    phase = _Phase(data_root, space, search_dir, budget, cache_dir, tracking_uri, progress, workers)
     say = phase.say
     try:
         ranked = ranked_trials(search_dir)
@@ -103,8 +105,7 @@ def train_final(
     if converged is None:
         fit_epochs = final_epochs(left_s, per_image_s, refit_images, holdout_images, views, UNCAPPED)
         # on GPUs the models train at once, one per GPU: each has the whole time left
-        at_once = workers_for(space).at_once
-        count = final_models(fit_epochs * at_once, plan.max_final_epochs, plan.max_final_seeds)
+        count = final_models(fit_epochs * workers.at_once, plan.max_final_epochs, plan.max_final_seeds)
         if count > 1:  # past the cap: the time is shared by the best finished screens, each continued
             return _train_shared(phase, ranked, count, why)
     seeds = final_seeds(
@@ -118,7 +119,8 @@ def train_final(
     )
     say(f"final: epochs from {epochs_from}")
     figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
-    model = _Model(trial_id, why, epochs, seeds, None if converged is not None else 0, figures, left_s)
+    continue_fold = None if converged is not None else 0
+    model = _Model(trial_id, why, epochs, seeds, continue_fold, figures, left_s, _device(config))
     return phase.write_record(phase.train(1, lambda _: model), why, left_s)
 
 
@@ -135,6 +137,7 @@ class _Model:
     continue_fold: int | None
     figures: dict[str, Any]
     left_s: float
+    device: str  # the trial's ``device`` setting
 
     def record(self, refit: dict[str, Any], seconds: float) -> dict[str, Any]:
         """Its entry in ``final.json``, from ``foldtune refit``'s record of it."""
@@ -162,17 +165,18 @@ class _Phase:
     cache_dir: Path | None
     tracking_uri: str | None
     progress: bool
+    workers: Workers
 
     def say(self, line: str) -> None:
         if self.progress:
             print(line)
 
     def train(self, count: int, plan_model: Callable[[int], _Model | None]) -> list[dict[str, Any]]:
-        """Train ``count`` final models where the search's workers are (``gpu_jobs.workers_for``: one per
+        """Train ``count`` final models where the phase's ``workers`` are (``gpu_jobs.workers_for``: one per
         GPU at once, or one after another in the driver), billed to the budget while they train; each is
         planned by ``plan_model(index)`` when it starts (None skips it), so from the time left then. Their
         records, in the order they ended."""
-        workers = workers_for(self.space)
+        workers = self.workers
         if workers.on_gpus:
             self.say(f"final: {workers.describe()}")
         else:
@@ -201,20 +205,19 @@ class _Phase:
         """``foldtune refit``'s run of ``model`` (its record, holdout predictions and MLflow run)."""
         from orchestrator.refit import run_refit
 
-        config = yaml.safe_load((self.search_dir / "trials" / model.trial_id / "config.yaml").read_text())
         kwargs = {
             "storage": self.search_dir.parent,
             "trial": model.trial_id,
             "epochs": model.epochs,
             "seeds": model.seeds,
-            "device": str(config.get("device", "auto")),
+            "device": model.device,
             "tracking_uri": self.tracking_uri,
             "cache_dir": Path(self.cache_dir) if self.cache_dir else None,
             "log": print if self.progress else None,
             "chosen_by": f"the screen: {model.why}",
             "continue_fold": model.continue_fold,  # unconverged, the screened fold model goes on
         }
-        return Job(run_refit, (self.data_root, self.search_dir.name), kwargs, device=kwargs["device"])
+        return Job(run_refit, (self.data_root, self.search_dir.name), kwargs, device=model.device)
 
     def write_record(self, models: list[dict[str, Any]], why: str, left_s: float) -> dict:
         """``final.json``: the chosen trial's model at the top (as a single final model's record always
@@ -256,7 +259,7 @@ def _train_shared(
         return final_epochs(even_s, *cost, views, UNCAPPED) > plan.max_final_epochs
 
     jobs.sort(key=lambda job: not capped(job))  # stable: the rank order otherwise
-    at_once = workers_for(phase.space).at_once
+    at_once = phase.workers.at_once
     listed = ", ".join(f"{t}" + (f" x{s} seeds" if s > 1 else "") for t, s in jobs)
     if at_once == 1:
         say(
@@ -302,11 +305,16 @@ def _train_shared(
             "continuing the screened fold model"
         )
         figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
-        return _Model(trial_id, reason, epochs, seeds, 0, figures, share_s)
+        return _Model(trial_id, reason, epochs, seeds, 0, figures, share_s, _device(config))
 
     models = phase.train(len(jobs), plan_model)
     models.sort(key=lambda model: order.index(model["trial_id"]))  # the record in rank order, chosen first
     return phase.write_record(models, why, phase_left_s) if models else None
+
+
+def _device(config: dict[str, Any]) -> str:
+    """The trial's ``device`` setting, which its final model trains with."""
+    return str(config.get("device", "auto"))
 
 
 def _converged(run_dir: Path, cap: int) -> int | None:

@@ -68,10 +68,12 @@ def promote_screened(
         say(f"promote: none ({error_line(error)})")
         return records
     costs: list[tuple[str, str, float]] = []
+    devices: dict[str, str] = {}  # each trial's ``device`` setting, which its promotion trains with
     final_need = 0.0  # the final model at its cap, of the slowest configuration it may choose
     for trial_id, _ in ranked[: plan.promote_top - len(records)]:
         run_dir = search_dir / "trials" / trial_id
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        devices[trial_id] = str(config.get("device", "auto"))
         measured = measured_cost(run_dir, config)
         if measured is None:
             break
@@ -105,12 +107,8 @@ def promote_screened(
         if stopped:
             return None
         started[index] = time.monotonic()
-        config = yaml.safe_load((search_dir / "trials" / trial_id / "config.yaml").read_text())
-        return Job(
-            promote_trial,
-            (data_root, search_dir, trial_id, space, cache_dir, progress),
-            device=str(config.get("device", "auto")),
-        )
+        args = (data_root, search_dir, trial_id, space, cache_dir, progress)
+        return Job(promote_trial, args, device=devices[trial_id])
 
     def done(index: int, outcome: Any) -> None:
         trial_id, _, planned_s = chosen[index]
