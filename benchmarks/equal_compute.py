@@ -58,11 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         "--core", type=int, default=0, help="the search arm's core (the single model: the other)"
     )
     parser.add_argument("--epoch-seconds", type=float, default=LITE0_EPOCH_S)
+    parser.add_argument(
+        "--folds-seed",
+        type=int,
+        default=None,
+        help="draw the holdout persons and folds with this seed instead of the space's folds_seed (42): "
+        "the holdout estimate's error against eval is a property of the persons drawn, so judging it takes "
+        "several independent draws",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     foldtune = [python, "-m", "orchestrator.cli"]
     row: dict = {"minutes": args.minutes, "seed": args.seed}
+    if args.folds_seed is not None:
+        row["folds_seed"] = args.folds_seed
 
     if args.single == "best":  # the search arm ran before: its chosen configuration, its measured cost
         search_dir = args.out / "search" / "cpu"
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         epoch_s = final["seconds_per_image"] * (0.9 * TRAIN_IMAGES + 0.1 * TRAIN_IMAGES / 3)
         row["single_best"] = _single(python, args, params, epoch_s, "single_best")
     else:
-        space = _one_at_a_time(args.space, args.out / "space.yaml", args.seed)
+        space = _one_at_a_time(args.space, args.out / "space.yaml", args.seed, args.folds_seed)
         started = time.time()
         search = _pinned(
             args.core,
@@ -124,12 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _one_at_a_time(space: Path, out: Path, seed: int) -> Path:
-    """The space with one 1-thread trial at a time (the search arm's one core) and the given seed."""
+def _one_at_a_time(space: Path, out: Path, seed: int, folds_seed: int | None = None) -> Path:
+    """The space with one 1-thread trial at a time (the search arm's one core), the given seed and, when
+    given, the given folds_seed (another draw of holdout persons and folds)."""
     raw = yaml.safe_load(space.read_text())
     raw["max_concurrent"] = 1
     raw["sampler"] = {**(raw.get("sampler") or {}), "seed": seed}
     raw["fixed"] = {**raw["fixed"], "seed": seed}
+    if folds_seed is not None:
+        raw["fixed"]["folds_seed"] = folds_seed
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
 
