@@ -126,12 +126,30 @@ def main(argv: list[str] | None = None) -> int:
         ).wait()
         row["ensemble_s"] = round(time.time() - began, 1)
         row["search"] = _score(args.out / "search" / "cpu" / "submission.csv", args.data)
+        row["estimate"] = _estimate(args.out / "search" / "cpu" / "ensemble.json", row["search"]["f1"])
         if single is not None:
             single.wait()
             row["single_middle"] = json.loads((args.out / "single_middle" / "single_model.json").read_text())
     (args.out / "row.json").write_text(json.dumps(row, indent=2, default=float))
     print(json.dumps(row, indent=2, default=float))
     return 0
+
+
+def _estimate(report: Path, eval_f1: float) -> dict:
+    """The ensemble's trusted figure and intervals beside what eval scored: is the figure within ±0.03 of
+    eval, and does each interval cover it."""
+    estimates = json.loads(report.read_text())["estimates"]
+    figure = estimates.get("trusted_f1")
+    row = {"trusted": estimates.get("trusted"), "f1": figure}
+    if figure is not None:
+        row["minus_eval"] = figure - eval_f1
+        row["within_0.03"] = abs(figure - eval_f1) <= 0.03
+    for name in ("holdout_interval", "test_interval"):
+        if estimates.get(name):
+            low, high = estimates[name]
+            row[name] = [low, high]
+            row[f"{name}_covers_eval"] = low <= eval_f1 <= high
+    return row
 
 
 def _one_at_a_time(space: Path, out: Path, seed: int, folds_seed: int | None = None) -> Path:

@@ -540,3 +540,22 @@ def test_holdout_precision_shrinks_with_persons_and_bounds_the_chance_of_matchin
     chances = [float(v) for v in row[4].split(", ")]
     assert chances == sorted(chances) and chances[-1] <= 1
     assert within(0.0, 0.015) == pytest.approx(0.954, abs=0.01)  # +-0.03 is two standard errors of 0.015
+
+
+def test_the_equal_compute_search_arm_can_draw_other_holdout_persons_and_judges_its_estimate(tmp_path):
+    from benchmarks.equal_compute import _estimate, _one_at_a_time
+    from orchestrator.space import load_space
+
+    cpu = Path(__file__).resolve().parents[1] / "search_spaces" / "cpu.yaml"
+    space = load_space(_one_at_a_time(cpu, tmp_path / "space.yaml", 7, folds_seed=3))
+    assert space.fixed["folds_seed"] == 3 and space.fixed["seed"] == 7 and space.max_concurrent == 1
+    assert "folds_seed" not in load_space(_one_at_a_time(cpu, tmp_path / "same.yaml", 7)).fixed
+
+    report = tmp_path / "ensemble.json"
+    estimates = {"trusted": "holdout", "trusted_f1": 0.61, "holdout_interval": [0.57, 0.65]}
+    report.write_text(json.dumps({"estimates": {**estimates, "test_interval": [0.55, 0.67]}}))
+    row = _estimate(report, eval_f1=0.56)
+    assert row["minus_eval"] == pytest.approx(0.05) and not row["within_0.03"]
+    assert not row["holdout_interval_covers_eval"] and row["test_interval_covers_eval"]
+    report.write_text(json.dumps({"estimates": {"trusted": None, "trusted_f1": None}}))
+    assert _estimate(report, eval_f1=0.56) == {"trusted": None, "f1": None}

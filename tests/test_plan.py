@@ -19,7 +19,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
-from orchestrator.ensemble.estimates import person_bootstrap
+from orchestrator.ensemble.estimates import (
+    Estimates,
+    Holdout,
+    person_bootstrap,
+    prediction_interval,
+    test_persons_of,
+)
 from orchestrator.ensemble.refit_mix import choose_mix, mixed
 from orchestrator.ensemble.selection import macro_f1
 from orchestrator.ensemble.stage import run_ensemble
@@ -263,6 +269,44 @@ def test_the_holdout_figure_comes_with_an_interval_from_resampling_its_persons()
     few_low, few_high = person_bootstrap(labels[:70], probs[:70], person[:70])  # 10 persons: wider
     assert few_high - few_low > high - low
     assert person_bootstrap(labels[:7], probs[:7], person[:7]) is None  # one person: no interval
+
+
+def test_the_test_set_gets_a_prediction_interval_that_holds_its_own_sampling_error_too():
+    rng = np.random.default_rng(0)
+    person = np.repeat(np.arange(60).astype(str), 7)
+    labels = rng.integers(0, 3, len(person))
+    guess = np.where(rng.random(len(person)) < 0.7, labels, (labels + 1) % 3)
+    probs = np.eye(18)[guess]
+    holdout = Holdout(np.arange(len(person)).astype(str), labels, 60, person)
+    assert test_persons_of(6090, holdout) == 870  # the competition layout: 7 images per person
+    assert test_persons_of(6090, Holdout(np.array([], dtype=str), labels[:0], 0)) == 0
+
+    confidence = person_bootstrap(labels, probs, person)
+    same_size = prediction_interval(labels, probs, person, 60)
+    bigger_set = prediction_interval(labels, probs, person, 600)
+    width = {
+        name: high - low
+        for name, (low, high) in {"confidence": confidence, "same": same_size, "bigger": bigger_set}.items()
+    }
+    # a new 60-person set adds its own error: about sqrt(2) wider; a 600-person set adds little
+    assert 1.2 < width["same"] / width["confidence"] < 1.7
+    assert width["confidence"] < width["bigger"] < width["same"]
+    assert prediction_interval(labels, probs, person, 60) == same_size  # seeded
+    assert prediction_interval(labels[:7], probs[:7], person[:7], 60) is None
+
+    estimates = Estimates(in_sample_f1=0.5, nested_f1=None)
+    estimates.score_holdout(holdout, probs, test_images=140)  # 20 persons' images
+    assert estimates.holdout_f1 == pytest.approx(macro_f1(labels, probs))
+    assert estimates.test_persons == 20 and estimates.test_interval == prediction_interval(
+        labels, probs, person, 20
+    )
+    low, high = estimates.test_interval
+    assert any(line.startswith(f"  on the test set  {low:.3f}-{high:.3f}") for line in estimates.lines())
+    assert estimates.as_dict()["test_interval"] == (low, high)
+    assert (estimates.metrics()["estimate/test_low"], estimates.metrics()["estimate/test_high"]) == (
+        low,
+        high,
+    )
 
 
 # --- a real planned search and its ensemble ------------------------------------------------------------

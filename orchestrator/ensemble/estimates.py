@@ -46,6 +46,8 @@ class Estimates:
     holdout_persons: int = 0
     holdout_images: int = 0
     holdout_interval: tuple[float, float] | None = None  # 95% bootstrap interval over holdout persons
+    test_persons: int = 0  # the persons of the predicted test set (its images / the holdout's per person)
+    test_interval: tuple[float, float] | None = None  # 95% prediction interval for the vote on those persons
     pruned_would_pick: list[str] = field(default_factory=list)  # pruned trials selection would have picked
     selection_repeated: bool = False  # selection ran again on re-predicted OOF after the nested figure
 
@@ -99,6 +101,13 @@ class Estimates:
                 f"  holdout F1       {self.holdout_f1:.4f}  (the submission's vote on {self.holdout_persons} "
                 f"held-out persons, {self.holdout_images} images{interval}{refit}{single}){mark['holdout']}"
             )
+            if self.test_interval is not None:
+                low, high = self.test_interval
+                lines.append(
+                    f"  on the test set  {low:.3f}-{high:.3f}  (95% prediction interval for the "
+                    f"{self.test_persons} persons of the predicted images: the holdout figure's error and "
+                    "that set's own, since a test set is a sample of persons too)"
+                )
         else:
             lines.append(
                 "  holdout F1       -       (no holdout persons: search with `holdout: auto` or --holdout "
@@ -113,6 +122,20 @@ class Estimates:
         return lines
 
     NAMES = ("in_sample", "nested", "holdout")
+
+    def score_holdout(self, holdout: Holdout, submitted: np.ndarray, test_images: int) -> None:
+        """The submitted vote's figure on the holdout persons, its interval, and the interval it predicts
+        for the ``test_images`` images' persons."""
+        from orchestrator.ensemble.selection import macro_f1
+
+        self.holdout_f1 = macro_f1(holdout.label, submitted)
+        self.holdout_interval = person_bootstrap(holdout.label, submitted, holdout.person)
+        self.holdout_persons, self.holdout_images = holdout.persons, len(holdout)
+        self.test_persons = test_persons_of(test_images, holdout)
+        if self.test_persons:
+            self.test_interval = prediction_interval(
+                holdout.label, submitted, holdout.person, self.test_persons
+            )
 
     def as_dict(self) -> dict:
         values = asdict(self)
@@ -131,6 +154,8 @@ class Estimates:
             "estimate/holdout_f1_kfold": self.holdout_f1_kfold,
             "estimate/holdout_best_single_f1": self.holdout_best_single_f1,
             "estimate/trusted_f1": self.trusted_f1,
+            "estimate/test_low": self.test_interval[0] if self.test_interval else None,
+            "estimate/test_high": self.test_interval[1] if self.test_interval else None,
         }
         return {key: float(value) for key, value in values.items() if value is not None}
 
@@ -149,6 +174,40 @@ def person_bootstrap(
         return None
     low, high = np.percentile(scores, [2.5, 97.5])
     return float(low), float(high)
+
+
+def prediction_interval(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    person: np.ndarray,
+    new_persons: int,
+    draws: int = BOOTSTRAP_DRAWS,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """The 95% interval for the same vote's macro F1 on ``new_persons`` other persons (a test set, a
+    leaderboard), not for the population figure: the holdout figure's own error and the new set's together.
+    Why: the figure a user compares the estimate with is scored on a sample of persons too; an 870-person
+    set's macro F1 moves by about ±0.03 by itself, so ``person_bootstrap``'s interval is too narrow for it.
+    Each draw scores a resample of the holdout's size and an independent one of ``new_persons`` persons; the
+    interval is the holdout figure plus the 2.5 and 97.5 percentiles of their difference (which also carries
+    macro F1's dependence on the set's size). None without at least two persons."""
+    from orchestrator.ensemble.selection import macro_f1
+
+    here = resampled_f1(labels, probs, person, draws, seed)
+    there = resampled_f1(labels, probs, person, draws, seed + 1, persons=max(2, new_persons))
+    if here is None or there is None:
+        return None
+    low, high = np.percentile(np.asarray(there) - np.asarray(here), [2.5, 97.5])
+    figure = macro_f1(labels, probs)
+    return float(figure + low), float(figure + high)
+
+
+def test_persons_of(test_images: int, holdout: Holdout) -> int:
+    """How many persons a test set of ``test_images`` images holds, at the holdout's images per person (7
+    in the competition's layout, whose test set names images, not persons)."""
+    if not holdout.persons:
+        return 0
+    return max(1, round(test_images * holdout.persons / len(holdout)))
 
 
 def resampled_f1(

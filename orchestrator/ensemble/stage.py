@@ -44,7 +44,6 @@ from orchestrator.ensemble.estimates import (
     Estimates,
     Holdout,
     holdout_of,
-    person_bootstrap,
     write_holdout_probs,
 )
 from orchestrator.ensemble.members import (
@@ -167,7 +166,7 @@ def run_ensemble(
     predict_s = round(time.monotonic() - predicting, 1)  # part of what a budget has to hold: reported
     log(f"prediction: {predict_s:.0f} s for {len(eval_table)} eval + {len(holdout_paths)} holdout images")
     result, confusion = _combine(pool, selection, predicted, tta, out, eval_table["image_id"].tolist())
-    result.estimates = _holdout_estimates(estimates, holdout, predicted, result)
+    result.estimates = _holdout_estimates(estimates, holdout, predicted, result, len(eval_table))
     settings = {
         "greedy_max_steps": greedy_steps if selection.method == "greedy" else None,
         "top": top,
@@ -350,20 +349,17 @@ def _selection_estimates(
 
 
 def _holdout_estimates(
-    estimates: Estimates, holdout: Holdout, predicted: Predicted, result: EnsembleResult
+    estimates: Estimates, holdout: Holdout, predicted: Predicted, result: EnsembleResult, test_images: int
 ) -> Estimates:
     """The in-sample figure, and the submission's vote scored on the holdout persons (when any)."""
     estimates.in_sample_f1 = result.oof_f1
     if not len(holdout):
         return estimates
     weights = np.array([m.weight for m in predicted.members], dtype=np.float64)
-    submitted = soft_vote(weights, predicted.holdout)
-    estimates.holdout_f1 = macro_f1(holdout.label, submitted)
-    estimates.holdout_interval = person_bootstrap(holdout.label, submitted, holdout.person)
+    estimates.score_holdout(holdout, soft_vote(weights, predicted.holdout), test_images)
     if predicted.with_refit:
         estimates.holdout_f1_kfold = macro_f1(holdout.label, soft_vote(weights, predicted.holdout_kfold))
     estimates.holdout_best_single_f1 = macro_f1(holdout.label, predicted.holdout_kfold[0])
-    estimates.holdout_persons, estimates.holdout_images = holdout.persons, len(holdout)
     return estimates
 
 
