@@ -131,6 +131,41 @@ def test_workers_get_one_whole_gpu_each_and_a_share_of_its_nodes_cpus(
     assert workers_for(parse_space(SPACE)) == expected
 
 
+CPU_SPACE = {**SPACE, "resources": {"cpu": 1, "gpu": 0}}
+
+
+@pytest.mark.parametrize(
+    ("max_concurrent", "nodes", "expected"),
+    [
+        (2, [(2, 0)], Workers(2, 1)),  # cpu.yaml on 2 cores: two jobs at once, a trial's one thread each
+        (1, [(2, 0)], Workers()),  # one trial at a time: the driver, as the one-core benchmarks ran
+        (4, [(2, 0)], Workers(2, 1)),  # no more than the cluster holds
+        ("auto", [(4, 0), (2, 8)], Workers(6, 1)),  # what every node holds
+    ],
+)
+def test_cpu_trials_that_ran_several_at_once_get_as_many_jobs_at_once_each_with_a_trials_cpus(
+    max_concurrent, nodes, expected, monkeypatch
+):
+    import orchestrator.search.gpu_jobs as gpu_jobs
+    from orchestrator.search.capacity import Node
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(gpu_jobs, "cluster_nodes", lambda: [Node(float(c), float(g)) for c, g in nodes])
+    assert workers_for(parse_space({**CPU_SPACE, "max_concurrent": max_concurrent})) == expected
+
+
+def test_on_cpus_two_jobs_run_at_once_in_tasks_with_one_thread_each_and_no_gpu(tmp_path, two_gpu_ray):
+    workers = Workers(2, 1)
+    assert not workers.in_driver and "2 at once, 1 CPU(s) each" in workers.describe()
+    results: dict[int, dict] = {}
+    jobs = [Job(recording_job(tmp_path, f"c{i}", together=2), device="cpu") for i in range(2)]
+    run_jobs(workers, 2, lambda i: jobs[i], results.__setitem__)
+    first, second = results[0], results[1]
+    assert max(first["start"], second["start"]) < min(first["end"], second["end"])  # at once
+    for result in results.values():
+        assert result["pid"] != os.getpid() and result["gpu_ids"] == [] and result["threads"] == 1
+
+
 def failing_job():
     """A job raising foldtune's error (a closure: Ray ships it by value, the test module is not importable
     in its workers)."""

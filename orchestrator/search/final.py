@@ -177,10 +177,10 @@ class _Phase:
         planned by ``plan_model(index)`` when it starts (None skips it), so from the time left then. Their
         records, in the order they ended."""
         workers = self.workers
-        if workers.on_gpus:
-            self.say(f"final: {workers.describe()}")
-        else:
+        if workers.in_driver:
             use_the_search_threads(self.space)
+        else:
+            self.say(f"final: {workers.describe()}")
         planned: dict[int, tuple[_Model, float]] = {}
         models: list[dict[str, Any]] = []
 
@@ -225,6 +225,7 @@ class _Phase:
         record = {**models[0], "chosen_by": why, "models": models}
         record["seconds"] = round(sum(m["seconds"] for m in models), 1)
         record["left_s"] = round(left_s, 1)
+        record["trained"] = self.workers.describe()  # where: in the driver, or how many at once
         write_text_atomic(json.dumps(record, indent=2), self.search_dir / FINAL_RECORD)
         self.budget.record()
         return record
@@ -269,8 +270,8 @@ def _train_shared(
         )
     else:
         say(
-            f"final: {count} final models on {at_once} GPUs at once ({listed}), each continuing its "
-            "screened fold model for what the time left holds (at most max_final_epochs)"
+            f"final: {count} final models, {at_once} at once ({listed}), each continuing its screened "
+            "fold model for what the time left holds (at most max_final_epochs)"
         )
     order = [trial for trial, _, _ in ranked]
     phase_left_s = phase.budget.left_s

@@ -91,7 +91,7 @@ def promote_screened(
     count = promotions_that_fit(
         budget.left_s, [seconds for *_, seconds in costs], final_need, workers.at_once
     )
-    where = f" ({workers.describe()})" if workers.on_gpus and count else ""
+    where = f" ({workers.describe()})" if not workers.in_driver and count else ""
     say(describe_promotions(costs[:count], len(ranked), final_need) + where)
     screened_f1 = dict(ranked)
     chosen = costs[:count]
@@ -125,7 +125,7 @@ def promote_screened(
         if on_promoted is not None:
             on_promoted(record)
 
-    if not workers.on_gpus:
+    if workers.in_driver:
         use_the_search_threads(space)
     with billed(budget):
         run_jobs(workers, len(chosen), start, done)
