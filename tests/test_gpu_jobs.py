@@ -232,3 +232,29 @@ def test_on_two_gpus_the_final_models_train_at_once_each_with_the_whole_time_lef
     for model in record["models"]:  # each what the whole hour holds at its cost (t1 3.1, t2 3.4 epochs)
         whole = final_module.final_epochs(3600, *costs[model["trial_id"]], 0, 4)
         assert model["epochs"] == pytest.approx(whole, abs=0.1) and 3 < whole < 4
+
+
+def test_on_a_cpu_node_whose_trials_ran_two_at_once_the_real_final_models_train_two_at_once(
+    tmp_path, dataset_builder, tracking_uri, monkeypatch, local_ray
+):
+    """The real refits (not stand-ins) as Ray tasks on a 2-CPU Ray: a space of two 1-thread trials at once
+    gets two final models at once, each with one thread, recorded where they ran."""
+    from test_promote import an_hour, final_phase_space, screened_trials
+
+    import orchestrator.refit
+    import orchestrator.search.final as final_module
+
+    root, search_dir = screened_trials(tmp_path, dataset_builder, {"t1": 3e-3, "t2": 1e-3})
+    monkeypatch.setattr(orchestrator.refit, "ranked_trials", lambda _: [("t1", 0.5, True), ("t2", 0.4, True)])
+    space = final_phase_space(max_final_epochs=1, max_final_seeds=2, max_concurrent=2)
+    workers = workers_for(space)
+    assert workers == Workers(2, 1)
+    record = final_module.train_final(
+        root, space, search_dir, an_hour(tmp_path), tmp_path / "cache", tracking_uri, False
+    )
+    assert record["trained"] == "2 at once, 1 CPU(s) each, as the trials ran"
+    assert [m["trial_id"] for m in record["models"]] == ["t1", "t2"]
+    for model in record["models"]:
+        refit = json.loads((search_dir / "refit" / model["trial_id"] / "refit.json").read_text())
+        assert refit["continued_from"] == "fold0.pt" and refit["epochs"] == model["epochs"] == 1
+        assert (search_dir / "refit" / model["trial_id"] / "seed0.pt").is_file()
