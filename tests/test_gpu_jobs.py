@@ -121,12 +121,11 @@ def test_on_two_gpus_two_jobs_run_at_once_each_on_its_own_gpu_and_the_third_is_p
         ([(8, 0.5)], Workers()),  # no whole GPU: the driver
     ],
 )
-def test_workers_get_one_whole_gpu_each_and_a_share_of_its_nodes_cpus(
-    nodes, expected, two_gpu_ray, monkeypatch
-):
+def test_workers_get_one_whole_gpu_each_and_a_share_of_its_nodes_cpus(nodes, expected, monkeypatch):
     import orchestrator.search.gpu_jobs as gpu_jobs
     from orchestrator.search.capacity import Node
 
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # the nodes below stand for the cluster
     monkeypatch.setattr(gpu_jobs, "cluster_nodes", lambda: [Node(float(c), float(g)) for c, g in nodes])
     assert workers_for(parse_space(SPACE)) == expected
 

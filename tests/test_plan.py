@@ -23,8 +23,8 @@ from orchestrator.ensemble.estimates import (
     Estimates,
     Holdout,
     person_bootstrap,
+    persons_of_test_set,
     prediction_interval,
-    test_persons_of,
 )
 from orchestrator.ensemble.refit_mix import choose_mix, mixed
 from orchestrator.ensemble.selection import macro_f1
@@ -278,8 +278,8 @@ def test_the_test_set_gets_a_prediction_interval_that_holds_its_own_sampling_err
     guess = np.where(rng.random(len(person)) < 0.7, labels, (labels + 1) % 3)
     probs = np.eye(18)[guess]
     holdout = Holdout(np.arange(len(person)).astype(str), labels, 60, person)
-    assert test_persons_of(6090, holdout) == 870  # the competition layout: 7 images per person
-    assert test_persons_of(6090, Holdout(np.array([], dtype=str), labels[:0], 0)) == 0
+    assert persons_of_test_set(6090, holdout) == 870  # the competition layout: 7 images per person
+    assert persons_of_test_set(6090, Holdout(np.array([], dtype=str), labels[:0], 0)) == 0
 
     confidence = person_bootstrap(labels, probs, person)
     same_size = prediction_interval(labels, probs, person, 60)

@@ -131,7 +131,7 @@ class Estimates:
         self.holdout_f1 = macro_f1(holdout.label, submitted)
         self.holdout_interval = person_bootstrap(holdout.label, submitted, holdout.person)
         self.holdout_persons, self.holdout_images = holdout.persons, len(holdout)
-        self.test_persons = test_persons_of(test_images, holdout)
+        self.test_persons = persons_of_test_set(test_images, holdout)
         if self.test_persons:
             self.test_interval = prediction_interval(
                 holdout.label, submitted, holdout.person, self.test_persons
@@ -202,7 +202,7 @@ def prediction_interval(
     return float(figure + low), float(figure + high)
 
 
-def test_persons_of(test_images: int, holdout: Holdout) -> int:
+def persons_of_test_set(test_images: int, holdout: Holdout) -> int:
     """How many persons a test set of ``test_images`` images holds, at the holdout's images per person (7
     in the competition's layout, whose test set names images, not persons)."""
     if not holdout.persons:
