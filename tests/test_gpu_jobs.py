@@ -163,6 +163,7 @@ def test_on_cpus_two_jobs_run_at_once_in_tasks_with_one_thread_each_and_no_gpu(t
     assert max(first["start"], second["start"]) < min(first["end"], second["end"])  # at once
     for result in results.values():
         assert result["pid"] != os.getpid() and result["gpu_ids"] == [] and result["threads"] == 1
+        assert result["cuda_visible_devices"] == ""  # kept off the node's GPUs (Ray leaves them visible)
 
 
 def failing_job():

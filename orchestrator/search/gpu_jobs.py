@@ -19,6 +19,7 @@ outcome (the result, or a ``JobFailed`` with the line of the ``FoldtuneError`` t
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,7 +155,10 @@ def _one_line(error: FoldtuneError) -> str:
 def _in_the_task(job: Job, cpus: float, holds_gpu: bool) -> Any:
     """In the Ray task: the torch threads of its CPUs, the device checked where it holds a GPU
     (``pick_device`` with the GPU held: a torch that cannot use it is a ``DeviceError`` naming the build and
-    the fix), then the call."""
+    the fix), then the call. A task without a GPU is kept off every GPU, as a 0-GPU trial is
+    (``trial.claim_devices``: Ray 2.60 leaves it the node's ``CUDA_VISIBLE_DEVICES``, ray#54868)."""
+    if not holds_gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     from trainers.device import pick_device
