@@ -1,7 +1,7 @@
 """Where a planned search's promotions and final models train: on the cluster's GPUs, one whole GPU each and
-as many at once as there are GPUs (Ray tasks); on a cluster without GPUs whose trials ran several at once,
-as many at once as the trials ran, each with a trial's CPUs (Ray tasks too); otherwise one after another in
-the driver's own process with every core the trials had.
+as many at once as there are GPUs (Ray tasks); for CPU trials that ran several at once, as many at once as
+the trials ran, each with a trial's CPUs (Ray tasks too); otherwise one after another in the driver's own
+process with every core the trials had.
 
 Why: after the screen the trials are done and the GPUs free. Trained in the driver, the promotions and
 final models would use one GPU of eight (the other seven idle for the whole final phase) or, on a cluster
