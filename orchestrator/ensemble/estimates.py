@@ -128,13 +128,15 @@ class Estimates:
         for the ``test_images`` images' persons."""
         from orchestrator.ensemble.selection import macro_f1
 
-        self.holdout_f1 = macro_f1(holdout.label, submitted)
-        self.holdout_interval = person_bootstrap(holdout.label, submitted, holdout.person)
+        labels, person = holdout.label, holdout.person
+        self.holdout_f1 = macro_f1(labels, submitted)
+        resampled = resampled_f1(labels, submitted, person, BOOTSTRAP_DRAWS)  # both intervals' draws
+        self.holdout_interval = _percentiles(resampled)
         self.holdout_persons, self.holdout_images = holdout.persons, len(holdout)
         self.test_persons = persons_of_test_set(test_images, holdout)
         if self.test_persons:
             self.test_interval = prediction_interval(
-                holdout.label, submitted, holdout.person, self.test_persons
+                labels, submitted, person, self.test_persons, resampled=resampled
             )
 
     def as_dict(self) -> dict:
@@ -169,7 +171,11 @@ def person_bootstrap(
     """The 95% percentile interval of macro F1 when the holdout persons are drawn again with replacement
     (all of a person's images together: they are not independent). A 273-person holdout is noisy; the
     interval says how much, so it is not trusted blindly. None without at least two persons."""
-    scores = resampled_f1(labels, probs, person, draws, seed)
+    return _percentiles(resampled_f1(labels, probs, person, draws, seed))
+
+
+def _percentiles(scores: list[float] | None) -> tuple[float, float] | None:
+    """The 2.5 and 97.5 percentiles of resampled figures (None: too few persons to resample)."""
     if scores is None:
         return None
     low, high = np.percentile(scores, [2.5, 97.5])
@@ -183,6 +189,7 @@ def prediction_interval(
     new_persons: int,
     draws: int = BOOTSTRAP_DRAWS,
     seed: int = 0,
+    resampled: list[float] | None = None,
 ) -> tuple[float, float] | None:
     """The 95% interval for the same vote's macro F1 on ``new_persons`` other persons (a test set, a
     leaderboard), not for the population figure: the holdout figure's own error and the new set's together.
@@ -190,10 +197,12 @@ def prediction_interval(
     set's macro F1 moves by about ±0.03 by itself, so ``person_bootstrap``'s interval is too narrow for it.
     Each draw scores a resample of the holdout's size and an independent one of ``new_persons`` persons; the
     interval is the holdout figure plus the 2.5 and 97.5 percentiles of their difference (which also carries
-    macro F1's dependence on the set's size). None without at least two persons."""
+    macro F1's dependence on the set's size). ``resampled``: the holdout-size draws when already made
+    (``resampled_f1`` with the same ``draws`` and ``seed``, as ``person_bootstrap`` makes them). None without
+    at least two persons."""
     from orchestrator.ensemble.selection import macro_f1
 
-    here = resampled_f1(labels, probs, person, draws, seed)
+    here = resampled if resampled is not None else resampled_f1(labels, probs, person, draws, seed)
     there = resampled_f1(labels, probs, person, draws, seed + 1, persons=max(2, new_persons))
     if here is None or there is None:
         return None

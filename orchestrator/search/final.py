@@ -120,7 +120,7 @@ def train_final(
     say(f"final: epochs from {epochs_from}")
     figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
     continue_fold = None if converged is not None else 0
-    model = _Model(trial_id, why, epochs, seeds, continue_fold, figures, left_s, _device(config))
+    model = _Model(trial_id, why, epochs, seeds, continue_fold, figures, left_s, trial_device(config))
     return phase.write_record(phase.train(1, lambda _: model), why, left_s)
 
 
@@ -306,15 +306,15 @@ def _train_shared(
             "continuing the screened fold model"
         )
         figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
-        return _Model(trial_id, reason, epochs, seeds, 0, figures, share_s, _device(config))
+        return _Model(trial_id, reason, epochs, seeds, 0, figures, share_s, trial_device(config))
 
     models = phase.train(len(jobs), plan_model)
     models.sort(key=lambda model: order.index(model["trial_id"]))  # the record in rank order, chosen first
     return phase.write_record(models, why, phase_left_s) if models else None
 
 
-def _device(config: dict[str, Any]) -> str:
-    """The trial's ``device`` setting, which its final model trains with."""
+def trial_device(config: dict[str, Any]) -> str:
+    """The trial's ``device`` setting, which its promotion and final model train with."""
     return str(config.get("device", "auto"))
 
 

@@ -19,7 +19,6 @@ outcome (the result, or a ``JobFailed`` with the line of the ``FoldtuneError`` t
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,7 +121,7 @@ def run_jobs(
             while next_index < count and len(running) < workers.at_once:
                 job = start(next_index)
                 if job is not None:
-                    running[remote.remote(job, workers.cpus, workers.on_gpus)] = next_index
+                    running[remote.remote(job, workers.cpus)] = next_index
                 next_index += 1
             if running:
                 (ready,), _ = ray.wait(list(running), num_returns=1)
@@ -152,17 +151,18 @@ def _one_line(error: FoldtuneError) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:500]
 
 
-def _in_the_task(job: Job, cpus: float, holds_gpu: bool) -> Any:
-    """In the Ray task: the torch threads of its CPUs, the device checked where it holds a GPU
-    (``pick_device`` with the GPU held: a torch that cannot use it is a ``DeviceError`` naming the build and
-    the fix), then the call. A task without a GPU is kept off every GPU, as a 0-GPU trial is
-    (``trial.claim_devices``: Ray 2.60 leaves it the node's ``CUDA_VISIBLE_DEVICES``, ray#54868)."""
-    if not holds_gpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+def _in_the_task(job: Job, cpus: float) -> Any:
+    """In the Ray task: kept off every GPU unless it holds one (``trial.claim_devices``, as a trial is: Ray
+    2.60 leaves a 0-GPU task the node's ``CUDA_VISIBLE_DEVICES``, ray#54868), the torch threads of its CPUs,
+    the device checked where it holds a GPU (``pick_device`` with the GPU held: a torch that cannot use it is
+    a ``DeviceError`` naming the build and the fix), then the call."""
+    import ray
     import torch
 
+    from orchestrator.search.trial import claim_devices
     from trainers.device import pick_device
 
+    holds_gpu = claim_devices(ray.get_gpu_ids())  # before torch starts CUDA
     torch.set_num_threads(max(1, int(cpus)))
     if holds_gpu:
         try:

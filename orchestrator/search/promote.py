@@ -30,7 +30,13 @@ import yaml
 
 from orchestrator.plan import describe_promotions, final_seconds, promotion_seconds, promotions_that_fit
 from orchestrator.search.budget import TimeBudget
-from orchestrator.search.final import billed, fold_images, measured_cost, use_the_search_threads
+from orchestrator.search.final import (
+    billed,
+    fold_images,
+    measured_cost,
+    trial_device,
+    use_the_search_threads,
+)
 from orchestrator.search.gpu_jobs import Job, JobFailed, Workers, run_jobs
 from orchestrator.space import SearchSpace
 from orchestrator.tracking.store import error_line
@@ -73,7 +79,7 @@ def promote_screened(
     for trial_id, _ in ranked[: plan.promote_top - len(records)]:
         run_dir = search_dir / "trials" / trial_id
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        devices[trial_id] = str(config.get("device", "auto"))
+        devices[trial_id] = trial_device(config)
         measured = measured_cost(run_dir, config)
         if measured is None:
             break
