@@ -47,7 +47,14 @@ torch_index = https://download.pytorch.org/whl/$(strip $(TORCH))
 
 all: test
 
+# free disk the venv needs, in GB: the default torch is a CUDA build (the venv measured 6.8 GB); pip's own
+# "No space left on device" comes minutes in and names no size, so this says it first, in one line
+venv_gb = $(if $(filter cpu,$(strip $(TORCH))),3,7)
+
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+		sys.exit(0 if free >= $(venv_gb) else f'error: .venv needs about $(venv_gb) GB of free disk here and' \
+		f' {free:.1f} GB is free: free some space (df -h .), then run make again')"
 	$(PYTHON) -m venv $(VENV)
 	$(if $(strip $(TORCH)),$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt \
 		--index-url $(torch_index) torch torchvision)
