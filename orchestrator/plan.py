@@ -32,6 +32,7 @@ model, and the lines the search prints.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ MIN_FINAL_EPOCHS = 0.5  # less is not worth the final model's start-up and holdo
 # model then trains its folds' mean best epoch from scratch (as ``foldtune refit`` does) rather than all the
 # budget holds. A two-epoch CPU screen never shows it (its best is at most one epoch before its end).
 CONVERGED_AFTER = 2
+# ``pack_final`` tries every way to place the waiting final models in the slots up to this many; past it
+# (more final models than a space's max_final_seeds would give on a few slots) each gets an even share
+MAX_PACKINGS = 50_000
 PLAN_KEYS = ("screen_folds", "final_share", "max_final_epochs", "max_final_seeds", "promote_top")
 
 
@@ -164,6 +168,77 @@ def final_models(fit_epochs: float, max_epochs: int, max_models: int = Plan.max_
     if not (math.isfinite(fit_epochs) and fit_epochs > max_epochs > 0):
         return 1
     return max(1, min(int(max_models), math.ceil(fit_epochs / max_epochs)))
+
+
+@dataclass(frozen=True)
+class FinalJob:
+    """A final model waiting to start, as ``pack_final`` sees it: the seconds it needs to reach its epoch
+    cap (``final_cap_seconds``: every seed, holdout passes included) and its seeds (shares are per seed)."""
+
+    cap_s: float
+    seeds: int = 1
+
+
+def final_cap_seconds(
+    per_image_s: float, train_images: int, holdout_images: int, views: int, max_epochs: int, seeds: int = 1
+) -> float:
+    """The share of the time left in which ``final_epochs`` gives each of ``seeds`` models ``max_epochs``."""
+    one = final_seconds(per_image_s, train_images, holdout_images, views, max_epochs) / (1 - FINAL_MARGIN)
+    return seeds * one * (1 + 1e-6)  # the tenths ``final_epochs`` floors to reach the cap itself
+
+
+def pack_final(
+    left_s: float, busy_s: Sequence[float], at_once: int, waiting: Sequence[FinalJob]
+) -> tuple[int, float]:
+    """(which of ``waiting``, in rank order, starts in the slot free now; the seconds it may take).
+
+    Why not an even share: final models train ``at_once`` at a time and none moves to another slot once
+    started, so the time a model leaves (it reached ``max_final_epochs``, a cheaper backbone) is lost to its
+    slot unless the plan knew it when it gave out the shares (the 2-core T=30 run idled a slot for 5.7 of
+    its 17.8 min). So every placement of the waiting models in the slots is tried: this one (free for
+    ``left_s``), the other free ones (the next models start there now) and those still busy for
+    ``busy_s`` (free for what is left after). In a slot, models at their cap take what it needs and the
+    rest share the remainder evenly per seed. The placement that trains most wins; ties go to the fairest
+    (the least share of its cap), then to shares in rank order. Of this slot's models, one that reaches
+    its cap starts first (the others are re-planned from what it really took), else the best ranked."""
+    free_others = max(0, at_once - 1 - len(busy_s))
+    capacities = [left_s] * (1 + free_others) + [max(0.0, left_s - b) for b in busy_s]
+    if waiting and 1 + free_others >= len(waiting):  # a free slot each: each takes all it can use
+        return 0, min(left_s, waiting[0].cap_s)
+    if not waiting or len(capacities) ** len(waiting) > MAX_PACKINGS:
+        seeds = sum(job.seeds for job in waiting) or 1
+        total = sum(capacities)
+        return 0, min(left_s, total * (waiting[0].seeds if waiting else 1) / seeds)
+    best_key, best_shares, best_slots = None, [], ()
+    for slots in itertools.product(range(len(capacities)), repeat=len(waiting)):
+        if 0 not in slots:  # the slot free now starts one of them
+            continue
+        shares = [0.0] * len(waiting)
+        for slot, capacity in enumerate(capacities):
+            members = [j for j, placed in enumerate(slots) if placed == slot]
+            for j, share in zip(members, _fill(capacity, [waiting[j] for j in members]), strict=True):
+                shares[j] = share
+        key = (
+            round(sum(shares)),
+            round(min(share / job.cap_s for share, job in zip(shares, waiting, strict=True)), 3),
+            tuple(round(share / job.seeds) for share, job in zip(shares, waiting, strict=True)),
+        )
+        if best_key is None or key > best_key:
+            best_key, best_shares, best_slots = key, shares, slots
+    here = [j for j, slot in enumerate(best_slots) if slot == 0]
+    at_cap = [j for j in here if best_shares[j] >= waiting[j].cap_s]
+    pick = (at_cap or here)[0]
+    return pick, best_shares[pick]
+
+
+def _fill(capacity: float, jobs: Sequence[FinalJob]) -> list[float]:
+    """Shares of one slot's ``capacity``: water-filling per seed, each job at most its ``cap_s``."""
+    shares = [0.0] * len(jobs)
+    room, seeds = capacity, sum(job.seeds for job in jobs)
+    for j in sorted(range(len(jobs)), key=lambda j: jobs[j].cap_s / jobs[j].seeds):
+        shares[j] = min(jobs[j].cap_s, room * jobs[j].seeds / seeds)
+        room, seeds = room - shares[j], seeds - jobs[j].seeds
+    return shares
 
 
 def converged_epochs(best_epoch: int, epochs_trained: int, fold_best_epochs: Sequence[int]) -> int | None:

@@ -37,11 +37,14 @@ import yaml
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.plan import (
+    FinalJob,
     converged_epochs,
     describe_final,
+    final_cap_seconds,
     final_epochs,
     final_models,
     final_seeds,
+    pack_final,
     seconds_per_image,
 )
 from orchestrator.search.budget import BILL_EVERY_S, TimeBudget
@@ -121,7 +124,7 @@ def train_final(
     figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
     continue_fold = None if converged is not None else 0
     model = _Model(trial_id, why, epochs, seeds, continue_fold, figures, left_s, trial_device(config))
-    return phase.write_record(phase.train(1, lambda _: model), why, left_s)
+    return phase.write_record(phase.train(1, lambda _index, _busy: model), why, left_s)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ class _Model:
     figures: dict[str, Any]
     left_s: float
     device: str  # the trial's ``device`` setting
+    planned_s: float | None = None  # how long it should take (``left_s`` when None): a cap may stop it sooner
 
     def record(self, refit: dict[str, Any], seconds: float) -> dict[str, Any]:
         """Its entry in ``final.json``, from ``foldtune refit``'s record of it."""
@@ -171,28 +175,39 @@ class _Phase:
         if self.progress:
             print(line)
 
-    def train(self, count: int, plan_model: Callable[[int], _Model | None]) -> list[dict[str, Any]]:
+    def train(
+        self, count: int, plan_model: Callable[[int, list[float]], _Model | None]
+    ) -> list[dict[str, Any]]:
         """Train ``count`` final models where the phase's ``workers`` are (``gpu_jobs.workers_for``: one per
         GPU at once, or one after another in the driver), billed to the budget while they train; each is
-        planned by ``plan_model(index)`` when it starts (None skips it), so from the time left then. Their
-        records, in the order they ended."""
+        planned by ``plan_model(index, busy_s)`` when a slot frees (None skips it), so from the time left
+        then and ``busy_s``, the seconds each model still running is planned to take. Their records, in the
+        order they ended."""
         workers = self.workers
         if workers.in_driver:
             use_the_search_threads(self.space)
         else:
             self.say(f"final: {workers.describe()}")
         planned: dict[int, tuple[_Model, float]] = {}
+        running: set[int] = set()
         models: list[dict[str, Any]] = []
 
         def start(index: int) -> Job | None:
-            model = plan_model(index)
+            now = time.monotonic()
+            busy_s = [
+                max(0.0, started + (model.planned_s or model.left_s) - now)
+                for model, started in (planned[i] for i in running)
+            ]
+            model = plan_model(index, busy_s)
             if model is None:
                 return None
             planned[index] = (model, time.monotonic())
+            running.add(index)
             return self._job(model)
 
         def done(index: int, outcome: Any) -> None:
             model, started = planned[index]
+            running.discard(index)
             if isinstance(outcome, JobFailed):
                 raise OrchestratorError(f"the final model of trial {model.trial_id} failed: {outcome.line}")
             models.append(model.record(outcome, time.monotonic() - started))
@@ -234,13 +249,13 @@ class _Phase:
 def _train_shared(
     phase: _Phase, ranked: list[tuple[str, float, bool]], count: int, why: str
 ) -> dict[str, Any] | None:
-    """``count`` final models share the time left evenly (``plan.final_models``): the chosen trial's and
-    the next best finished screens' (a screen ASHA stopped or the budget cut is not one), each continuing
-    its own screened fold model; fewer finished screens than ``count``, and the chosen trial trains the
-    rest as more seeds. Each share is re-planned from the time really left when it starts, so an overrun
-    of one model is taken from the next, and each model's epochs come from its own measured cost. The
-    models an even share would take past ``max_final_epochs`` (the cheaper backbones) train first, so the
-    time their cap leaves goes to the ones that can use it rather than idle at the end."""
+    """``count`` final models share the time left (``plan.final_models``): the chosen trial's and the next
+    best finished screens' (a screen ASHA stopped or the budget cut is not one), each continuing its own
+    screened fold model; fewer finished screens than ``count``, and the chosen trial trains the rest as
+    more seeds. Each model is planned when a slot frees (``plan.pack_final``), from the time really left
+    then and the models still running: a model its cap stops early (a cheaper backbone) leaves time that
+    the plan gives to the others, so no slot idles while another model could have used it; each model's
+    epochs come from its own measured cost."""
     say, plan = phase.say, phase.space.plan
     chosen = ranked[0][0]
     runners_up = [trial for trial, _, finished in ranked[1:] if finished][: count - 1]
@@ -250,42 +265,38 @@ def _train_shared(
         for trial, _ in jobs
     }
     costs = {trial: measured_cost(phase.search_dir / "trials" / trial, configs[trial]) for trial, _ in jobs}
-    even_s = phase.budget.left_s / count
+    for trial, _ in jobs:
+        if costs[trial] is None:
+            say(f"final: trial {trial} has no measured epoch; skipped")
+    jobs = [job for job in jobs if costs[job[0]] is not None]
 
-    def capped(job: tuple[str, int]) -> bool:
-        cost = costs[job[0]]
-        if cost is None:
-            return False
-        views = len(configs[job[0]].get("tta") or ())
-        return final_epochs(even_s, *cost, views, UNCAPPED) > plan.max_final_epochs
+    def cap_s(trial_id: str, seeds: int) -> float:
+        views = len(configs[trial_id].get("tta") or ())
+        return final_cap_seconds(*costs[trial_id], views, plan.max_final_epochs, seeds)
 
-    jobs.sort(key=lambda job: not capped(job))  # stable: the rank order otherwise
     at_once = phase.workers.at_once
     listed = ", ".join(f"{t}" + (f" x{s} seeds" if s > 1 else "") for t, s in jobs)
     if at_once == 1:
         say(
             f"final: the time left holds more than {plan.max_final_epochs} epochs (max_final_epochs) of "
-            f"trial {chosen}, and no run showed more pays: {count} final models share it ({listed}, the "
-            "ones the cap stops first), each continuing its screened fold model"
+            f"trial {chosen}, and no run showed more pays: {count} final models share it ({listed}), each "
+            "continuing its screened fold model"
         )
     else:
         say(
             f"final: {count} final models, {at_once} at once ({listed}), each continuing its screened "
-            "fold model for what the time left holds (at most max_final_epochs)"
+            "fold model for its share of the time left (at most max_final_epochs)"
         )
     order = [trial for trial, _, _ in ranked]
     phase_left_s = phase.budget.left_s
+    waiting = list(jobs)
 
-    def plan_model(index: int) -> _Model | None:
-        trial_id, seeds = jobs[index]
-        config, cost = configs[trial_id], costs[trial_id]
-        if cost is None:
-            say(f"final: trial {trial_id} has no measured epoch; skipped")
-            return None
-        per_image_s, refit_images, holdout_images = cost
-        views = len(config.get("tta") or ())
-        waiting = sum(s for _, s in jobs[index:])  # this model's seeds and those of the ones after it
-        share_s = phase.budget.left_s * seeds / max(seeds, waiting / at_once)  # at_once share the rest
+    def plan_model(_index: int, busy_s: list[float]) -> _Model | None:
+        sizes = [FinalJob(cap_s(*job), job[1]) for job in waiting]
+        pick, share_s = pack_final(phase.budget.left_s, busy_s, at_once, sizes)
+        trial_id, seeds = waiting.pop(pick)
+        per_image_s, refit_images, holdout_images = costs[trial_id]
+        views = len(configs[trial_id].get("tta") or ())
         epochs = final_epochs(
             share_s / seeds, per_image_s, refit_images, holdout_images, views, plan.max_final_epochs
         )
@@ -295,18 +306,20 @@ def _train_shared(
                 f"({share_s / 60:.1f} min)"
             )
             return None
-        backbone = str(config["backbone"])
+        backbone = str(configs[trial_id]["backbone"])
         say(describe_final(trial_id, backbone, epochs, per_image_s, refit_images, share_s, seeds))
         rank = 1 + order.index(trial_id)
         reason = (
             why if trial_id == chosen else f"a runner-up of the screen (#{rank} on OOF macro F1 with TTA)"
         )
         epochs_from = (
-            f"an even share of the time left among {count} final models (at most max_final_epochs), "
-            "continuing the screened fold model"
+            f"a share of the time left among {count} final models, {at_once} at once (at most "
+            "max_final_epochs), continuing the screened fold model"
         )
         figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
-        return _Model(trial_id, reason, epochs, seeds, 0, figures, share_s, trial_device(config))
+        planned_s = min(share_s, cap_s(trial_id, seeds))
+        device = trial_device(configs[trial_id])
+        return _Model(trial_id, reason, epochs, seeds, 0, figures, share_s, device, planned_s)
 
     models = phase.train(len(jobs), plan_model)
     models.sort(key=lambda model: order.index(model["trial_id"]))  # the record in rank order, chosen first
