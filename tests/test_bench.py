@@ -559,3 +559,43 @@ def test_the_equal_compute_search_arm_can_draw_other_holdout_persons_and_judges_
     assert not row["holdout_interval_covers_eval"] and row["test_interval_covers_eval"]
     report.write_text(json.dumps({"estimates": {"trusted": None, "trusted_f1": None}}))
     assert _estimate(report, eval_f1=0.56) == {"trusted": None, "f1": None}
+
+
+def test_eval_parts_scores_the_first_eval_persons_and_the_moved_ones_apart(tmp_path, capsys):
+    """A fake aafmask base of 80 persons: the eval of a 0.40 build holds the 0.25 build's persons
+    ('first') and those it moved; a submission right on every first image and wrong on every moved one
+    scores 1.0 and 0.0 on them, each part counted by aafmask's own person hashes."""
+    import csv
+    import hashlib
+    import json
+
+    from benchmarks.eval_parts import PICTURES, main
+
+    base, data = tmp_path / "base", tmp_path / "aaf40"
+    base.mkdir()
+    (data / "eval").mkdir(parents=True)
+    with open(base / "people.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["file", "serial"], *[[f"{n}.jpg", n] for n in range(80)]])
+    answers, submission, parts = [], [], {"first": 0, "moved": 0}
+    for n in range(80):
+        person = f"{n:06d}"
+        bucket = int(hashlib.sha256(person.encode()).hexdigest(), 16) % 10000
+        if bucket >= 4000:
+            continue  # in train at 0.40
+        part = "first" if bucket < 2500 else "moved"
+        parts[part] += 1
+        for k, picture in enumerate(PICTURES):
+            image = hashlib.sha1(f"{person}/{picture}".encode()).hexdigest() + ".jpg"
+            answers.append([image, k])
+            submission.append([image, k if part == "first" else (k + 1) % 7])
+    for name, rows in (("eval/answers.csv", answers), ("submission.csv", submission)):
+        with open(data / name, "w", newline="") as handle:
+            csv.writer(handle).writerows([["ImageID", "ans"], *rows])
+
+    assert main(["--base", str(base), "--data", str(data), str(data / "submission.csv")]) == 0
+    scores = json.loads((data / "eval_parts.json").read_text())
+    assert parts["first"] >= 2 and parts["moved"] >= 2
+    assert scores["first"]["persons"] == parts["first"] and scores["moved"]["persons"] == parts["moved"]
+    assert scores["first"]["f1"] == 1.0 and scores["first"]["interval"] == [1.0, 1.0]
+    assert scores["moved"]["f1"] == 0.0 and 0 < scores["all"]["f1"] < 1
+    assert "first" in capsys.readouterr().out
