@@ -76,11 +76,11 @@ def test_the_cap_seconds_are_what_final_epochs_needs_for_the_cap():
     assert final_cap_seconds(0.02, 1000, 300, 1, 4, seeds=3) == pytest.approx(3 * need)
 
 
-def test_two_slots_train_three_final_models_without_idling_one(tmp_path, monkeypatch):
-    """The shared final phase end to end on two slots, with the jobs simulated on a clock (each takes
-    its planned epochs at its measured cost): the chosen trial trains to its cap alone, the capped
-    runner-up and the third share the other slot, every model ends inside the budget, and the two slots
-    train 1,842 of their 2,000 s (even shares trained 1,590: t1 got 2.8 epochs, then idled its slot)."""
+def _simulated_final_phase(tmp_path, monkeypatch, costs, at_once=2, total_s=1000.0, progress=False):
+    """``search.final.train_final`` over stand-in trials t1, t2, ... (ranked in that order, each with
+    ``costs[trial]``: seconds per image, training images, holdout images), its jobs run on a simulated
+    clock, ``at_once`` at a time, each taking its planned epochs at its cost. (final.json's record,
+    {trial: (start, end, share)})."""
     import orchestrator.refit
     import orchestrator.search.budget as budget_module
     import orchestrator.search.final as final_module
@@ -88,26 +88,25 @@ def test_two_slots_train_three_final_models_without_idling_one(tmp_path, monkeyp
     from orchestrator.space import parse_space
 
     search_dir = tmp_path / "runs" / "s"
-    for trial in ("t1", "t2", "t3"):
+    for trial in costs:
         (search_dir / "trials" / trial).mkdir(parents=True)
         config = {"backbone": "resnet10t", "tta": [], "device": "cpu"}
         (search_dir / "trials" / trial / "config.yaml").write_text(yaml.safe_dump(config))
-    ranked = [("t1", 0.5, True), ("t2", 0.45, True), ("t3", 0.4, True)]
+    ranked = [(trial, 0.5 - 0.05 * n, True) for n, trial in enumerate(costs)]
     monkeypatch.setattr(orchestrator.refit, "ranked_trials", lambda _: ranked)
-    # seconds per image on 1,000 training images, no holdout: an epoch of 220, 120 and 130 s
-    costs = {"t1": (0.22, 1000, 0), "t2": (0.12, 1000, 0), "t3": (0.13, 1000, 0)}
     monkeypatch.setattr(final_module, "measured_cost", lambda run_dir, config: costs[run_dir.name])
     clock = [0.0]  # the simulated seconds: the budget's clock and the phase's (no real time counts)
     monkeypatch.setattr(final_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(budget_module, "time", types.SimpleNamespace(time=lambda: 1e9 + clock[0]))
     budget = budget_module.TimeBudget(
-        tmp_path / budget_module.BUDGET_FILE, total_s=1000.0, used_before_s=0.0, started=1e9
+        tmp_path / budget_module.BUDGET_FILE, total_s=total_s, used_before_s=0.0, started=1e9
     )
-    trained: dict[str, tuple[float, float, float]] = {}  # trial: (start, end, share)
+    trained: dict[str, tuple[float, float, float]] = {}
 
     def simulated_job(self, model):
         def trains_its_epochs():
-            took = model.epochs * costs[model.trial_id][0] * 1000
+            per_image_s, images, _ = costs[model.trial_id]
+            took = model.epochs * per_image_s * images
             trained[model.trial_id] = (clock[0], clock[0] + took, model.left_s)
             return {"holdout_f1": 0.5, "took": took}
 
@@ -123,9 +122,10 @@ def test_two_slots_train_three_final_models_without_idling_one(tmp_path, monkeyp
                     outcome = job.fn()
                     ends[index] = (clock[0] + outcome["took"], outcome)
                 index += 1
-            ended = min(ends, key=lambda i: ends[i][0])
-            clock[0], outcome = ends.pop(ended)
-            done(ended, outcome)
+            if ends:
+                ended = min(ends, key=lambda i: ends[i][0])
+                clock[0], outcome = ends.pop(ended)
+                done(ended, outcome)
 
     monkeypatch.setattr(final_module._Phase, "_job", simulated_job)
     monkeypatch.setattr(final_module, "run_jobs", run_on_a_clock)
@@ -133,9 +133,19 @@ def test_two_slots_train_three_final_models_without_idling_one(tmp_path, monkeyp
     space = parse_space(
         {"name": "s", "fixed": {"k": 3}, "search": {"lr": {"loguniform": [1e-5, 1e-2]}}, "plan": plan}
     )
-    record = final_module.train_final(
-        tmp_path, space, search_dir, budget, None, None, False, Workers(at_once=2, cpus=1)
-    )
+    workers = Workers(at_once=at_once, cpus=1)
+    record = final_module.train_final(tmp_path, space, search_dir, budget, None, None, progress, workers)
+    return record, trained
+
+
+def test_two_slots_train_three_final_models_without_idling_one(tmp_path, monkeypatch):
+    """The shared final phase end to end on two slots, with the jobs simulated on a clock (each takes
+    its planned epochs at its measured cost): the chosen trial trains to its cap alone, the capped
+    runner-up and the third share the other slot, every model ends inside the budget, and the two slots
+    train 1,842 of their 2,000 s (even shares trained 1,590: t1 got 2.8 epochs, then idled its slot)."""
+    # seconds per image on 1,000 training images, no holdout: an epoch of 220, 120 and 130 s
+    costs = {"t1": (0.22, 1000, 0), "t2": (0.12, 1000, 0), "t3": (0.13, 1000, 0)}
+    record, trained = _simulated_final_phase(tmp_path, monkeypatch, costs)
 
     assert [model["trial_id"] for model in record["models"]] == ["t1", "t2", "t3"]
     t1, t2, t3 = trained["t1"], trained["t2"], trained["t3"]
@@ -145,3 +155,10 @@ def test_two_slots_train_three_final_models_without_idling_one(tmp_path, monkeyp
     busy = sum(end - begin for begin, end, _ in trained.values())
     assert busy == pytest.approx(1842, abs=1), "92% of the two slots' 2,000 s trained"
     assert [model["epochs"] for model in record["models"]] == [4, 3.9, 3.8]
+
+
+def test_a_runner_up_without_a_usable_cost_is_skipped_with_a_line(tmp_path, monkeypatch, capsys):
+    costs = {"t1": (0.22, 1000, 0), "t2": (float("nan"), 1000, 0), "t3": (0.13, 1000, 0)}
+    record, trained = _simulated_final_phase(tmp_path, monkeypatch, costs, progress=True)
+    assert set(trained) == {"t1", "t3"} and [m["trial_id"] for m in record["models"]] == ["t1", "t3"]
+    assert "final: trial t2 has no measured epoch; skipped" in capsys.readouterr().out

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 import time
@@ -266,9 +267,9 @@ def _train_shared(
     }
     costs = {trial: measured_cost(phase.search_dir / "trials" / trial, configs[trial]) for trial, _ in jobs}
     for trial, _ in jobs:
-        if costs[trial] is None:
+        if not _usable(costs[trial]):
             say(f"final: trial {trial} has no measured epoch; skipped")
-    jobs = [job for job in jobs if costs[job[0]] is not None]
+    jobs = [job for job in jobs if _usable(costs[job[0]])]
 
     def cap_s(trial_id: str, seeds: int) -> float:
         views = len(configs[trial_id].get("tta") or ())
@@ -324,6 +325,11 @@ def _train_shared(
     models = phase.train(len(jobs), plan_model)
     models.sort(key=lambda model: order.index(model["trial_id"]))  # the record in rank order, chosen first
     return phase.write_record(models, why, phase_left_s) if models else None
+
+
+def _usable(cost: tuple[float, int, int] | None) -> bool:
+    """A measured cost a final model can be planned from (a positive, finite time per image)."""
+    return cost is not None and math.isfinite(cost[0]) and cost[0] > 0 and cost[1] > 0
 
 
 def trial_device(config: dict[str, Any]) -> str:
