@@ -24,9 +24,9 @@ import numpy as np
 
 from orchestrator.ensemble.estimates import resampled_f1
 from orchestrator.ensemble.selection import macro_f1
-from trainers.labels import NUM_CLASSES
+from trainers.labels import MASK_STEMS, NUM_CLASSES
 
-PICTURES = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
+PICTURES = tuple(MASK_STEMS)  # the seven pictures of a person, as aafmask names them
 FIRST_FRAC = 0.25  # aafmask's default --eval-frac
 DRAWS = 1000
 

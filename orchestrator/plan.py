@@ -201,14 +201,15 @@ def pack_final(
     rest share the remainder evenly per seed. The placement that trains most wins; ties go to the fairest
     (the least share of its cap), then to shares in rank order. Of this slot's models, one that reaches
     its cap starts first (the others are re-planned from what it really took), else the best ranked."""
+    if not waiting:
+        raise ValueError("pack_final needs at least one waiting final model")
     free_others = max(0, at_once - 1 - len(busy_s))
     capacities = [left_s] * (1 + free_others) + [max(0.0, left_s - b) for b in busy_s]
-    if waiting and 1 + free_others >= len(waiting):  # a free slot each: each takes all it can use
+    if 1 + free_others >= len(waiting):  # a free slot each: each takes all it can use
         return 0, min(left_s, waiting[0].cap_s)
-    if not waiting or len(capacities) ** len(waiting) > MAX_PACKINGS:
-        seeds = sum(job.seeds for job in waiting) or 1
-        total = sum(capacities)
-        return 0, min(left_s, total * (waiting[0].seeds if waiting else 1) / seeds)
+    if len(capacities) ** len(waiting) > MAX_PACKINGS:  # an even share of the slots' time, per seed
+        seeds = sum(job.seeds for job in waiting)
+        return 0, min(left_s, sum(capacities) * waiting[0].seeds / seeds)
     best_key, best_shares, best_slots = None, [], ()
     for slots in itertools.product(range(len(capacities)), repeat=len(waiting)):
         if 0 not in slots:  # the slot free now starts one of them

@@ -189,26 +189,23 @@ class _Phase:
             use_the_search_threads(self.space)
         else:
             self.say(f"final: {workers.describe()}")
-        planned: dict[int, tuple[_Model, float]] = {}
-        running: set[int] = set()
+        running: dict[int, tuple[_Model, float]] = {}  # each running model and when it started
         models: list[dict[str, Any]] = []
 
         def start(index: int) -> Job | None:
             now = time.monotonic()
             busy_s = [
                 max(0.0, started + (model.planned_s or model.left_s) - now)
-                for model, started in (planned[i] for i in running)
+                for model, started in running.values()
             ]
             model = plan_model(index, busy_s)
             if model is None:
                 return None
-            planned[index] = (model, time.monotonic())
-            running.add(index)
+            running[index] = (model, time.monotonic())
             return self._job(model)
 
         def done(index: int, outcome: Any) -> None:
-            model, started = planned[index]
-            running.discard(index)
+            model, started = running.pop(index)
             if isinstance(outcome, JobFailed):
                 raise OrchestratorError(f"the final model of trial {model.trial_id} failed: {outcome.line}")
             models.append(model.record(outcome, time.monotonic() - started))
@@ -271,9 +268,11 @@ def _train_shared(
             say(f"final: trial {trial} has no measured epoch; skipped")
     jobs = [job for job in jobs if _usable(costs[job[0]])]
 
-    def cap_s(trial_id: str, seeds: int) -> float:
-        views = len(configs[trial_id].get("tta") or ())
-        return final_cap_seconds(*costs[trial_id], views, plan.max_final_epochs, seeds)
+    views = {trial: len(configs[trial].get("tta") or ()) for trial, _ in jobs}
+    cap_s = {  # what each model needs to reach max_final_epochs, all its seeds
+        trial: final_cap_seconds(*costs[trial], views[trial], plan.max_final_epochs, seeds)
+        for trial, seeds in jobs
+    }
 
     at_once = phase.workers.at_once
     listed = ", ".join(f"{t}" + (f" x{s} seeds" if s > 1 else "") for t, s in jobs)
@@ -293,13 +292,12 @@ def _train_shared(
     waiting = list(jobs)
 
     def plan_model(_index: int, busy_s: list[float]) -> _Model | None:
-        sizes = [FinalJob(cap_s(*job), job[1]) for job in waiting]
+        sizes = [FinalJob(cap_s[trial], seeds) for trial, seeds in waiting]
         pick, share_s = pack_final(phase.budget.left_s, busy_s, at_once, sizes)
         trial_id, seeds = waiting.pop(pick)
         per_image_s, refit_images, holdout_images = costs[trial_id]
-        views = len(configs[trial_id].get("tta") or ())
         epochs = final_epochs(
-            share_s / seeds, per_image_s, refit_images, holdout_images, views, plan.max_final_epochs
+            share_s / seeds, per_image_s, refit_images, holdout_images, views[trial_id], plan.max_final_epochs
         )
         if epochs <= 0:
             say(
@@ -318,7 +316,7 @@ def _train_shared(
             "max_final_epochs), continuing the screened fold model"
         )
         figures = {"epochs_from": epochs_from, "seconds_per_image": per_image_s, "train_images": refit_images}
-        planned_s = min(share_s, cap_s(trial_id, seeds))
+        planned_s = min(share_s, cap_s[trial_id])
         device = trial_device(configs[trial_id])
         return _Model(trial_id, reason, epochs, seeds, 0, figures, share_s, device, planned_s)
 
